@@ -111,8 +111,8 @@ class Store(abc.ABC):
         """Append ``events`` atomically and in order; create the stream (new epoch) if needed.
 
         Raises :class:`StreamClosed` if the stream is closed. With ``idempotency_key`` seen for
-        this stream within the retention window, appends nothing and returns the original events
-        with ``duplicate=True``.
+        this stream within the ``idempotency_window`` (even if the stream was closed since),
+        appends nothing and returns the original ids, no events, and ``duplicate=True``.
         Raises ``ValueError`` for an empty ``events``.
         """
 

@@ -1,0 +1,161 @@
+"""Composition root: the only module that picks the concrete store, hub and transports.
+
+``serve(config)`` runs one worker: it opens the configured store, wires the store's commit
+listener to the hub, and serves the HTTP engine on the configured listening socket(s).
+``run(config)`` is what ``sluice serve`` calls: it runs ``serve`` under ``trio.run`` and stops
+cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from server.config import Config
+from server.core.hub import Hub
+from server.http.server import serve_http
+from server.http.tls import make_server_ssl_context
+from server.observability.metrics import render_metrics
+from server.store.base import Store
+from server.store.memory import MemoryStore
+from server.store.sqlite import open_sqlite_store
+from server.transports.context import Context, Settings
+from server.transports.router import make_handler
+
+log = logging.getLogger(__name__)
+
+TRIM_INTERVAL = 60.0  # seconds between retention sweeps for age limits
+GC_FREEZE_INTERVAL = 300.0  # seconds between moves of long-lived objects out of the GC's way
+
+
+def settings_from(config: Config) -> Settings:
+    """The transports' view of the configuration."""
+    s = config.server
+    return Settings(
+        max_event_bytes=s.max_event_bytes,
+        max_body_bytes=s.max_body_bytes,
+        max_batch_events=s.max_batch_events,
+        retry_ms=config.sse.retry_ms,
+        retry_jitter_ms=config.sse.retry_jitter_ms,
+        heartbeat=config.sse.heartbeat,
+        poll_default_timeout=config.longpoll.default_timeout,
+        poll_max_timeout=config.longpoll.max_timeout,
+        poll_max_events=config.longpoll.max_events,
+        ws_max_subscriptions=config.websocket.max_subscriptions,
+    )
+
+
+@asynccontextmanager
+async def open_store(config: Config) -> AsyncIterator[Store]:
+    """Open the configured store backend; closed on exit."""
+    if config.store.backend == "memory":
+        store: Store = MemoryStore(config.retention())
+        try:
+            yield store
+        finally:
+            await store.aclose()
+        return
+    path = Path(config.store.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    async with open_sqlite_store(str(path), config.retention()) as sqlite_store:
+        yield sqlite_store
+
+
+def bind_listener(host: str, port: int, *, reuse_port: bool = False, backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket (non-blocking, SO_REUSEADDR, optionally SO_REUSEPORT)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def tune_gc() -> None:
+    """Keep the cyclic GC off the hot path: fewer young collections, start-up objects frozen."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+async def _periodic(interval: float, fn: Any) -> None:
+    while True:
+        await trio.sleep(interval)
+        await fn()
+
+
+async def _trim(store: Store) -> None:
+    try:
+        dropped = await store.trim_expired()
+    except Exception:
+        log.exception("retention sweep failed")
+        return
+    if dropped:
+        log.info("retention: dropped %d expired events", dropped)
+
+
+async def _freeze() -> None:
+    gc.freeze()
+
+
+async def serve(
+    config: Config,
+    *,
+    listeners: list[socket.socket] | None = None,
+    task_status: trio.TaskStatus[tuple[Context, list[socket.socket]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve one worker forever; ``task_status.started((context, listeners))`` once accepting."""
+    if listeners is None:
+        listeners = [bind_listener(config.server.host, config.server.port)]
+    ssl_context = None
+    if config.server.tls_cert and config.server.tls_key:
+        ssl_context = make_server_ssl_context(config.server.tls_cert, config.server.tls_key)
+    async with open_store(config) as store, trio.open_nursery() as nursery:
+        hub = Hub(store, replay_page=config.hub.replay_page)
+        store.set_listener(hub.on_notice)
+        ctx = Context(store=store, hub=hub, settings=settings_from(config))
+        handler = make_handler(ctx, metrics=lambda: render_metrics(hub.stats))
+        await nursery.start(
+            partial(serve_http, listeners, handler, limits=config.http_limits(), ssl_context=ssl_context)
+        )
+        nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
+        nursery.start_soon(_periodic, GC_FREEZE_INTERVAL, _freeze)
+        tune_gc()
+        addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
+        log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)
+        task_status.started((ctx, listeners))
+
+
+async def _main(config: Config) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, config)
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run(config: Config) -> None:
+    """Run one worker until SIGINT or SIGTERM (``sluice serve``)."""
+    trio.run(_main, config)

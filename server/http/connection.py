@@ -1,0 +1,146 @@
+"""The engine's record of one accepted connection."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+
+import trio
+
+from server.http.base import HttpLimits
+from server.http.outbox import SLOW_CONSUMER, Outbox
+from server.http.stats import HttpStats
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 64 * 1024
+LINGER_SECONDS = 2.0  # after a graceful close, how long to read and discard what the peer still sends
+LINGER_BYTES = 256 * 1024
+_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Connection:
+    """One live client connection as the server's registry sees it.
+
+    Promises: :meth:`receive` never raises for transport failures (it returns ``b""``, as for
+    EOF); :meth:`abort` is synchronous, idempotent, cancels everything running for the
+    connection (its handlers included) and closes the socket.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_on_close_request",
+        "_scope",
+        "_stream",
+        "_tsock",
+        "client",
+        "outbox",
+        "protocol",
+        "tls",
+    )
+
+    def __init__(
+        self,
+        tsock: trio.socket.SocketType,
+        sock: socket.socket,
+        client: tuple[str, int],
+        limits: HttpLimits,
+        stats: HttpStats,
+    ) -> None:
+        self._tsock = tsock
+        self._stream: trio.SSLStream[trio.SocketStream] | None = None
+        self._scope: trio.CancelScope | None = None
+        self._closed = False
+        self._on_close_request: Callable[[], None] | None = None
+        self.client = client
+        self.protocol = "new"  # "http/1.1", "h2" or "websocket" once known
+        self.tls = False
+        self.outbox = Outbox(sock, limits, stats, self._outbox_died)
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Bind the connection to its nursery: its cancel scope covers all the connection's tasks."""
+        self._scope = nursery.cancel_scope
+        self.outbox.attach(nursery)
+
+    async def peek(self) -> bytes:
+        """Return the first byte the peer sent without consuming it (``b""`` on EOF or error)."""
+        try:
+            return await self._tsock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return b""
+
+    def start_tls(self, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+        """Read and write through a server-side TLS stream from now on (handshake not yet done)."""
+        stream = trio.SSLStream(trio.SocketStream(self._tsock), context, server_side=True, https_compatible=True)
+        self._stream = stream
+        self.tls = True
+        self.outbox.use_stream(stream)
+        return stream
+
+    async def receive(self) -> bytes:
+        """Return the next bytes from the peer; ``b""`` on EOF, reset or a closed socket."""
+        try:
+            if self._stream is not None:
+                data = await self._stream.receive_some(RECV_SIZE)
+                return data if isinstance(data, bytes) else bytes(data)
+            return await self._tsock.recv(RECV_SIZE)
+        except _TRANSPORT_ERRORS:
+            return b""
+
+    def on_close_request(self, hook: Callable[[], None] | None) -> None:
+        """Set what :meth:`request_close` does for the protocol currently on this connection."""
+        self._on_close_request = hook
+
+    def request_close(self) -> None:
+        """Ask the connection to end gracefully: no new requests; an idle connection closes now."""
+        hook = self._on_close_request
+        if hook is not None:
+            hook()
+        else:
+            self.abort("close requested")
+
+    def abort(self, reason: str = "", *, reset: bool = False) -> None:
+        """Cancel every task of this connection and close its socket (with an RST if ``reset``)."""
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._closed:
+            return
+        self._closed = True
+        if reset:
+            with contextlib.suppress(OSError):
+                self._tsock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.outbox.close()
+        self._tsock.close()
+        if reason:
+            log.debug("connection from %s closed: %s", self.client, reason)
+
+    async def close_gracefully(self) -> None:
+        """Flush what is queued, signal end of data, discard late input briefly, then close."""
+        if self._closed:
+            return
+        try:
+            await self.outbox.flush()
+        except trio.BrokenResourceError:
+            self.abort()
+            return
+        with trio.move_on_after(LINGER_SECONDS):
+            if self._stream is not None:
+                with contextlib.suppress(*_TRANSPORT_ERRORS):
+                    await self._stream.aclose()
+            else:
+                with contextlib.suppress(OSError):
+                    self._tsock.shutdown(socket.SHUT_WR)
+                    discarded = 0
+                    while discarded < LINGER_BYTES:
+                        data = await self.receive()
+                        if not data:
+                            break
+                        discarded += len(data)
+        self.abort()
+
+    def _outbox_died(self, reason: str) -> None:
+        self.abort(reason, reset=reason == SLOW_CONSUMER)

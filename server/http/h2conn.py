@@ -1,0 +1,391 @@
+"""HTTP/2 on one connection, driven by h2 (h2c with prior knowledge, or h2 over TLS).
+
+The reader task feeds h2 and dispatches its events; every request runs its handler in its own
+task and cancel scope (RST_STREAM from the client cancels it). All output goes through the
+connection's single :class:`~server.http.outbox.Outbox`.
+
+Flushing: ``send_frame`` on a stream only hands the payload to h2 (flow-control accounting and
+framing) and marks the connection dirty; the first mark of a wake-up asks the outbox writer for
+one pull, and the writer calls ``data_to_send()`` once for everything every stream queued
+meanwhile. A publish that reaches 50 streams of one connection therefore costs one flush and
+one socket write for that connection, not 50.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+from h2.errors import ErrorCodes
+
+from server.http.base import Handler, HttpLimits, Request
+from server.http.common import HOP_BY_HOP, encode_headers, header_dict, run_handler, split_target
+from server.http.connection import Connection
+from server.http.h2stream import H2Stream
+from server.http.stats import HttpStats
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HEADER_OVERHEAD = 32  # per header field, as HPACK counts a header list's size
+
+
+class _ServerH2Connection(h2.connection.H2Connection):
+    """h2's connection with its own stream-count check disabled.
+
+    h2 answers a HEADERS frame past SETTINGS_MAX_CONCURRENT_STREAMS with a connection error
+    (GOAWAY); RFC 9113 section 5.1.2 allows refusing just that stream, which is what the driver does
+    (RST_STREAM with REFUSED_STREAM), so a client that races our SETTINGS keeps its connection.
+    """
+
+    @property
+    def open_inbound_streams(self) -> int:
+        """Always 0 for h2's own check; reading the base property still prunes closed streams."""
+        _ = super().open_inbound_streams
+        return 0
+
+
+class H2Driver:
+    """Serves HTTP/2 streams on one connection until the connection ends.
+
+    :meth:`run` returns when the connection should be closed gracefully (after a GOAWAY, or once
+    a requested drain finished); a peer that vanishes makes it abort the connection instead.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        nursery: trio.Nursery,
+        handler: Handler,
+        limits: HttpLimits,
+        stats: HttpStats,
+        *,
+        scheme: str,
+        initial: bytes,
+    ) -> None:
+        self.conn = conn
+        self.outbox = conn.outbox
+        self.nursery = nursery
+        self.handler = handler
+        self.limits = limits
+        self.stats = stats
+        self.scheme = scheme
+        self._initial = initial
+        self.streams: dict[int, H2Stream] = {}
+        self._blocked: dict[H2Stream, None] = {}  # streams with pending data, in arrival order
+        self._dirty = False
+        self._unflushed = 0  # DATA bytes handed to h2 since the last pull
+        self._goaway = False
+        self._recv_scope: trio.CancelScope | None = None
+        header_list = limits.max_header_bytes + _HEADER_OVERHEAD * limits.max_headers
+        self.h2 = h = _ServerH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        h.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: limits.h2_max_inbound_frame,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: header_list,
+            },
+        )
+        h.max_inbound_frame_size = limits.h2_max_inbound_frame
+        # Past twice the advertised list size the peer is hostile: h2 then ends the connection.
+        h.decoder.max_header_list_size = 2 * header_list
+
+    # -- the reader ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it ends."""
+        conn = self.conn
+        conn.protocol = "h2"
+        conn.on_close_request(self._close_requested)
+        h = self.h2
+        h.initiate_connection()
+        self.outbox.set_pull(self._pull)
+        data = self._initial
+        self._initial = b""
+        try:
+            while True:
+                if data:
+                    try:
+                        events = h.receive_data(data)
+                    except h2.exceptions.ProtocolError as exc:
+                        self.stats.protocol_errors += 1
+                        log.info("HTTP/2 protocol error from %s: %s", conn.client, exc)
+                        self.flush_now()  # h2 queued GOAWAY with the error code
+                        return
+                    for event in events:
+                        self._dispatch(event)
+                self.flush_now()
+                if self._goaway and not self.streams:
+                    return
+                deadline = trio.current_time() + self.limits.idle_timeout if not self.streams else float("inf")
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._recv_scope = scope
+                    data = await conn.receive()
+                    if not data:
+                        conn.abort("client went away")
+                        await trio.lowlevel.checkpoint()
+                self._recv_scope = None
+                if scope.cancelled_caught and not self._goaway:
+                    h.close_connection(error_code=ErrorCodes.NO_ERROR)  # idle
+                    self._goaway = True
+        finally:
+            for stream in list(self.streams.values()):
+                stream.on_dead()
+
+    def _close_requested(self) -> None:
+        """Drain: GOAWAY now, finish the streams in flight, refuse new ones, then close."""
+        if not self._goaway:
+            self._goaway = True
+            self.h2.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
+            self.mark_dirty()
+        self._poke_reader()
+
+    def _poke_reader(self) -> None:
+        if self._goaway and not self.streams and self._recv_scope is not None:
+            self._recv_scope.cancel()
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.on_data(event.data, event.flow_controlled_length)
+            else:
+                self.ack(event.stream_id, event.flow_controlled_length)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.on_end()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._blocked.pop(stream, None)
+                stream.on_dead()
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                self._resume_all()
+            else:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and stream.pending:
+                    self._resume(stream)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._resume_all()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway = True
+            for stream in list(self.streams.values()):
+                if event.last_stream_id is None or stream.sid > event.last_stream_id:
+                    stream.on_dead()
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        if self._goaway or len(self.streams) >= self.limits.h2_max_concurrent_streams:
+            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        pseudo: dict[bytes, bytes] = {}
+        regular: list[tuple[bytes, bytes]] = []
+        size = 0
+        for name, value in event.headers or ():
+            size += len(name) + len(value) + 4
+            if name.startswith(b":"):
+                pseudo[name] = value
+            else:
+                regular.append((name, value))
+        headers = header_dict(regular)
+        authority = pseudo.get(b":authority")
+        if authority is not None and "host" not in headers:
+            headers["host"] = authority.decode("latin-1")
+        path, query = split_target(pseudo.get(b":path", b"/").decode("latin-1"))
+        request = Request(
+            method=pseudo.get(b":method", b"GET").decode("latin-1"),
+            path=path,
+            query=query,
+            headers=headers,
+            client=self.conn.client,
+            scheme=self.scheme,
+            http_version="2",
+        )
+        stream = H2Stream(self, sid, request)
+        self.streams[sid] = stream
+        if event.stream_ended is not None:
+            stream.body_done = True
+        if len(regular) > self.limits.max_headers or size > self.limits.max_header_bytes:
+            self.stats.protocol_errors += 1
+            self.nursery.start_soon(self._refuse_headers, stream)
+            return
+        self.nursery.start_soon(run_handler, self.handler, stream)
+
+    async def _refuse_headers(self, stream: H2Stream) -> None:
+        try:
+            with stream.scope:
+                await stream.send_error(431, "headers_too_large", "request headers exceed the limit", [])
+        finally:
+            stream.handler_done()
+
+    # -- send side (called from handlers, synchronously) ---------------------------------------
+
+    def mark_dirty(self) -> None:
+        """Schedule one flush of h2's output for this wake-up (idempotent until it happens)."""
+        if not self._dirty:
+            self._dirty = True
+            self.outbox.request_pull()
+
+    def _pull(self) -> bytes:
+        self._dirty = False
+        self._unflushed = 0
+        return self.h2.data_to_send()
+
+    def flush_now(self) -> None:
+        """Move h2's output to the outbox now (the reader does this after each batch of input)."""
+        data = self._pull()
+        if data:
+            self.outbox.write(data)
+
+    def send_headers(
+        self, stream: H2Stream, status: int, headers: list[tuple[str, str]], length: int | None, *, end_stream: bool
+    ) -> None:
+        """Send the response head for ``stream``."""
+        raw = [(b":status", b"%d" % status)]
+        raw.extend(pair for pair in encode_headers(headers) if pair[0].decode("latin-1") not in HOP_BY_HOP)
+        if length is not None:
+            raw.append((b"content-length", b"%d" % length))
+        try:
+            self.h2.send_headers(stream.sid, raw, end_stream=end_stream)
+        except h2.exceptions.ProtocolError:
+            stream.on_dead()
+            return
+        self.mark_dirty()
+
+    def send_data(self, stream: H2Stream, data: bytes | memoryview) -> bool:
+        """Queue ``data`` on ``stream`` within the peer's window; the rest waits in ``pending``."""
+        if stream.dead or stream.ended:
+            return False
+        size = len(data)
+        if not size:
+            return True
+        if stream.pending:
+            stream.pending.append(data)
+            stream.pending_bytes += size
+            if stream.pending_bytes > self.limits.send_buffer:
+                self.reset(stream, slow=True)
+                return False
+            return True
+        if not self.outbox.room(self._unflushed + size):
+            return False
+        h = self.h2
+        try:
+            window = h.local_flow_control_window(stream.sid)
+            if size <= window and size <= h.max_outbound_frame_size:
+                h.send_data(stream.sid, data)
+                self._unflushed += size
+                self.mark_dirty()
+                return True
+        except h2.exceptions.ProtocolError:
+            stream.on_dead()
+            return False
+        stream.pending.append(data)
+        stream.pending_bytes += size
+        self._resume(stream)
+        if stream.pending_bytes > self.limits.send_buffer:
+            self.reset(stream, slow=True)
+            return False
+        return True
+
+    def end_stream(self, stream: H2Stream) -> None:
+        """Send END_STREAM for ``stream`` (its pending data has all gone out)."""
+        if stream.ended or stream.dead:
+            return
+        stream.ended = True
+        try:
+            self.h2.end_stream(stream.sid)
+        except h2.exceptions.ProtocolError:
+            stream.on_dead()
+            return
+        self.mark_dirty()
+
+    def _resume(self, stream: H2Stream) -> None:
+        """Send as much of ``stream``'s pending data as the windows admit."""
+        h = self.h2
+        pending = stream.pending
+        sent = 0
+        try:
+            max_frame = h.max_outbound_frame_size
+            while pending:
+                window = h.local_flow_control_window(stream.sid)
+                if window <= 0:
+                    break
+                chunk = pending[0]
+                take = min(len(chunk), window, max_frame)
+                if take == len(chunk):
+                    h.send_data(stream.sid, chunk)
+                    pending.popleft()
+                else:
+                    view = memoryview(chunk)
+                    h.send_data(stream.sid, view[:take])
+                    pending[0] = view[take:]
+                stream.pending_bytes -= take
+                sent += take
+        except h2.exceptions.ProtocolError:
+            self._blocked.pop(stream, None)
+            stream.on_dead()
+            return
+        if pending:
+            self._blocked[stream] = None
+        else:
+            self._blocked.pop(stream, None)
+            if stream.end_after_pending:
+                self.end_stream(stream)
+        if sent:
+            self._unflushed += sent
+            self.mark_dirty()
+            stream.wake()
+
+    def _resume_all(self) -> None:
+        for stream in list(self._blocked):
+            self._resume(stream)
+            if self.h2.outbound_flow_control_window <= 0:
+                break
+
+    def reset(self, stream: H2Stream, *, slow: bool = False, internal: bool = False) -> None:
+        """Reset ``stream`` (CANCEL for a slow consumer, INTERNAL_ERROR for a failed handler)."""
+        if stream.dead:
+            return
+        if slow:
+            self.stats.slow_consumers += 1
+            log.info("resetting HTTP/2 stream %d of %s: slow consumer", stream.sid, self.conn.client)
+        self._blocked.pop(stream, None)
+        code = ErrorCodes.INTERNAL_ERROR if internal else ErrorCodes.CANCEL
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.reset_stream(stream.sid, code)
+        stream.on_dead()
+        self.mark_dirty()
+
+    def ack(self, sid: int, size: int) -> None:
+        """Hand ``size`` bytes of flow-control credit back to the peer."""
+        if size:
+            try:
+                self.h2.acknowledge_received_data(size, sid)
+            except (h2.exceptions.ProtocolError, ValueError):
+                return
+            self.mark_dirty()
+
+    def stream_done(self, stream: H2Stream, unacked: int) -> None:
+        """The handler of ``stream`` is over: settle its credit, reset if unfinished, forget it."""
+        if unacked:
+            self.ack(stream.sid, unacked)
+        if not stream.dead and (not stream.ended or not stream.body_done):
+            # an unfinished response, or a request body nobody will read: stop the peer
+            code = ErrorCodes.NO_ERROR if stream.ended else ErrorCodes.INTERNAL_ERROR
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.reset_stream(stream.sid, code)
+            self.mark_dirty()
+        self._blocked.pop(stream, None)
+        self.streams.pop(stream.sid, None)
+        self._poke_reader()

@@ -1,0 +1,17 @@
+"""The engine's counters (one instance per worker)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class HttpStats:
+    """Counters for one engine instance (one worker), updated on the trio thread only."""
+
+    connections_open: int = 0
+    connections_total: int = 0
+    slow_consumers: int = 0  # connections (or HTTP/2 streams) dropped for exceeding send_buffer
+    send_timeouts: int = 0  # connections dropped because a write made no progress in send_timeout
+    protocol_errors: int = 0  # malformed HTTP/1.1, HTTP/2 or WebSocket input
+    accept_errors: int = 0  # accept() failures such as EMFILE/ENFILE (the loop backs off, never dies)

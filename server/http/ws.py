@@ -1,0 +1,236 @@
+"""WebSocket sessions over an upgraded HTTP/1.1 connection, driven by wsproto's frame layer.
+
+No extension is ever negotiated (no permessage-deflate), so inbound frames are never inflated and
+their size is exactly what arrives. Inbound messages are reassembled under ``ws_max_message``
+(past it: close 1009); protocol violations close with wsproto's code (1002, or 1007 for bad
+UTF-8) and end the connection; pings are answered; an idle peer is pinged every
+``ws_ping_interval`` and dropped if a whole further interval passes in silence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import cast
+
+import trio
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import generate_accept_token
+
+from server.core.frame import Frame
+from server.http.base import HttpLimits, WebSocketClosed
+from server.http.connection import Connection
+from server.http.stats import HttpStats
+
+log = logging.getLogger(__name__)
+
+CLOSE_WAIT = 5.0  # seconds to wait for the peer's close frame (or EOF) after ours
+INBOX_MESSAGES = 16  # inbound messages held for the handler before reading pauses
+MESSAGE_TOO_BIG = 1009
+ABNORMAL = 1006
+PING_PAYLOAD = b"sluice"
+
+
+def accept_headers(key: str, subprotocol: str | None) -> list[tuple[bytes, bytes]]:
+    """The headers of a 101 answering ``Sec-WebSocket-Key: key`` (no extensions)."""
+    headers = [
+        (b"upgrade", b"websocket"),
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-accept", generate_accept_token(key.strip().encode("latin-1"))),
+    ]
+    if subprotocol is not None:
+        headers.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
+    return headers
+
+
+class WsSession:
+    """An accepted WebSocket (:class:`~server.http.base.WebSocket`).
+
+    ``send_message``/``send_frame`` are synchronous and return ``False`` once the socket is
+    closing or dead. ``receive`` returns whole messages and raises ``WebSocketClosed`` once the
+    session is over (after any messages already received).
+    """
+
+    def __init__(self, conn: Connection, limits: HttpLimits, stats: HttpStats, subprotocol: str | None) -> None:
+        self._conn = conn
+        self._outbox = conn.outbox
+        self._limits = limits
+        self._stats = stats
+        self._subprotocol = subprotocol
+        self._ws = WsConnection(ConnectionType.SERVER)
+        self._open = True  # we may still send messages
+        self._closed: tuple[int, str] | None = None
+        self._inbox: deque[str | bytes] = deque()
+        self._parts: list[str | bytes | bytearray] = []
+        self._size = 0
+        self._discard = False  # a too-big message is being skipped
+        self._receiver: trio.Event | None = None
+        self._room: trio.Event | None = None
+        self._reader_scope = trio.CancelScope()
+        self._finished = trio.Event()
+
+    @property
+    def subprotocol(self) -> str | None:
+        """The negotiated subprotocol."""
+        return self._subprotocol
+
+    @property
+    def buffered(self) -> int:
+        """Bytes queued and not yet handed to the kernel."""
+        return self._outbox.buffered
+
+    async def drain(self) -> None:
+        """Wait until the connection's queue is at or below the low-water mark."""
+        await self._outbox.drain()
+
+    def send_message(self, data: str | bytes) -> bool:
+        """Queue one text (``str``) or binary (``bytes``) message."""
+        if not self._open:
+            return False
+        event: TextMessage | BytesMessage = (
+            TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
+        )
+        return self._outbox.write(self._ws.send(event))
+
+    def send_frame(self, frame: Frame) -> bool:
+        """Queue a complete pre-built unmasked frame (``frame.raw``) as is."""
+        if not self._open:
+            return False
+        return self._outbox.write(frame.raw)
+
+    async def receive(self) -> str | bytes:
+        """Return the next complete message; raise :class:`WebSocketClosed` once closed."""
+        while True:
+            if self._inbox:
+                message = self._inbox.popleft()
+                if self._room is not None:
+                    self._room.set()
+                return message
+            if self._closed is not None:
+                raise WebSocketClosed(*self._closed)
+            self._receiver = trio.Event()
+            await self._receiver.wait()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame and wait (at most ``CLOSE_WAIT`` seconds) for the peer's close or EOF."""
+        self._send_close(code, reason)
+        await self._finished.wait()
+
+    # -- engine side ---------------------------------------------------------------------------
+
+    def _send_close(self, code: int, reason: str) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            self._outbox.write(self._ws.send(CloseConnection(code=code, reason=reason)))
+        self._open = False
+        if self._closed is None:
+            self._closed = (code, reason)
+        self._reader_scope.deadline = min(self._reader_scope.deadline, trio.current_time() + CLOSE_WAIT)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._receiver is not None:
+            self._receiver.set()
+            self._receiver = None
+        if self._room is not None:
+            self._room.set()
+
+    async def run(self, trailing: bytes, eof: bool) -> None:
+        """Read frames until the session is over; the caller then closes the connection."""
+        ws = self._ws
+        interval = self._limits.ws_ping_interval
+        pinged = False
+        try:
+            with self._reader_scope:
+                if trailing:
+                    ws.receive_data(trailing)
+                if eof:
+                    ws.receive_data(None)
+                while self._handle_events():
+                    while len(self._inbox) >= INBOX_MESSAGES and not self._discard:
+                        self._room = trio.Event()
+                        await self._room.wait()
+                    self._room = None
+                    if interval > 0:
+                        with trio.move_on_after(interval) as timer:
+                            data = await self._conn.receive()
+                        if timer.cancelled_caught:
+                            if pinged:
+                                log.info("websocket peer %s silent after ping: dropping it", self._conn.client)
+                                self._closed = self._closed or (ABNORMAL, "ping timeout")
+                                self._conn.abort("websocket ping timeout")
+                                return
+                            pinged = True
+                            if ws.state is ConnectionState.OPEN:
+                                self._outbox.write(ws.send(Ping(payload=PING_PAYLOAD)))
+                            continue
+                        pinged = False
+                    else:
+                        data = await self._conn.receive()
+                    ws.receive_data(data or None)
+        finally:
+            self._open = False
+            if self._closed is None:
+                self._closed = (ABNORMAL, "connection lost")
+            self._wake()
+            self._finished.set()
+
+    def _handle_events(self) -> bool:
+        """Process what wsproto parsed; False once the session is over."""
+        ws = self._ws
+        for event in ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                self._on_message(event)
+            elif isinstance(event, Ping):
+                if ws.state is ConnectionState.OPEN:
+                    self._outbox.write(ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                state = ws.state
+                if state is ConnectionState.REMOTE_CLOSING:
+                    if self._closed is None:
+                        self._closed = (event.code, event.reason or "")
+                    self._outbox.write(ws.send(event.response()))
+                    self._open = False
+                elif state is not ConnectionState.CLOSED:
+                    # wsproto reports a protocol violation as a CloseConnection in state OPEN
+                    self._stats.protocol_errors += 1
+                    log.info("websocket protocol error from %s: %s", self._conn.client, event.reason)
+                    self._send_close(event.code, event.reason or "")
+                return False
+        return True
+
+    def _on_message(self, event: TextMessage | BytesMessage) -> None:
+        if self._discard:
+            if event.message_finished:
+                self._discard = False
+            return
+        data = event.data
+        self._size += len(data.encode()) if isinstance(data, str) else len(data)
+        if self._size > self._limits.ws_max_message:
+            self._parts = []
+            self._size = 0
+            self._discard = not event.message_finished
+            if self._open:
+                self._send_close(MESSAGE_TOO_BIG, "message too big")
+            return
+        if not event.message_finished:
+            self._parts.append(data)
+            return
+        joined: str | bytes
+        if self._parts:
+            self._parts.append(data)
+            parts = self._parts
+            self._parts = []
+            if isinstance(data, str):
+                joined = "".join(cast("list[str]", parts))
+            else:
+                joined = b"".join(cast("list[bytes]", parts))
+        else:
+            joined = data if isinstance(data, str) else bytes(data)
+        self._size = 0
+        if self._open:
+            self._inbox.append(joined)
+            if self._receiver is not None:
+                self._receiver.set()
+                self._receiver = None

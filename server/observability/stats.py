@@ -1,0 +1,25 @@
+"""Counters a worker keeps about what it delivered and refused.
+
+Plain integer attributes, bumped on the hot path without locks (one trio thread per worker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(slots=True)
+class HubStats:
+    """What the hub has done since the worker started."""
+
+    published: int = 0  # events committed and fanned out by this worker's hub
+    delivered: int = 0  # event deliveries handed to connections (one per subscriber per event)
+    replayed: int = 0  # events delivered from the store during catch-up
+    subscriptions: int = 0  # currently registered subscriptions
+    subscriptions_total: int = 0
+    dropped: int = 0  # subscriptions ended because their connection could take no more (gone or slow)
+    resets: dict[str, int] = field(default_factory=lambda: {"gone": 0, "epoch": 0, "invalid": 0})
+
+    def as_dict(self) -> dict[str, object]:
+        """A snapshot, for ``/metrics`` and tests."""
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), dict) else v) for f in fields(self)}

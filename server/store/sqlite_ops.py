@@ -1,0 +1,301 @@
+"""The sqlite store's transactions, as plain blocking functions run in worker threads.
+
+:func:`commit_batch` applies a group of write requests in one ``BEGIN IMMEDIATE`` transaction,
+each under its own savepoint, so one failing request (a closed stream) never undoes the others.
+:func:`read_page` and :func:`read_info` read one consistent snapshot. Nothing here touches trio.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from server.core.events import Event, NewEvent, StreamInfo
+from server.core.ids import format_id, new_epoch
+from server.store.base import (
+    Appended,
+    AppendResult,
+    Closed,
+    Deleted,
+    Notice,
+    Page,
+    Retention,
+    StreamClosed,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendOp:
+    """Append ``events`` to ``stream``; ``key`` is the optional idempotency key."""
+
+    stream: str
+    events: tuple[NewEvent, ...]
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseOp:
+    """Close ``stream``, creating it closed if missing."""
+
+    stream: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOp:
+    """Drop ``stream``, its events and its idempotency keys."""
+
+    stream: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrimOp:
+    """Drop expired events and idempotency keys in every stream."""
+
+
+WriteOp = AppendOp | CloseOp | DeleteOp | TrimOp
+OpValue = AppendResult | StreamInfo | bool | int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one write request produced: a value or an error, and the notices to publish."""
+
+    value: OpValue | None = None
+    error: Exception | None = None
+    notices: list[Notice] = field(default_factory=list)
+
+
+class BatchFailed(Exception):
+    """The batch's transaction could not be committed and was rolled back: none of it happened."""
+
+
+@dataclass(slots=True)
+class _Row:
+    epoch: str
+    last_seq: int = 0
+    first_seq: int = 0
+    length: int = 0
+    nbytes: int = 0
+    closed: bool = False
+    last_ts: float = 0.0
+
+    def info(self, stream: str) -> StreamInfo:
+        return StreamInfo(stream, self.epoch, self.first_seq, self.last_seq, self.closed, self.length)
+
+
+def _load(conn: sqlite3.Connection, stream: str) -> _Row | None:
+    r = conn.execute(
+        "SELECT epoch, last_seq, first_seq, length, bytes, closed, last_ts FROM streams WHERE name = ?", (stream,)
+    ).fetchone()
+    if r is None:
+        return None
+    return _Row(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
+
+
+def _save(conn: sqlite3.Connection, stream: str, row: _Row) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO streams (name, epoch, last_seq, first_seq, length, bytes, closed, last_ts)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (stream, row.epoch, row.last_seq, row.first_seq, row.length, row.nbytes, int(row.closed), row.last_ts),
+    )
+
+
+def _key_live(ts: float, now: float, window: float) -> bool:
+    return window <= 0 or now - ts < window
+
+
+def _drop_before(conn: sqlite3.Connection, stream: str, row: _Row, cut: int) -> None:
+    """Drop the retained events of ``stream`` with ``seq < cut`` and update ``row`` to match."""
+    if row.length == 0 or cut <= row.first_seq:
+        return
+    count, nbytes = conn.execute(
+        "SELECT count(*), total(length(data)) FROM events WHERE stream = ? AND seq < ?", (stream, cut)
+    ).fetchone()
+    conn.execute("DELETE FROM events WHERE stream = ? AND seq < ?", (stream, cut))
+    row.length -= count
+    row.nbytes -= int(nbytes)
+    row.first_seq = cut if row.length else 0
+
+
+def _enforce(conn: sqlite3.Connection, stream: str, row: _Row, now: float, retention: Retention) -> None:
+    """Apply the retention limits to ``stream`` after an append; its newest event always stays."""
+    if retention.max_age > 0:
+        # Stamps never decrease within a stream, so the expired events are a prefix. The unary
+        # plus keeps the planner on the primary key instead of the global ts index.
+        r = conn.execute(
+            "SELECT seq FROM events WHERE stream = ? AND +ts >= ? ORDER BY seq LIMIT 1",
+            (stream, now - retention.max_age),
+        ).fetchone()
+        _drop_before(conn, stream, row, row.last_seq if r is None else r[0])
+    if 0 < retention.max_events < row.length:
+        _drop_before(conn, stream, row, row.last_seq - retention.max_events + 1)
+    if 0 < retention.max_bytes < row.nbytes and row.length > 1:
+        excess, cut = row.nbytes - retention.max_bytes, row.first_seq
+        cur = conn.execute(
+            "SELECT seq, length(data) FROM events WHERE stream = ? AND seq < ? ORDER BY seq", (stream, row.last_seq)
+        )
+        try:
+            for seq, size in cur:
+                if excess <= 0:
+                    break
+                excess -= size
+                cut = seq + 1
+        finally:
+            cur.close()
+        _drop_before(conn, stream, row, cut)
+
+
+def _append(conn: sqlite3.Connection, op: AppendOp, now: float, retention: Retention) -> Outcome:
+    stream = op.stream
+    row = _load(conn, stream)
+    if row is not None and op.key is not None:
+        k = conn.execute(
+            "SELECT epoch, first_seq, count, ts FROM idempotency WHERE stream = ? AND key = ?", (stream, op.key)
+        ).fetchone()
+        if k is not None and k[0] == row.epoch and _key_live(k[3], now, retention.idempotency_window):
+            ids = [format_id(k[0], k[1] + i) for i in range(k[2])]
+            return Outcome(AppendResult(ids=ids, duplicate=True))
+    if row is None:
+        row = _Row(new_epoch(), last_ts=now)
+    elif row.closed:
+        return Outcome(error=StreamClosed(stream))
+    stamp = max(now, row.last_ts)
+    first_seq = row.last_seq + 1
+    events = [Event(stream, row.epoch, first_seq + i, e.type, e.data, e.binary) for i, e in enumerate(op.events)]
+    conn.executemany(
+        "INSERT INTO events (stream, seq, type, data, binary, ts) VALUES (?, ?, ?, ?, ?, ?)",
+        [(stream, e.seq, e.type, e.data, int(e.binary), stamp) for e in events],
+    )
+    if row.length == 0:
+        row.first_seq = first_seq
+    row.last_seq = events[-1].seq
+    row.last_ts = stamp
+    row.length += len(events)
+    row.nbytes += sum(len(e.data) for e in events)
+    _enforce(conn, stream, row, now, retention)
+    _save(conn, stream, row)
+    if op.key is not None:
+        conn.execute(
+            "INSERT OR REPLACE INTO idempotency (stream, key, epoch, first_seq, count, ts) VALUES (?, ?, ?, ?, ?, ?)",
+            (stream, op.key, row.epoch, first_seq, len(events), now),
+        )
+    return Outcome(AppendResult(ids=[e.id for e in events], events=events), notices=[Appended(events)])
+
+
+def _close(conn: sqlite3.Connection, op: CloseOp, now: float) -> Outcome:
+    row = _load(conn, op.stream)
+    if row is None:
+        row = _Row(new_epoch(), closed=True, last_ts=now)
+        _save(conn, op.stream, row)
+    elif row.closed:
+        return Outcome(row.info(op.stream))
+    else:
+        row.closed = True
+        conn.execute("UPDATE streams SET closed = 1 WHERE name = ?", (op.stream,))
+    return Outcome(row.info(op.stream), notices=[Closed(op.stream, row.epoch, row.last_seq)])
+
+
+def _delete(conn: sqlite3.Connection, op: DeleteOp) -> Outcome:
+    if conn.execute("DELETE FROM streams WHERE name = ?", (op.stream,)).rowcount == 0:
+        return Outcome(False)
+    conn.execute("DELETE FROM events WHERE stream = ?", (op.stream,))
+    conn.execute("DELETE FROM idempotency WHERE stream = ?", (op.stream,))
+    return Outcome(True, notices=[Deleted(op.stream)])
+
+
+def _forget_keys(conn: sqlite3.Connection, now: float, window: float) -> None:
+    if window > 0:
+        conn.execute("DELETE FROM idempotency WHERE ts <= ?", (now - window,))
+
+
+def _trim(conn: sqlite3.Connection, now: float, retention: Retention) -> Outcome:
+    _forget_keys(conn, now, retention.idempotency_window)
+    if retention.max_age <= 0:
+        return Outcome(0)
+    cutoff = now - retention.max_age
+    # Per stream the expired events are a prefix (stamps never decrease), so the new first_seq
+    # is one past the newest expired seq, unless nothing is left.
+    per_stream = conn.execute(
+        "SELECT stream, count(*), total(length(data)), max(seq) FROM events INDEXED BY events_by_ts"
+        " WHERE ts < ? GROUP BY stream",
+        (cutoff,),
+    ).fetchall()
+    conn.executemany(
+        "UPDATE streams SET length = length - ?1, bytes = bytes - ?2,"
+        " first_seq = CASE WHEN length > ?1 THEN ?3 + 1 ELSE 0 END WHERE name = ?4",
+        [(count, int(nbytes), max_seq, stream) for stream, count, nbytes, max_seq in per_stream],
+    )
+    conn.execute("DELETE FROM events WHERE ts < ?", (cutoff,))
+    return Outcome(sum(count for _, count, _, _ in per_stream))
+
+
+def _apply(conn: sqlite3.Connection, op: WriteOp, now: float, retention: Retention) -> Outcome:
+    if isinstance(op, AppendOp):
+        return _append(conn, op, now, retention)
+    if isinstance(op, CloseOp):
+        return _close(conn, op, now)
+    if isinstance(op, DeleteOp):
+        return _delete(conn, op)
+    return _trim(conn, now, retention)
+
+
+def _apply_isolated(conn: sqlite3.Connection, op: WriteOp, now: float, retention: Retention) -> Outcome:
+    """Apply ``op`` under a savepoint: if it fails, only its own changes are undone."""
+    conn.execute("SAVEPOINT op")
+    try:
+        outcome = _apply(conn, op, now, retention)
+    except sqlite3.ProgrammingError:
+        raise
+    except Exception as exc:
+        conn.execute("ROLLBACK TO op")
+        conn.execute("RELEASE op")
+        return Outcome(error=exc)
+    conn.execute("RELEASE op")
+    return outcome
+
+
+def commit_batch(conn: sqlite3.Connection, ops: Sequence[WriteOp], now: float, retention: Retention) -> list[Outcome]:
+    """Apply ``ops`` in order in ONE transaction and commit it; return one outcome per op.
+
+    Raises :class:`BatchFailed` (everything rolled back) if the transaction cannot be committed.
+    Any other exception means the connection is unusable.
+    """
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes = [_apply_isolated(conn, op, now, retention) for op in ops]
+        if any(isinstance(op, AppendOp) and op.key is not None for op in ops):
+            _forget_keys(conn, now, retention.idempotency_window)
+        conn.execute("COMMIT")
+    except sqlite3.ProgrammingError:
+        raise
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise BatchFailed(str(exc)) from exc
+    return outcomes
+
+
+def read_info(conn: sqlite3.Connection, stream: str) -> StreamInfo | None:
+    """Return the state of ``stream``, or ``None`` if it does not exist."""
+    row = _load(conn, stream)
+    return None if row is None else row.info(stream)
+
+
+def read_page(conn: sqlite3.Connection, stream: str, after_seq: int, limit: int) -> Page:
+    """Return the state of ``stream`` and up to ``limit`` events after ``after_seq``, from one snapshot."""
+    conn.execute("BEGIN")
+    try:
+        row = _load(conn, stream)
+        if row is None:
+            return Page(None)
+        info = row.info(stream)
+        if limit <= 0 or row.length == 0 or after_seq >= row.last_seq:
+            return Page(info)
+        rows = conn.execute(
+            "SELECT seq, type, data, binary FROM events WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (stream, max(after_seq, row.first_seq - 1), limit),
+        ).fetchall()
+        return Page(info, [Event(stream, row.epoch, seq, t, data, bool(b)) for seq, t, data, b in rows])
+    finally:
+        conn.execute("COMMIT")

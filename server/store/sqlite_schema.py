@@ -1,0 +1,122 @@
+"""The sqlite store's on-disk schema and connection set-up (blocking: call from a worker thread).
+
+Layout (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
+
+* ``streams``: one row per stream. ``last_seq`` is the newest seq ever appended in ``epoch`` and
+  survives retention; ``first_seq``/``length``/``bytes`` describe what is retained (``first_seq``
+  is 0 when nothing is); ``last_ts`` is the newest event stamp, so stamps never decrease within a
+  stream and every trim removes a prefix (retained seqs stay contiguous).
+* ``events``: ``(stream, seq)`` keyed, ``WITHOUT ROWID`` so a stream's events are stored together
+  in seq order; ``ts`` is indexed for the age sweep.
+* ``idempotency``: ``(stream, key)`` -> the ids it produced (``epoch``, ``first_seq``, ``count``);
+  ``ts`` is indexed so expired keys go in one range delete.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes the WAL file is truncated to after a checkpoint, so it cannot stay large forever."""
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS streams (
+    name      TEXT    NOT NULL PRIMARY KEY,
+    epoch     TEXT    NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    length    INTEGER NOT NULL,
+    bytes     INTEGER NOT NULL,
+    closed    INTEGER NOT NULL,
+    last_ts   REAL    NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS events (
+    stream TEXT    NOT NULL,
+    seq    INTEGER NOT NULL,
+    type   TEXT    NOT NULL,
+    data   BLOB    NOT NULL,
+    binary INTEGER NOT NULL,
+    ts     REAL    NOT NULL,
+    PRIMARY KEY (stream, seq)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
+
+CREATE TABLE IF NOT EXISTS idempotency (
+    stream    TEXT    NOT NULL,
+    key       TEXT    NOT NULL,
+    epoch     TEXT    NOT NULL,
+    first_seq INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    ts        REAL    NOT NULL,
+    PRIMARY KEY (stream, key)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS idempotency_by_ts ON idempotency (ts);
+"""
+
+
+class SchemaError(RuntimeError):
+    """The database file was written by an incompatible (newer) version of this store."""
+
+
+def _connect(path: str | Path, busy_timeout: float) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions, every BEGIN/COMMIT is ours. The connection
+    # moves between worker threads, never used by two at once (the store serialises access).
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def open_writer(path: str | Path, busy_timeout: float) -> sqlite3.Connection:
+    """Open the writing connection: WAL, ``synchronous=FULL``, schema created or checked.
+
+    Raises :class:`SchemaError` if the file holds a newer schema than :data:`SCHEMA_VERSION`.
+    """
+    conn = _connect(path, busy_timeout)
+    try:
+        _configure_writer(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _configure_writer(conn: sqlite3.Connection, path: str | Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise SchemaError(f"cannot use WAL journaling for {path!s} (got {mode!r})")
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _migrate(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def open_reader(path: str | Path, busy_timeout: float) -> sqlite3.Connection:
+    """Open a read-only connection to an existing store file (``PRAGMA query_only``)."""
+    conn = _connect(path, busy_timeout)
+    conn.execute("PRAGMA query_only=1")
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise SchemaError(f"store schema version {version} is newer than supported {SCHEMA_VERSION}")
+    if version < SCHEMA_VERSION:
+        for statement in _DDL.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

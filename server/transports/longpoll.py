@@ -1,0 +1,102 @@
+"""Long-poll: ``GET /v1/streams/{stream}/poll`` (API.md "Long-poll").
+
+Answers at once when anything is due (events, a reset, the end), else waits up to ``timeout``
+seconds. ``next`` is the id to pass back as ``last_event_id``; it is ``null`` only while the
+stream has never had an event, and then the client polls again with ``from=start``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+from server.core.encoding import EncodedEvent
+from server.core.hub import Subscription
+from server.core.replay import Reset
+from server.http.base import Exchange, HTTPError
+from server.transports.context import Context, send_json
+from server.transports.sse import start_of
+
+
+class CollectSink:
+    """Collects one response's worth of output; signals ``ready`` once there is something to send."""
+
+    __slots__ = ("end_seen", "events", "limit", "ready", "reset_seen")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.events: list[dict[str, object]] = []
+        self.reset_seen: Reset | None = None
+        self.end_seen = False
+        self.ready = trio.Event()
+
+    def deliver(self, enc: EncodedEvent) -> bool:
+        """Keep the event unless the response is full (then the subscription stops)."""
+        if len(self.events) >= self.limit:
+            self.ready.set()
+            return False
+        self.events.append(enc.poll)
+        self.ready.set()
+        return True
+
+    def reset(self, reset: Reset) -> bool:
+        """Keep the first reset (one response carries at most one)."""
+        if self.events:
+            self.ready.set()
+            return False
+        if self.reset_seen is None:
+            self.reset_seen = reset
+        return True
+
+    def end(self) -> None:
+        """Note the end of the stream."""
+        self.end_seen = True
+        self.ready.set()
+
+    def idle(self) -> bool:
+        """Long-polls have no heartbeats."""
+        return True
+
+    async def drain(self) -> None:
+        """A page of replay is complete: answer if it produced anything."""
+        if self.events or self.reset_seen is not None or self.end_seen:
+            self.ready.set()
+
+
+def _timeout(ex: Exchange, ctx: Context) -> float:
+    raw = ex.request.query.get("timeout")
+    if raw is None:
+        return min(ctx.settings.poll_default_timeout, ctx.settings.poll_max_timeout)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise HTTPError(400, "bad_timeout", "timeout must be a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise HTTPError(400, "bad_timeout", "timeout must be a non-negative number of seconds")
+    return min(value, ctx.settings.poll_max_timeout)
+
+
+async def handle_poll(ex: Exchange, ctx: Context, stream: str) -> None:
+    """Answer one long-poll."""
+    start = start_of(ex)
+    timeout = _timeout(ex, ctx)
+    sink = CollectSink(ctx.settings.poll_max_events)
+    sub = Subscription(ctx.hub, stream, start, sink)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sub.run)
+        with trio.move_on_after(timeout):
+            await sink.ready.wait()
+        nursery.cancel_scope.cancel()
+    events = sink.events
+    next_id = events[-1]["id"] if events else sub.position
+    await send_json(
+        ex,
+        200,
+        {
+            "events": events,
+            "next": next_id,
+            "reset": sink.reset_seen.as_dict() if sink.reset_seen is not None else None,
+            "end": sink.end_seen,
+        },
+    )

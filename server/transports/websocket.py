@@ -1,0 +1,187 @@
+"""WebSocket: ``GET /v1/ws`` with ``sluice.json.v1`` / ``sluice.msgpack.v1`` (API.md "WebSocket").
+
+One socket carries any number of subscriptions, each a child task in the socket's nursery;
+publishes are handled in order, in the receive loop, so ``published`` acks come in send order.
+Client mistakes get ``{"op": "error", "ref"?, "code", "message"}`` and the socket stays open;
+a frame of the wrong kind for the subprotocol closes it with 1003.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import msgpack
+import trio
+
+from server.core.encoding import EncodedEvent, ws_end, ws_message, ws_reset
+from server.core.events import InvalidInput, check_stream
+from server.core.hub import Subscription
+from server.core.replay import Reset, Start, parse_start
+from server.http.base import Exchange, HTTPError, WebSocket, WebSocketClosed
+from server.store.base import StreamClosed
+from server.transports.batch import item_event
+from server.transports.context import Context
+
+JSON_PROTOCOL = "sluice.json.v1"
+MSGPACK_PROTOCOL = "sluice.msgpack.v1"
+Fmt = Literal["json", "msgpack"]
+
+
+class WSSink:
+    """One subscription's output on a shared socket."""
+
+    __slots__ = ("_fmt", "_stream", "_ws")
+
+    def __init__(self, ws: WebSocket, stream: str, fmt: Fmt) -> None:
+        self._ws = ws
+        self._stream = stream
+        self._fmt: Fmt = fmt
+
+    def deliver(self, enc: EncodedEvent) -> bool:
+        """Write the shared pre-built frame for this subprotocol."""
+        return self._ws.send_frame(enc.ws_json if self._fmt == "json" else enc.ws_msgpack)
+
+    def reset(self, reset: Reset) -> bool:
+        """Send ``{"op": "reset", ...}``."""
+        return self._ws.send_frame(ws_reset(self._stream, reset, self._fmt))
+
+    def end(self) -> None:
+        """Send ``{"op": "end", "stream"}``."""
+        self._ws.send_frame(ws_end(self._stream, self._fmt))
+
+    def idle(self) -> bool:
+        """The engine pings idle sockets; nothing to do per subscription."""
+        return True
+
+    async def drain(self) -> None:
+        """Wait for the socket's buffer to go down."""
+        await self._ws.drain()
+
+
+class _Session:
+    def __init__(self, ws: WebSocket, ctx: Context, fmt: Fmt, nursery: trio.Nursery) -> None:
+        self.ws = ws
+        self.ctx = ctx
+        self.fmt: Fmt = fmt
+        self.nursery = nursery
+        self.subs: dict[str, trio.CancelScope] = {}
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.ws.send_frame(ws_message(obj, self.fmt))
+
+    def error(self, code: str, message: str, ref: object = None) -> None:
+        msg: dict[str, Any] = {"op": "error", "code": code, "message": message}
+        if ref is not None:
+            msg["ref"] = ref
+        self.send(msg)
+
+    def decode(self, message: str | bytes) -> Any:
+        if self.fmt == "json":
+            if not isinstance(message, str):
+                raise WebSocketClosed(1003, "sluice.json.v1 takes text frames")
+            return json.loads(message)
+        if not isinstance(message, bytes):
+            raise WebSocketClosed(1003, "sluice.msgpack.v1 takes binary frames")
+        return msgpack.unpackb(message, raw=False, max_map_len=64, max_array_len=64)
+
+    async def handle(self, msg: Any) -> None:
+        if not isinstance(msg, dict):
+            self.error("bad_message", "messages are objects with an 'op'")
+            return
+        op = msg.get("op")
+        ref = msg.get("ref")
+        try:
+            if op == "subscribe":
+                self.subscribe(msg)
+            elif op == "unsubscribe":
+                stream = check_stream(_str(msg.get("stream")))
+                scope = self.subs.pop(stream, None)
+                if scope is not None:
+                    scope.cancel()
+            elif op == "publish":
+                await self.publish(msg, ref)
+            elif op == "ping":
+                self.send({"op": "pong"})
+            else:
+                self.error("bad_op", f"unknown op {op!r}", ref)
+        except InvalidInput as exc:
+            self.error(exc.code, exc.message, ref)
+
+    def subscribe(self, msg: dict[str, Any]) -> None:
+        stream = check_stream(_str(msg.get("stream")))
+        if stream in self.subs:
+            raise InvalidInput("already_subscribed", f"already subscribed to {stream!r}")
+        if len(self.subs) >= self.ctx.settings.ws_max_subscriptions:
+            raise InvalidInput("too_many_subscriptions", "subscription limit reached for this socket")
+        last = msg.get("last_event_id")
+        start_from = msg.get("from")
+        if last is not None and not isinstance(last, str):
+            raise InvalidInput("bad_last_event_id", "last_event_id must be a string")
+        if start_from is not None and not isinstance(start_from, str):
+            raise InvalidInput("bad_from", "from must be 'start' or 'now'")
+        start = parse_start(None, last, start_from)
+        scope = trio.CancelScope()
+        self.subs[stream] = scope
+        self.nursery.start_soon(self.run_subscription, stream, start, scope)
+
+    async def run_subscription(self, stream: str, start: Start, scope: trio.CancelScope) -> None:
+        with scope:
+            sub = Subscription(self.ctx.hub, stream, start, WSSink(self.ws, stream, self.fmt))
+            await sub.run()
+        if self.subs.get(stream) is scope:
+            del self.subs[stream]
+
+    async def publish(self, msg: dict[str, Any], ref: object) -> None:
+        stream = check_stream(_str(msg.get("stream")))
+        event = item_event(msg, self.ctx.settings.max_event_bytes, where="publish")
+        try:
+            result = await self.ctx.store.append(stream, [event])
+        except StreamClosed:
+            self.error("closed", f"stream {stream!r} is closed", ref)
+            return
+        reply: dict[str, Any] = {"op": "published", "id": result.ids[0]}
+        if ref is not None:
+            reply["ref"] = ref
+        self.send(reply)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput("bad_stream", "'stream' must be a string")
+    return value
+
+
+def pick_subprotocol(offered: list[str]) -> str | None:
+    """The subprotocol to accept: the client's first of ours; JSON if it offered none at all."""
+    for p in offered:
+        if p in (JSON_PROTOCOL, MSGPACK_PROTOCOL):
+            return p
+    if offered:
+        raise HTTPError(400, "bad_subprotocol", f"offer {JSON_PROTOCOL} or {MSGPACK_PROTOCOL}")
+    return None
+
+
+async def handle_ws(ex: Exchange, ctx: Context) -> None:
+    """Serve one WebSocket until either side closes it."""
+    if not ex.websocket_requested:
+        raise HTTPError(400, "websocket_required", "GET /v1/ws needs a WebSocket upgrade")
+    proto = pick_subprotocol(ex.offered_subprotocols())
+    fmt: Fmt = "msgpack" if proto == MSGPACK_PROTOCOL else "json"
+    ws = await ex.accept_websocket(proto)
+    async with trio.open_nursery() as nursery:
+        session = _Session(ws, ctx, fmt, nursery)
+        try:
+            while True:
+                message = await ws.receive()
+                try:
+                    msg = session.decode(message)
+                except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                    session.error("bad_message", "not a valid message for this subprotocol")
+                    continue
+                await session.handle(msg)
+        except WebSocketClosed as exc:
+            if exc.code == 1003:
+                await ws.close(1003, exc.reason)
+        finally:
+            nursery.cancel_scope.cancel()
