@@ -135,6 +135,12 @@ class SSEClient:
                 self.finished = True
         return self._pending.pop(0)
 
+    async def next_or_none(self, timeout: float) -> SSEEvent | None:
+        """The next event, or ``None`` if none arrives within ``timeout`` seconds."""
+        with trio.move_on_after(timeout):
+            return await self.next()
+        return None
+
     async def take(self, n: int) -> list[SSEEvent]:
         """The next ``n`` events."""
         return [await self.next() for _ in range(n)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import trio
 
 from server.core.frame import Frame
-from server.http.base import Exchange, HTTPError, HttpLimits, WebSocketClosed
+from server.http.base import Exchange, HTTPError, HttpLimits, ResponseStream, WebSocketClosed
 from server.http.listener import bind_tcp_listener
 from server.http.server import HttpServer, serve_http
 
@@ -26,6 +26,10 @@ class AppState:
     flood_result: str = ""
     flood_done: trio.Event = field(default_factory=trio.Event)
     ws_closed: list[int] = field(default_factory=list)
+    subscribers: list[ResponseStream] = field(default_factory=list)
+    subscribed: trio.Event = field(default_factory=trio.Event)
+    expected_subscribers: int = 0
+    release: trio.Event = field(default_factory=trio.Event)
 
 
 class App:
@@ -65,6 +69,12 @@ class App:
                 self.state.cancelled.set()
         elif path == "/flood":
             await self._flood(ex, int(req.query.get("size", "65536")), req.query.get("drain") == "1")
+        elif path == "/sub":
+            stream = await ex.open_stream(200, [("content-type", "text/event-stream")])
+            self.state.subscribers.append(stream)
+            if len(self.state.subscribers) == self.state.expected_subscribers:
+                self.state.subscribed.set()
+            await self.state.release.wait()
         elif path == "/ws":
             await self._ws(ex)
         elif path == "/teapot":
@@ -144,11 +154,23 @@ async def running_server(
             nursery.cancel_scope.cancel()
     finally:
         sock.close()
+        while _client_sockets:
+            _client_sockets.pop().close()
+
+
+_client_sockets: list[trio.socket.SocketType] = []
+
+
+def client_socket() -> trio.socket.SocketType:
+    """A new TCP trio socket, closed when the enclosing :func:`running_server` exits."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _client_sockets.append(sock)
+    return sock
 
 
 async def connect(port: int) -> trio.socket.SocketType:
-    """A connected raw trio socket to 127.0.0.1:``port``."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    """A raw trio socket connected to 127.0.0.1:``port`` (closed with the server)."""
+    sock = client_socket()
     await sock.connect(("127.0.0.1", port))
     return sock
 
@@ -246,6 +268,7 @@ class H2Client:
         self.goaway: int | None = None
         self.closed = False
         self.remote_settings_seen = False
+        self.bodies: dict[int, bytes] = {}
 
     async def start(self) -> None:
         """Send the preface and SETTINGS."""
@@ -259,17 +282,34 @@ class H2Client:
             sent = await self.sock.send(data)
             data = data[sent:]
 
-    def request(self, path: str, *, method: str = "GET", headers: list[tuple[str, str]] | None = None,
-                body: bytes | None = None) -> int:
+    def request(
+        self, path: str, *, method: str = "GET", headers: list[tuple[str, str]] | None = None, body: bytes | None = None
+    ) -> int:
         """Queue a request (call :meth:`flush`); returns its stream id."""
         sid: int = self.conn.get_next_available_stream_id()
-        raw = [(b":method", method.encode()), (b":scheme", b"http"), (b":authority", b"test"), (b":path", path.encode())]
+        raw = [(b":method", method.encode()), (b":scheme", b"http"), (b":authority", b"test")]
+        raw.append((b":path", path.encode()))
         raw += [(n.encode(), v.encode()) for n, v in headers or []]
         self.conn.send_headers(sid, raw, end_stream=body is None)
-        if body is not None:
-            self.conn.send_data(sid, body, end_stream=True)
         self.responses[sid] = H2Response()
+        if body is not None:
+            self.bodies[sid] = body
+            self._send_bodies()
         return sid
+
+    def _send_bodies(self) -> None:
+        for sid, queued in list(self.bodies.items()):
+            body = queued
+            while True:
+                size = min(len(body), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+                if not size and body:
+                    self.bodies[sid] = body
+                    break
+                self.conn.send_data(sid, body[:size], end_stream=size == len(body))
+                body = body[size:]
+                if not body:
+                    del self.bodies[sid]
+                    break
 
     async def pump(self) -> None:
         """Read once from the socket and process the events."""
@@ -294,11 +334,12 @@ class H2Client:
             elif isinstance(event, h2.events.StreamEnded):
                 self.responses[event.stream_id].ended = True
             elif isinstance(event, h2.events.StreamReset):
-                self.responses[event.stream_id].reset = int(event.error_code)
+                self.responses[event.stream_id].reset = int(event.error_code or 0)
             elif isinstance(event, h2.events.ConnectionTerminated):
-                self.goaway = int(event.error_code)
+                self.goaway = int(event.error_code or 0)
             elif isinstance(event, h2.events.RemoteSettingsChanged):
                 self.remote_settings_seen = True
+        self._send_bodies()
         await self.flush()
 
     async def pump_until(self, done: object) -> None:

@@ -92,3 +92,17 @@ async def test_closed_stream_ends_response(sluice) -> None:  # type: ignore[no-u
         resp = await request(sluice.port, "POST", "/v1/streams/c", b"x", {"content-type": "text/plain"})
         assert resp.status == 409
         assert resp.json()["error"] == "closed"
+
+
+async def test_heartbeat_on_idle_stream(nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    s = await start_sluice(nursery, tmp_path, "memory", sse={"heartbeat": 15.0})
+    with trio.fail_after(100):
+        async with open_sse(s.port, "/v1/streams/hb") as sse:
+            await wait_live(s.ctx, "hb")
+            start = trio.current_time()
+            while not sse.parser.comments:
+                ev = await sse.next_or_none(0.5)
+                assert ev is None
+            assert 14.9 <= trio.current_time() - start < 31.0
+            eid = await publish(s.port, "hb", "after the heartbeat")
+            assert (await sse.next()).id == eid

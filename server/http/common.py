@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 JSON_TYPE = ("content-type", "application/json")
 # Response headers that are about one HTTP/1.1 connection and never go out on HTTP/2.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}

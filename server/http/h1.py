@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BODY_SLICE = 64 * 1024  # large full responses are written in slices of this size, with backpressure
 _NO_BODY_STATUS = frozenset({204, 304})
+_CLOSING_STATUS = frozenset({408, 413})  # errors about the request body: the connection ends after them
 
 
 def _head_size(event: h11.Request) -> int:
@@ -180,7 +181,7 @@ class H1Driver:
             await self._watch(ex)
         if ex.ws is not None:
             self.conn.protocol = "websocket"
-            self.conn.on_close_request(None)
+            self.conn.on_close_request(ex.ws.going_away)
             trailing, closed = self.h.trailing_data
             await ex.ws.run(trailing, closed)
             return False
@@ -228,6 +229,7 @@ class H1Exchange:
         self.finished = False  # the handler task is over
         self.broken = False  # the response was torn down mid-way
         self._answered = False
+        self._close_after = False  # answer with connection: close
         self._streaming = False  # open_stream called and not finished
         self._chunked = False
         self._body_ok = True
@@ -346,7 +348,7 @@ class H1Exchange:
         raw = encode_headers(headers)
         if length is not None:
             raw.append((b"content-length", b"%d" % length))
-        if self._body is None or self._d.closing:
+        if self._body is None or self._close_after or self._d.closing:
             raw.append((b"connection", b"close"))
         self._body_ok = self.request.method != "HEAD" and status not in _NO_BODY_STATUS and status >= 200
         return self._d.h.send(h11.Response(status_code=status, headers=raw, reason=reason_phrase(status)))
@@ -383,6 +385,8 @@ class H1Exchange:
         """Answer with ``{"error": code, "message": message}``."""
         if self._answered:
             return
+        if status in _CLOSING_STATUS:
+            self._close_after = True
         await self.respond(status, [*headers, JSON_TYPE], json_error(code, message))
 
     def abort_response(self) -> None:

@@ -51,11 +51,48 @@ class _ServerH2Connection(h2.connection.H2Connection):
         return 0
 
 
+class _FrameSizeGuard:
+    """Rejects an overlong frame as soon as its 9-byte header arrives.
+
+    h2 checks a frame's length only once the whole frame is buffered, so a peer announcing a
+    16 MiB frame could make it buffer 16 MiB first; this walks the frame headers as bytes arrive.
+    """
+
+    __slots__ = ("_head", "_max", "_skip")
+
+    def __init__(self, max_size: int) -> None:
+        self._max = max_size
+        self._skip = len(PREFACE)
+        self._head = b""
+
+    def feed(self, data: bytes) -> bool:
+        """Account for ``data``; False if a frame header announces more than the maximum."""
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            need = 9 - len(self._head)
+            self._head += data[pos : pos + need]
+            pos += need
+            if len(self._head) < 9:
+                break
+            length = int.from_bytes(self._head[:3], "big")
+            if length > self._max:
+                return False
+            self._skip = length
+            self._head = b""
+        return True
+
+
 class H2Driver:
     """Serves HTTP/2 streams on one connection until the connection ends.
 
-    :meth:`run` returns when the connection should be closed gracefully (after a GOAWAY, or once
-    a requested drain finished); a peer that vanishes makes it abort the connection instead.
+    :meth:`run` returns when the connection should be closed gracefully (after a GOAWAY either
+    way, or a protocol error); a peer that vanishes makes it abort the connection instead.
     """
 
     def __init__(
@@ -81,8 +118,10 @@ class H2Driver:
         self._blocked: dict[H2Stream, None] = {}  # streams with pending data, in arrival order
         self._dirty = False
         self._unflushed = 0  # DATA bytes handed to h2 since the last pull
-        self._goaway = False
+        self._draining = False  # no new streams; GOAWAY once the last one is done
+        self._peer_closed = False  # the peer sent GOAWAY
         self._recv_scope: trio.CancelScope | None = None
+        self._guard = _FrameSizeGuard(limits.h2_max_inbound_frame)
         header_list = limits.max_header_bytes + _HEADER_OVERHEAD * limits.max_headers
         self.h2 = h = _ServerH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         h.local_settings = h2.settings.Settings(
@@ -112,17 +151,23 @@ class H2Driver:
         try:
             while True:
                 if data:
+                    if not self._guard.feed(data):
+                        h.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)
+                        self._protocol_error("a frame larger than SETTINGS_MAX_FRAME_SIZE")
+                        return
                     try:
                         events = h.receive_data(data)
                     except h2.exceptions.ProtocolError as exc:
-                        self.stats.protocol_errors += 1
-                        log.info("HTTP/2 protocol error from %s: %s", conn.client, exc)
-                        self.flush_now()  # h2 queued GOAWAY with the error code
+                        self._protocol_error(str(exc))  # h2 queued GOAWAY with the error code
                         return
                     for event in events:
                         self._dispatch(event)
                 self.flush_now()
-                if self._goaway and not self.streams:
+                if self._peer_closed:
+                    return
+                if self._draining and not self.streams:
+                    h.close_connection(error_code=ErrorCodes.NO_ERROR)
+                    self.flush_now()
                     return
                 deadline = trio.current_time() + self.limits.idle_timeout if not self.streams else float("inf")
                 with trio.CancelScope(deadline=deadline) as scope:
@@ -132,23 +177,26 @@ class H2Driver:
                         conn.abort("client went away")
                         await trio.lowlevel.checkpoint()
                 self._recv_scope = None
-                if scope.cancelled_caught and not self._goaway:
-                    h.close_connection(error_code=ErrorCodes.NO_ERROR)  # idle
-                    self._goaway = True
+                if scope.cancelled_caught:
+                    self._draining = True  # idle for idle_timeout, or a drain with no stream left
         finally:
             for stream in list(self.streams.values()):
                 stream.on_dead()
 
+    def _protocol_error(self, message: str) -> None:
+        self.stats.protocol_errors += 1
+        log.info("HTTP/2 protocol error from %s: %s", self.conn.client, message)
+        self.flush_now()
+
     def _close_requested(self) -> None:
-        """Drain: GOAWAY now, finish the streams in flight, refuse new ones, then close."""
-        if not self._goaway:
-            self._goaway = True
-            self.h2.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
-            self.mark_dirty()
+        """Drain: refuse new streams (REFUSED_STREAM, which clients retry elsewhere), let the
+        streams in flight finish, then GOAWAY and close. (h2 can send nothing after a GOAWAY, so
+        the GOAWAY comes last.)"""
+        self._draining = True
         self._poke_reader()
 
     def _poke_reader(self) -> None:
-        if self._goaway and not self.streams and self._recv_scope is not None:
+        if self._draining and not self.streams and self._recv_scope is not None:
             self._recv_scope.cancel()
 
     def _dispatch(self, event: h2.events.Event) -> None:
@@ -179,14 +227,13 @@ class H2Driver:
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._resume_all()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway = True
+            self._peer_closed = True  # h2 sends nothing after a GOAWAY: every stream is over
             for stream in list(self.streams.values()):
-                if event.last_stream_id is None or stream.sid > event.last_stream_id:
-                    stream.on_dead()
+                stream.on_dead()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        if self._goaway or len(self.streams) >= self.limits.h2_max_concurrent_streams:
+        if self._draining or len(self.streams) >= self.limits.h2_max_concurrent_streams:
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         pseudo: dict[bytes, bytes] = {}
@@ -253,13 +300,14 @@ class H2Driver:
     ) -> None:
         """Send the response head for ``stream``."""
         raw = [(b":status", b"%d" % status)]
-        raw.extend(pair for pair in encode_headers(headers) if pair[0].decode("latin-1") not in HOP_BY_HOP)
+        raw.extend(pair for pair in encode_headers(headers) if pair[0] not in HOP_BY_HOP)
         if length is not None:
             raw.append((b"content-length", b"%d" % length))
         try:
             self.h2.send_headers(stream.sid, raw, end_stream=end_stream)
-        except h2.exceptions.ProtocolError:
-            stream.on_dead()
+        except h2.exceptions.ProtocolError as exc:
+            log.info("cannot send the response head on stream %d: %s", stream.sid, exc)
+            self.reset(stream, internal=True)
             return
         self.mark_dirty()
 

@@ -67,9 +67,7 @@ async def open_tcp_listeners_reuseport(
             if addr in seen:
                 continue
             seen.add(addr)
-            sockets.append(
-                _make_listener(fam, type_, proto, addr, reuse_port=reuse_port, backlog=backlog, v6only=True)
-            )
+            sockets.append(_make_listener(fam, type_, proto, addr, reuse_port=reuse_port, backlog=backlog, v6only=True))
     except BaseException:
         for sock in sockets:
             sock.close()

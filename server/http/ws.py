@@ -30,6 +30,7 @@ CLOSE_WAIT = 5.0  # seconds to wait for the peer's close frame (or EOF) after ou
 INBOX_MESSAGES = 16  # inbound messages held for the handler before reading pauses
 MESSAGE_TOO_BIG = 1009
 ABNORMAL = 1006
+SERVICE_RESTART = 1012
 PING_PAYLOAD = b"sluice"
 
 
@@ -89,9 +90,7 @@ class WsSession:
         """Queue one text (``str``) or binary (``bytes``) message."""
         if not self._open:
             return False
-        event: TextMessage | BytesMessage = (
-            TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
-        )
+        event: TextMessage | BytesMessage = TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
         return self._outbox.write(self._ws.send(event))
 
     def send_frame(self, frame: Frame) -> bool:
@@ -119,6 +118,11 @@ class WsSession:
         await self._finished.wait()
 
     # -- engine side ---------------------------------------------------------------------------
+
+    def going_away(self) -> None:
+        """Start closing with 1012 (service restart: reconnect and resume); the reader finishes it."""
+        if self._open:
+            self._send_close(SERVICE_RESTART, "server restarting")
 
     def _send_close(self, code: int, reason: str) -> None:
         if self._ws.state is ConnectionState.OPEN:

@@ -1,0 +1,1 @@
+"""Load and cost measurements for Sluice, run against a real server process."""
