@@ -596,7 +596,7 @@ def main() -> None:
     fan.add_argument("--proto", choices=("h1", "h2"), default="h1")
     fan.add_argument("--events", type=int, default=200)
     fan.add_argument("--rate", type=float, default=20.0, help="events per second")
-    sub.add_parser("all", help="idle 5000; fanout 2000 subscribers over h1 and h2, 200 events at 20/s")
+    sub.add_parser("all", help="idle 5000; fanout 2000 subscribers over h1 and h2, 200 events at 10/s")
     args = parser.parse_args()
     raise_nofile()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-ups in finally/__exit__
@@ -607,7 +607,7 @@ def main() -> None:
     else:
         results = [run_idle(argparse.Namespace(**vars(args), conns=5000))]
         for proto in ("h1", "h2"):
-            ns = argparse.Namespace(**vars(args), subs=2000, proto=proto, events=200, rate=20.0)
+            ns = argparse.Namespace(**vars(args), subs=2000, proto=proto, events=200, rate=10.0)
             results.append(run_fanout(ns))
     print(table(results))
     print()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from server.core.encoding import EncodedEvent
 from server.core.events import NewEvent
-from server.core.hub import Hub, Subscription
+from server.core.hub import Hub
 from server.core.replay import Reset, parse_start
 from server.store.base import Page, Retention
 from server.store.memory import MemoryStore
@@ -84,8 +84,9 @@ async def test_no_loss_no_duplicate(script: list[tuple[str, int]], page: int) ->
         last = rec.got[-1] if rec.got else None
         start = parse_start(None, last, None if last else "start")
         with scope:
-            task_status.started()
-            await Subscription(hub, "s", start, rec).run()
+            async with hub.open_subscription("s", start) as sub:
+                task_status.started()
+                await sub.run(rec)
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:

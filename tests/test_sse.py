@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from server.core.sse import SSEEvent
 from tests.client import data_of, open_sse, publish, request, start_sluice, wait_live
 
 
@@ -106,3 +107,44 @@ async def test_heartbeat_on_idle_stream(nursery: trio.Nursery, tmp_path: Path, a
             assert 14.9 <= trio.current_time() - start < 31.0
             eid = await publish(s.port, "hb", "after the heartbeat")
             assert (await sse.next()).id == eid
+
+
+async def test_from_now_counts_from_the_response_head(
+    nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """An event published once the client has its 200 is delivered, however slow the store is."""
+    s = await start_sluice(nursery, tmp_path, "memory")
+    store = s.ctx.hub.store
+    real_info = store.info
+    gate = trio.Event()
+
+    async def slow_info(stream: str):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await real_info(stream)
+
+    store.info = slow_info  # type: ignore[method-assign]
+    await publish(s.port, "head", "before")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            head = trio.Event()
+            got: list[SSEEvent] = []
+
+            async def client() -> None:
+                async with open_sse(s.port, "/v1/streams/head?from=now") as sse:
+                    assert sse.status == 200
+                    head.set()
+                    got.append(await sse.next())
+
+            n.start_soon(client)
+            while s.ctx.hub.watcher_count("head") == 0:
+                await trio.sleep(0.01)
+            with trio.move_on_after(1.0):
+                await head.wait()  # must not come before the subscription knows where "now" is
+            if head.is_set():
+                eid = await publish(s.port, "head", "after the head")
+                gate.set()
+            else:
+                gate.set()
+                await head.wait()
+                eid = await publish(s.port, "head", "after the head")
+        assert [(e.id, e.data) for e in got] == [(eid, "after the head")]

@@ -17,8 +17,8 @@ Every id is therefore delivered once, in order, or preceded by an explicit reset
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Protocol
 
 import trio
@@ -65,13 +65,19 @@ class Watcher(Protocol):
 
 
 class Subscription:
-    """One reader of one stream: replay from ``start``, then live, until the end or cancellation."""
+    """One reader of one stream: replay from ``start``, then live, until the end or cancellation.
+
+    Use it through :meth:`Hub.open_subscription`: registering and planning (which fixes what
+    ``from=now`` means) happen there, before the caller tells its client it is subscribed; then
+    :meth:`run` produces the output.
+    """
 
     __slots__ = (
         "_closed_seen",
         "_heartbeat",
         "_hub",
         "_live_mark",
+        "_pending_reset",
         "_sent",
         "_wake",
         "done",
@@ -84,11 +90,11 @@ class Subscription:
         "stream",
     )
 
-    def __init__(self, hub: Hub, stream: str, start: Start, sink: Sink, *, heartbeat: float | None = None) -> None:
+    def __init__(self, hub: Hub, stream: str, start: Start, *, heartbeat: float | None = None) -> None:
         self._hub = hub
         self.stream = stream
         self.start = start
-        self.sink = sink
+        self.sink: Sink = _NO_SINK
         self._heartbeat = heartbeat
         self.epoch: str | None = None
         self.last_seq = 0  # the last seq delivered (or the position it resumes after)
@@ -99,6 +105,7 @@ class Subscription:
         self._live_mark: tuple[str, int] | None = None  # newest live event seen while catching up
         self._closed_seen = False
         self._sent = 0  # outputs since the last heartbeat check
+        self._pending_reset: Reset | None = None
 
     @property
     def position(self) -> str | None:
@@ -187,7 +194,7 @@ class Subscription:
         self.epoch = plan.epoch
         self.last_seq = plan.after_seq
         if plan.reset is not None:
-            self._reset(plan.reset)
+            self._pending_reset = plan.reset
             if info is not None and info.length == 0:
                 # Nothing retained: the next event to come is the earliest; resume exactly there.
                 self.last_seq = info.last_seq
@@ -244,12 +251,16 @@ class Subscription:
             self.live = True
             return
 
-    async def run(self) -> None:
-        """Serve the subscription until the stream ends or the connection dies; cancel to stop."""
-        hub = self._hub
-        hub.add(self.stream, self)
+    async def run(self, sink: Sink) -> None:
+        """Send output to ``sink`` until the stream ends or the connection dies; cancel to stop.
+
+        Call once, inside :meth:`Hub.open_subscription`.
+        """
+        self.sink = sink
+        if self._pending_reset is not None:
+            reset, self._pending_reset = self._pending_reset, None
+            self._reset(reset)
         try:
-            await self._plan()
             while not self.done:
                 if not self.live:
                     await self._catch_up()
@@ -266,7 +277,28 @@ class Subscription:
                     self._sent = 0
         finally:
             self._wake = None
-            hub.remove(self.stream, self)
+
+
+class _NoSink:
+    """The sink of a subscription that is not running yet: accepts nothing."""
+
+    def deliver(self, enc: EncodedEvent) -> bool:
+        return False
+
+    def reset(self, reset: Reset) -> bool:
+        return False
+
+    def end(self) -> None:
+        pass
+
+    def idle(self) -> bool:
+        return False
+
+    async def drain(self) -> None:
+        pass
+
+
+_NO_SINK = _NoSink()
 
 
 class _Nudge:
@@ -332,10 +364,28 @@ class Hub:
         elif isinstance(notice, Deleted):
             pass  # the next event has a new epoch; subscriptions reset when it arrives
 
+    @asynccontextmanager
+    async def open_subscription(
+        self, stream: str, start: Start, *, heartbeat: float | None = None
+    ) -> AsyncIterator[Subscription]:
+        """Register a subscription and plan its start; yield it, ready for :meth:`Subscription.run`.
+
+        Every event committed after this returns is delivered by ``run`` (or is explained by a
+        reset), so a caller that tells its client "subscribed" only now never loses an event
+        published after the client heard it. Unregisters on exit.
+        """
+        sub = Subscription(self, stream, start, heartbeat=heartbeat)
+        self.add(stream, sub)
+        try:
+            await sub._plan()
+            yield sub
+        finally:
+            self.remove(stream, sub)
+
     async def subscribe(self, stream: str, start: Start, sink: Sink, *, heartbeat: float | None = None) -> Subscription:
-        """Run a subscription to completion (end of stream or dead connection) and return it."""
-        sub = Subscription(self, stream, start, sink, heartbeat=heartbeat)
-        await sub.run()
+        """Open a subscription and run it to completion (end of stream or dead connection)."""
+        async with self.open_subscription(stream, start, heartbeat=heartbeat) as sub:
+            await sub.run(sink)
         return sub
 
     @contextmanager

@@ -12,7 +12,6 @@ import math
 import trio
 
 from server.core.encoding import EncodedEvent
-from server.core.hub import Subscription
 from server.core.replay import Reset
 from server.http.base import Exchange, HTTPError
 from server.transports.context import Context, send_json
@@ -82,9 +81,8 @@ async def handle_poll(ex: Exchange, ctx: Context, stream: str) -> None:
     start = start_of(ex)
     timeout = _timeout(ex, ctx)
     sink = CollectSink(ctx.settings.poll_max_events)
-    sub = Subscription(ctx.hub, stream, start, sink)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sub.run)
+    async with ctx.hub.open_subscription(stream, start) as sub, trio.open_nursery() as nursery:
+        nursery.start_soon(sub.run, sink)
         with trio.move_on_after(timeout):
             await sink.ready.wait()
         nursery.cancel_scope.cancel()

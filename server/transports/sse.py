@@ -70,8 +70,12 @@ async def handle_sse(ex: Exchange, ctx: Context, stream: str) -> None:
     if not wants_sse(ex.request.headers.get("accept")):
         raise HTTPError(406, "not_acceptable", "this endpoint serves text/event-stream")
     start = start_of(ex)
-    resp = await ex.open_stream(200, SSE_HEADERS)
-    resp.send(encode_retry(ctx.settings.retry_value()))
-    sub = await ctx.hub.subscribe(stream, start, SSESink(resp), heartbeat=heartbeat_or_none(ctx.settings.heartbeat))
+    heartbeat = heartbeat_or_none(ctx.settings.heartbeat)
+    # Subscribe (and fix what "now" means) before the client hears 200: nothing published after
+    # it has the response head can be missed.
+    async with ctx.hub.open_subscription(stream, start, heartbeat=heartbeat) as sub:
+        resp = await ex.open_stream(200, SSE_HEADERS)
+        resp.send(encode_retry(ctx.settings.retry_value()))
+        await sub.run(SSESink(resp))
     if sub.ended:
         await resp.finish()

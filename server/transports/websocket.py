@@ -16,7 +16,6 @@ import trio
 
 from server.core.encoding import EncodedEvent, ws_end, ws_message, ws_reset
 from server.core.events import InvalidInput, check_stream
-from server.core.hub import Subscription
 from server.core.replay import Reset, Start, parse_start
 from server.http.base import Exchange, HTTPError, WebSocket, WebSocketClosed
 from server.store.base import StreamClosed
@@ -127,8 +126,7 @@ class _Session:
 
     async def run_subscription(self, stream: str, start: Start, scope: trio.CancelScope) -> None:
         with scope:
-            sub = Subscription(self.ctx.hub, stream, start, WSSink(self.ws, stream, self.fmt))
-            await sub.run()
+            await self.ctx.hub.subscribe(stream, start, WSSink(self.ws, stream, self.fmt))
         if self.subs.get(stream) is scope:
             del self.subs[stream]
 
