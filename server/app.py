@@ -23,6 +23,7 @@ import trio
 
 from server.config import Config
 from server.core.hub import Hub
+from server.http.listener import bind_tcp_listener
 from server.http.server import serve_http
 from server.http.tls import make_server_ssl_context
 from server.observability.metrics import render_metrics
@@ -71,26 +72,6 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
         yield sqlite_store
 
 
-def bind_listener(host: str, port: int, *, reuse_port: bool = False, backlog: int = 4096) -> socket.socket:
-    """A listening TCP socket (non-blocking, SO_REUSEADDR, optionally SO_REUSEPORT)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(addr)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def tune_gc() -> None:
     """Keep the cyclic GC off the hot path: fewer young collections, start-up objects frozen."""
     gc.collect()
@@ -126,7 +107,7 @@ async def serve(
 ) -> None:
     """Serve one worker forever; ``task_status.started((context, listeners))`` once accepting."""
     if listeners is None:
-        listeners = [bind_listener(config.server.host, config.server.port)]
+        listeners = [bind_tcp_listener(config.server.host, config.server.port)]
     ssl_context = None
     if config.server.tls_cert and config.server.tls_key:
         ssl_context = make_server_ssl_context(config.server.tls_cert, config.server.tls_key)

@@ -83,6 +83,8 @@ class App:
             raise RuntimeError("boom")
         elif path == "/silent":
             return
+        elif path == "/empty":
+            await ex.respond(204, [("x-done", "1")])
         else:
             raise HTTPError(404, "not_found", "no such path")
 

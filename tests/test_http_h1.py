@@ -209,6 +209,10 @@ async def test_handler_errors_become_json() -> None:
             await sock.send(b"GET /silent HTTP/1.1\r\nHost: t\r\n\r\n")
             status, _, body = await read_response(sock, buf)
             assert status == 500
+            await sock.send(b"GET /empty HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, headers, body = await read_response(sock, buf)
+            assert (status, body, headers["x-done"]) == (204, b"", "1")
+            assert "content-length" not in headers
             await sock.send(b"HEAD /big?size=10 HTTP/1.1\r\nHost: t\r\n\r\n")
             data = b""
             while b"\r\n\r\n" not in data:

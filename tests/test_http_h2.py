@@ -79,8 +79,11 @@ async def test_request_body_and_413_on_a_stream() -> None:
             client = await h2_client(port)
             ok = client.request("/echo", method="POST", body=b"b" * 100000)
             big = client.request("/echo?limit=10", method="POST", body=b"b" * 1000)
+            empty = client.request("/empty")
             await client.flush()
-            await client.pump_until(lambda: client.finished(ok) and client.finished(big))
+            await client.pump_until(lambda: all(client.finished(s) for s in (ok, big, empty)))
+            assert client.responses[empty].headers[b":status"] == b"204"
+            assert client.responses[empty].ended and not client.responses[empty].data
             assert json.loads(client.responses[ok].data)["body"] == "b" * 100000
             assert client.responses[big].headers[b":status"] == b"413"
             assert json.loads(client.responses[big].data)["error"] == "too_large"

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trustme
 
+from server.http.base import HttpLimits
 from server.http.tls import make_server_ssl_context
 from tests.http_helpers import connect, read_response, read_until_eof, running_server
 
@@ -98,3 +99,17 @@ async def test_tls_without_a_context_is_closed() -> None:
             await sock.send(b"\x16\x03\x01\x00\x05hello")
             assert await read_until_eof(sock) == b""
             assert server.stats.protocol_errors == 1
+
+
+async def test_tls_slow_consumer_is_disconnected(ca: trustme.CA, server_context: ssl.SSLContext) -> None:
+    limits = HttpLimits(send_buffer=256 * 1024, send_low_water=16 * 1024)
+    with trio.fail_after(20):
+        async with running_server(limits=limits, ssl_context=server_context) as (server, port, app):
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", port, ssl_context=_client_context(ca, ["http/1.1"]), https_compatible=True
+            )
+            await stream.send_all(b"GET /flood?size=65536 HTTP/1.1\r\nHost: t\r\n\r\n")
+            await app.state.flood_done.wait()  # never reading: the server gives up on us
+            assert server.stats.slow_consumers == 1
+            assert app.state.max_buffered <= limits.send_buffer
+            await trio.aclose_forcefully(stream)

@@ -95,6 +95,26 @@ class H2Driver:
     way, or a protocol error); a peer that vanishes makes it abort the connection instead.
     """
 
+    __slots__ = (
+        "_blocked",
+        "_dirty",
+        "_draining",
+        "_guard",
+        "_initial",
+        "_peer_closed",
+        "_recv_scope",
+        "_unflushed",
+        "conn",
+        "h2",
+        "handler",
+        "limits",
+        "nursery",
+        "outbox",
+        "scheme",
+        "stats",
+        "streams",
+    )
+
     def __init__(
         self,
         conn: Connection,
@@ -301,7 +321,7 @@ class H2Driver:
         """Send the response head for ``stream``."""
         raw = [(b":status", b"%d" % status)]
         raw.extend(pair for pair in encode_headers(headers) if pair[0] not in HOP_BY_HOP)
-        if length is not None:
+        if length is not None and status != 204:  # RFC 9110 8.6: never on a 204
             raw.append((b"content-length", b"%d" % length))
         try:
             self.h2.send_headers(stream.sid, raw, end_stream=end_stream)

@@ -191,7 +191,8 @@ class H2Stream:
 
     async def open_stream(self, status: int, headers: list[tuple[str, str]]) -> H2Stream:
         """Send the response head and return this stream as the body."""
-        self._streaming = self._head(status, headers, None)
+        self._head(status, headers, None)
+        self._streaming = not self.dead  # a bodiless response (HEAD, 204, 304) discards what is sent
         await trio.lowlevel.checkpoint()
         return self
 
@@ -236,12 +237,16 @@ class H2Stream:
         """Queue ``data`` as DATA for this stream; ``False`` once finished, reset or dead."""
         if not self._streaming:
             return False
+        if self.ended:
+            return True
         return self._d.send_data(self, data)
 
     def send_frame(self, frame: Frame) -> bool:
         """Queue the shared payload ``frame.raw`` for this stream (flushed once per wake-up)."""
         if not self._streaming:
             return False
+        if self.ended:
+            return True
         return self._d.send_data(self, frame.raw)
 
     @property

@@ -277,7 +277,8 @@ class Outbox:
 
     async def _send_tls(self, stream: trio.abc.SendStream) -> None:
         buf = self._buf
-        chunk = bytes(buf[:TLS_CHUNK])
+        with memoryview(buf) as view:
+            chunk = bytes(view[:TLS_CHUNK])
         del buf[: len(chunk)]
         self._inflight = len(chunk)
         try:

@@ -54,6 +54,25 @@ class WsSession:
     session is over (after any messages already received).
     """
 
+    __slots__ = (
+        "_closed",
+        "_conn",
+        "_discard",
+        "_finished",
+        "_inbox",
+        "_limits",
+        "_open",
+        "_outbox",
+        "_parts",
+        "_reader_scope",
+        "_receiver",
+        "_room",
+        "_size",
+        "_stats",
+        "_subprotocol",
+        "_ws",
+    )
+
     def __init__(self, conn: Connection, limits: HttpLimits, stats: HttpStats, subprotocol: str | None) -> None:
         self._conn = conn
         self._outbox = conn.outbox

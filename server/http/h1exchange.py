@@ -1,0 +1,334 @@
+"""One HTTP/1.1 request as handlers see it: the Exchange, its request body and its response.
+
+The body is read by the handler's own task through the connection's h11 state (the reader task
+waits meanwhile). Streaming responses bypass h11 for body bytes: a shared frame's ``chunked``
+form goes straight into the outbox (h11 does not count chunk bytes, so its ``EndOfMessage`` still
+ends the body correctly).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+
+from server.core.frame import Frame
+from server.http.base import BodyTooLarge, HTTPError, Request, WebSocket
+from server.http.common import JSON_TYPE, encode_headers, header_dict, json_error, reason_phrase, split_target
+from server.http.ws import WsSession, accept_headers
+
+if TYPE_CHECKING:
+    from server.http.h1 import H1Driver
+
+BODY_SLICE = 64 * 1024  # large full responses are written in slices of this size, with backpressure
+_NO_BODY_STATUS = frozenset({204, 304})
+_CLOSING_STATUS = frozenset({408, 413})  # errors about the request body: the connection ends after them
+
+
+class H1Exchange:
+    """One HTTP/1.1 request: the :class:`~server.http.base.Exchange` and its response stream."""
+
+    __slots__ = (
+        "_answered",
+        "_body",
+        "_body_error",
+        "_body_ok",
+        "_body_parts",
+        "_body_reading",
+        "_body_size",
+        "_chunked",
+        "_close_after",
+        "_d",
+        "_finished_event",
+        "_http11",
+        "_outbox",
+        "_settled_event",
+        "_streaming",
+        "body_settled",
+        "broken",
+        "finished",
+        "request",
+        "scope",
+        "watch_scope",
+        "ws",
+    )
+
+    def __init__(self, driver: H1Driver, event: h11.Request) -> None:
+        self._d = driver
+        self._outbox = driver.conn.outbox
+        target, query = split_target(event.target.decode("latin-1"))
+        headers = header_dict(event.headers)
+        self._http11 = event.http_version == b"1.1"
+        self.request = Request(
+            method=event.method.decode("latin-1"),
+            path=target,
+            query=query,
+            headers=headers,
+            client=driver.conn.client,
+            scheme=driver.scheme,
+            http_version=event.http_version.decode("latin-1"),
+            body_reader=self._read_body,
+        )
+        self.scope = trio.CancelScope()
+        self.watch_scope = trio.CancelScope()
+        self.ws: WsSession | None = None
+        self.finished = False  # the handler task is over
+        self.broken = False  # the response was torn down mid-way
+        self._answered = False
+        self._close_after = False  # answer with connection: close
+        self._streaming = False  # open_stream called and not finished
+        self._chunked = False
+        self._body_ok = True
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self._body: bytes | None = None
+        self._body_error: str | None = None
+        self._body_reading = False
+        self.body_settled = self._collect_buffered_body()
+        self._settled_event: trio.Event | None = None
+        self._finished_event: trio.Event | None = None
+
+    # -- request body --------------------------------------------------------------------------
+
+    def _collect_buffered_body(self) -> bool:
+        """Take body events already buffered in h11; True once the whole body is in."""
+        h = self._d.h
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._body_error = str(exc) or "malformed request body"
+                return False
+            if isinstance(event, h11.Data):
+                self._body_parts.append(event.data)
+                self._body_size += len(event.data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                self._body = b"".join(self._body_parts)
+                self._body_parts = []
+                return True
+            return False
+
+    async def _read_body(self, limit: int) -> bytes:
+        if self._body is not None:
+            if len(self._body) > limit:
+                raise BodyTooLarge(limit)
+            return self._body
+        if self._answered or self._body_reading:
+            raise RuntimeError("read the request body once, before answering")
+        self._body_reading = True
+        try:
+            return await self._receive_body(limit)
+        finally:
+            self._body_reading = False
+            self._settle()
+
+    async def _receive_body(self, limit: int) -> bytes:
+        d = self._d
+        h = d.h
+        if self._body_error is not None:
+            d.stats.protocol_errors += 1
+            raise HTTPError(400, "bad_request", self._body_error)
+        length = self.request.headers.get("content-length", "")
+        if (length.isdigit() and int(length) > limit) or self._body_size > limit:
+            raise BodyTooLarge(limit)
+        if h.client_is_waiting_for_100_continue:
+            self._outbox.write(h.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
+        parts = self._body_parts
+        with trio.move_on_after(d.limits.body_timeout) as timer:
+            while True:
+                try:
+                    event = h.next_event()
+                except h11.RemoteProtocolError as exc:
+                    d.stats.protocol_errors += 1
+                    raise HTTPError(400, "bad_request", str(exc) or "malformed request body") from None
+                if event is h11.NEED_DATA:
+                    data = await d.conn.receive()
+                    if not data:
+                        d.conn.abort("client went away")
+                        await trio.lowlevel.checkpoint()
+                        raise trio.BrokenResourceError("client went away")
+                    h.receive_data(data)
+                elif isinstance(event, h11.Data):
+                    self._body_size += len(event.data)
+                    if self._body_size > limit:
+                        raise BodyTooLarge(limit)
+                    parts.append(event.data)
+                else:
+                    break
+        if timer.cancelled_caught:
+            raise HTTPError(408, "timeout", "request body not received in time")
+        self._body = body = b"".join(parts)
+        self._body_parts = []
+        return body
+
+    def _settle(self) -> None:
+        self.body_settled = True
+        if self._settled_event is not None:
+            self._settled_event.set()
+
+    async def wait_settled(self) -> None:
+        """Wait until the body is read, abandoned (the response started) or the handler is done."""
+        if not self.body_settled:
+            self._settled_event = trio.Event()
+            await self._settled_event.wait()
+
+    async def wait_finished(self) -> None:
+        """Wait until the handler task is over."""
+        if not self.finished:
+            self._finished_event = trio.Event()
+            await self._finished_event.wait()
+
+    # -- answering -----------------------------------------------------------------------------
+
+    @property
+    def answered(self) -> bool:
+        """True once a response head (or a 101) has been sent."""
+        return self._answered
+
+    def _head(self, status: int, headers: list[tuple[str, str]], length: int | None) -> bytes:
+        if self._answered:
+            raise RuntimeError("this request has already been answered")
+        self._answered = True
+        self._settle()
+        raw = encode_headers(headers)
+        if length is not None and status != 204:  # RFC 9110 8.6: never on a 204
+            raw.append((b"content-length", b"%d" % length))
+        if self._body is None or self._close_after or self._d.closing:
+            raw.append((b"connection", b"close"))
+        self._body_ok = self.request.method != "HEAD" and status not in _NO_BODY_STATUS and status >= 200
+        return self._d.h.send(h11.Response(status_code=status, headers=raw, reason=reason_phrase(status)))
+
+    async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"") -> None:
+        """Send a complete response with ``content-length``; large bodies go out with backpressure."""
+        h = self._d.h
+        data = self._head(status, headers, len(body))
+        outbox = self._outbox
+        if not self._body_ok or not body:
+            outbox.write(data + h.send(h11.EndOfMessage()))
+            return
+        if len(body) <= BODY_SLICE:
+            outbox.write(data + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage()))
+            return
+        outbox.write(data)
+        for start in range(0, len(body), BODY_SLICE):
+            if outbox.buffered > self._d.limits.send_low_water:
+                await outbox.drain()
+            if not outbox.write(h.send(h11.Data(data=body[start : start + BODY_SLICE]))):
+                raise trio.BrokenResourceError("client went away")
+        outbox.write(h.send(h11.EndOfMessage()))
+
+    async def open_stream(self, status: int, headers: list[tuple[str, str]]) -> H1Exchange:
+        """Send the head of a streaming response (chunked for HTTP/1.1 clients) and return it."""
+        data = self._head(status, headers, None)
+        self._streaming = True
+        self._chunked = self._http11 and self._body_ok
+        self._outbox.write(data)
+        await trio.lowlevel.checkpoint()
+        return self
+
+    async def send_error(self, status: int, code: str, message: str, headers: list[tuple[str, str]]) -> None:
+        """Answer with ``{"error": code, "message": message}``."""
+        if self._answered:
+            return
+        if status in _CLOSING_STATUS:
+            self._close_after = True
+        await self.respond(status, [*headers, JSON_TYPE], json_error(code, message))
+
+    def abort_response(self) -> None:
+        """Tear the connection down: a response (or WebSocket) that started cannot be repaired."""
+        self.broken = True
+        self._streaming = False
+        self._d.conn.abort("handler failed mid-response")
+
+    async def complete(self) -> None:
+        """End what the handler left open: the chunked body, or the WebSocket (close 1000)."""
+        if self.ws is not None:
+            await self.ws.close(1000)
+        elif self._streaming:
+            await self.finish()
+
+    def handler_done(self) -> None:
+        """The handler task is over: release the reader."""
+        self.finished = True
+        self.watch_scope.cancel()
+        self._settle()
+        if self._finished_event is not None:
+            self._finished_event.set()
+
+    # -- ResponseStream ------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> bool:
+        """Queue ``data`` as one chunk; ``False`` once the response is finished or dead."""
+        if not self._streaming:
+            return False
+        if not data or not self._body_ok:
+            return self._outbox.alive
+        if self._chunked:
+            return self._outbox.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return self._outbox.write(data)
+
+    def send_frame(self, frame: Frame) -> bool:
+        """Queue a shared frame: ``frame.chunked`` straight into the outbox (h11 is bypassed)."""
+        if not self._streaming:
+            return False
+        if self._chunked and frame.raw:
+            return self._outbox.write(frame.chunked)
+        return self.send(frame.raw)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes queued on this connection and not yet handed to the kernel."""
+        return self._outbox.buffered
+
+    async def drain(self) -> None:
+        """Wait until the connection's queue is at or below the low-water mark."""
+        await self._outbox.drain()
+
+    async def finish(self) -> None:
+        """Send the last chunk and wait until everything is handed to the kernel."""
+        if not self._streaming:
+            return
+        self._streaming = False
+        self._outbox.write(self._d.h.send(h11.EndOfMessage()))
+        await self._outbox.flush()
+
+    # -- WebSocket -----------------------------------------------------------------------------
+
+    @property
+    def websocket_requested(self) -> bool:
+        """True for a GET that asks for a WebSocket (version 13) upgrade."""
+        hd = self.request.headers
+        return (
+            self._http11
+            and self.request.method == "GET"
+            and "websocket" in hd.get("upgrade", "").lower()
+            and "upgrade" in hd.get("connection", "").lower()
+            and len(hd.get("sec-websocket-key", "").strip()) == 24  # base64 of 16 bytes
+            and hd.get("sec-websocket-version", "").strip() == "13"
+        )
+
+    def offered_subprotocols(self) -> list[str]:
+        """The subprotocols offered in ``Sec-WebSocket-Protocol``, in the client's order."""
+        raw = self.request.headers.get("sec-websocket-protocol", "")
+        return [p.strip() for p in raw.split(",") if p.strip()]
+
+    async def accept_websocket(self, subprotocol: str | None) -> WebSocket:
+        """Send the 101 (no extensions: permessage-deflate is never negotiated) and return the socket."""
+        if not self.websocket_requested or self._body is None:
+            raise RuntimeError("this request is not a WebSocket upgrade")
+        if subprotocol is not None and subprotocol not in self.offered_subprotocols():
+            raise ValueError(f"subprotocol {subprotocol!r} was not offered")
+        if self._answered:
+            raise RuntimeError("this request has already been answered")
+        self._answered = True
+        d = self._d
+        headers = accept_headers(self.request.headers["sec-websocket-key"], subprotocol)
+        switch = h11.InformationalResponse(status_code=101, headers=headers, reason=b"Switching Protocols")
+        self._outbox.write(d.h.send(switch))
+        self.ws = WsSession(d.conn, d.limits, d.stats, subprotocol)
+        self.watch_scope.cancel()
+        self._settle()
+        await trio.lowlevel.checkpoint()
+        return self.ws
