@@ -63,3 +63,13 @@ async def test_poll_reset_binary_and_end(sluice: Running) -> None:
         assert r["end"] is True
         bad = await request(sluice.port, "GET", "/v1/streams/lp/poll?timeout=-1")
         assert bad.status == 400
+
+
+async def test_poll_resets_for_evicted_and_foreign_ids(nursery: trio.Nursery, tmp_path: Path, backend: str) -> None:
+    s = await start_sluice(nursery, tmp_path, backend, store={"max_events": 2})
+    with trio.fail_after(10):
+        ids = [await publish(s.port, "lp", f"e{i}") for i in range(4)]
+        for requested, reason in ((ids[0], "gone"), ("abcdef0123-0000000000000001", "epoch")):
+            r = await poll(s.port, f"last_event_id={requested}")
+            assert r["reset"] == {"reason": reason, "earliest": ids[2], "requested": requested}
+            assert [e["id"] for e in r["events"]] == ids[2:] and r["next"] == ids[3]

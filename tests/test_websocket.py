@@ -108,3 +108,18 @@ async def test_close_delivers_end_and_wrong_frame_kind_closes_1003(sluice: Runni
             with pytest.raises(ConnectionClosed) as info:
                 await raw.get_message()
             assert info.value.reason.code == 1003
+
+
+async def test_resets_for_evicted_and_foreign_ids(nursery: trio.Nursery, tmp_path: Path, backend: str) -> None:
+    s = await start_sluice(nursery, tmp_path, backend, store={"max_events": 2})
+    with trio.fail_after(15):
+        ids = [await publish(s.port, "ev", f"e{i}") for i in range(4)]  # e2, e3 retained
+        async with open_websocket_url(url(s.port), subprotocols=["sluice.msgpack.v1"]) as raw:
+            c = Client(raw, "msgpack")
+            for requested, reason in ((ids[0], "gone"), ("abcdef0123-0000000000000001", "epoch")):
+                await c.send({"op": "subscribe", "stream": "ev", "last_event_id": requested})
+                reset = await c.recv()
+                assert reset == {"op": "reset", "stream": "ev", "reason": reason, "earliest": ids[2],
+                                 "requested": requested}
+                assert [(await c.recv())["id"] for _ in range(2)] == ids[2:]
+                await c.send({"op": "unsubscribe", "stream": "ev"})
