@@ -15,6 +15,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import trio
 from server.config import Config
 from server.core.hub import Hub
 from server.http.listener import bind_tcp_listener
-from server.http.server import serve_http
+from server.http.server import HttpServer, serve_http
 from server.http.tls import make_server_ssl_context
 from server.observability.metrics import render_metrics
 from server.store.base import Store
@@ -99,13 +100,22 @@ async def _freeze() -> None:
     gc.freeze()
 
 
+@dataclass(frozen=True, slots=True)
+class Worker:
+    """A running worker, as handed to ``serve``'s caller: its context, HTTP server and sockets."""
+
+    ctx: Context
+    http: HttpServer
+    listeners: list[socket.socket]
+
+
 async def serve(
     config: Config,
     *,
     listeners: list[socket.socket] | None = None,
-    task_status: trio.TaskStatus[tuple[Context, list[socket.socket]]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve one worker forever; ``task_status.started((context, listeners))`` once accepting."""
+    """Serve one worker forever; ``task_status.started(Worker(...))`` once accepting."""
     if listeners is None:
         listeners = [bind_tcp_listener(config.server.host, config.server.port)]
     ssl_context = None
@@ -116,7 +126,7 @@ async def serve(
         store.set_listener(hub.on_notice)
         ctx = Context(store=store, hub=hub, settings=settings_from(config))
         handler = make_handler(ctx, metrics=lambda: render_metrics(hub.stats))
-        await nursery.start(
+        http: HttpServer = await nursery.start(
             partial(serve_http, listeners, handler, limits=config.http_limits(), ssl_context=ssl_context)
         )
         nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
@@ -124,7 +134,7 @@ async def serve(
         tune_gc()
         addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
         log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)
-        task_status.started((ctx, listeners))
+        task_status.started(Worker(ctx, http, listeners))
 
 
 async def _main(config: Config) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import h11
 import trio
 
-from server.app import serve
+from server.app import Worker, serve
 from server.config import load_config
 from server.core.sse import SSEEvent, SSEParser
 from server.transports.context import Context
@@ -24,6 +24,7 @@ class Running:
 
     port: int
     ctx: Context
+    worker: Worker
 
     @property
     def base(self) -> str:
@@ -42,8 +43,8 @@ async def start_sluice(
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
     config = load_config(overrides, environ={})
-    ctx, listeners = await nursery.start(serve, config)
-    return Running(listeners[0].getsockname()[1], ctx)
+    worker: Worker = await nursery.start(serve, config)
+    return Running(worker.listeners[0].getsockname()[1], worker.ctx, worker)
 
 
 @dataclass
