@@ -1,7 +1,8 @@
 """Composition root: the only module that picks the concrete store, hub and transports.
 
 ``serve(config)`` runs one worker: it opens the configured store, wires the store's commit
-listener to the hub, and serves the HTTP engine on the configured listening socket(s).
+listener to the hub (and, given a ``peers_dir``, to the bus that tells the host's other workers),
+and serves the HTTP engine on the configured listening socket(s).
 ``run(config)`` is what ``sluice serve`` calls: it runs ``serve`` under ``trio.run`` and stops
 cleanly on SIGINT/SIGTERM.
 """
@@ -14,7 +15,7 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,8 @@ from server.http.listener import bind_tcp_listener
 from server.http.server import HttpServer, serve_http
 from server.http.tls import make_server_ssl_context
 from server.observability.metrics import render_metrics
-from server.store.base import Store
+from server.process.peers import PeerBus, open_peer_bus
+from server.store.base import Listener, Notice, Store
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from server.transports.context import Context, Settings
@@ -102,39 +104,86 @@ async def _freeze() -> None:
 
 @dataclass(frozen=True, slots=True)
 class Worker:
-    """A running worker, as handed to ``serve``'s caller: its context, HTTP server and sockets."""
+    """A running worker, as handed to ``serve``'s caller: its context, HTTP server and sockets.
+
+    ``bus`` is its end of the host's notice bus (``None`` without ``peers_dir``); its ``stats``
+    count what crossed between workers.
+    """
 
     ctx: Context
     http: HttpServer
     listeners: list[socket.socket]
+    bus: PeerBus | None = None
+
+
+def _open_bus(
+    config: Config, peers_dir: str | None, hub: Hub, store: Store
+) -> AbstractAsyncContextManager[PeerBus | None]:
+    """The async context of the worker's bus: ``None`` without ``peers_dir`` or with the memory
+    store (whose history no other process can read)."""
+    if peers_dir is None or config.store.backend == "memory":
+        return nullcontext(None)
+    b = config.bus
+    return open_peer_bus(
+        peers_dir,
+        hub,
+        store,
+        max_datagram=b.max_datagram,
+        reconcile_interval=b.reconcile_interval,
+        rescan_interval=b.rescan_interval,
+        max_peers=b.max_peers,
+    )
+
+
+def store_listener(hub: Hub, bus: PeerBus | None) -> Listener:
+    """What the store calls on each commit: the hub, then (even if the hub failed) the bus."""
+    if bus is None:
+        return hub.on_notice
+    on_notice, broadcast = hub.on_notice, bus.broadcast
+
+    def listen(notice: Notice) -> None:
+        try:
+            on_notice(notice)
+        finally:
+            broadcast(notice)
+
+    return listen
 
 
 async def serve(
     config: Config,
     *,
     listeners: list[socket.socket] | None = None,
+    peers_dir: str | None = None,
     task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve one worker forever; ``task_status.started(Worker(...))`` once accepting."""
+    """Serve one worker forever; ``task_status.started(Worker(...))`` once accepting.
+
+    With ``peers_dir`` (the runtime directory shared by the host's workers) and the sqlite store,
+    the worker joins the host's notice bus before it accepts, so publishes on any worker reach
+    subscribers on this one (see :mod:`server.process.peers`).
+    """
     if listeners is None:
         listeners = [bind_tcp_listener(config.server.host, config.server.port)]
     ssl_context = None
     if config.server.tls_cert and config.server.tls_key:
         ssl_context = make_server_ssl_context(config.server.tls_cert, config.server.tls_key)
-    async with open_store(config) as store, trio.open_nursery() as nursery:
+    async with open_store(config) as store:
         hub = Hub(store, replay_page=config.hub.replay_page)
         store.set_listener(hub.on_notice)
-        ctx = Context(store=store, hub=hub, settings=settings_from(config))
-        handler = make_handler(ctx, metrics=lambda: render_metrics(hub.stats))
-        http: HttpServer = await nursery.start(
-            partial(serve_http, listeners, handler, limits=config.http_limits(), ssl_context=ssl_context)
-        )
-        nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
-        nursery.start_soon(_periodic, GC_FREEZE_INTERVAL, _freeze)
-        tune_gc()
-        addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
-        log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)
-        task_status.started(Worker(ctx, http, listeners))
+        async with _open_bus(config, peers_dir, hub, store) as bus, trio.open_nursery() as nursery:
+            store.set_listener(store_listener(hub, bus))
+            ctx = Context(store=store, hub=hub, settings=settings_from(config))
+            handler = make_handler(ctx, metrics=lambda: render_metrics(hub.stats))
+            http: HttpServer = await nursery.start(
+                partial(serve_http, listeners, handler, limits=config.http_limits(), ssl_context=ssl_context)
+            )
+            nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
+            nursery.start_soon(_periodic, GC_FREEZE_INTERVAL, _freeze)
+            tune_gc()
+            addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
+            log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)
+            task_status.started(Worker(ctx, http, listeners, bus))
 
 
 async def _main(config: Config) -> None:

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from server.config import ConfigError, Override, Resolved, render_toml, resolve_config
+from server.config import Config, ConfigError, Override, Resolved, render_toml, resolve_config
 
 EXIT_CONFIG = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -135,15 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = resolved.config
     configure_logging(config.server.log_level)
-    app = importlib.import_module("server.app")
+    supervisor = importlib.import_module("server.process.supervisor")
+    overrides, config_path = overrides_from_args(args), args.config
+
+    def reread() -> Config:  # on SIGHUP: the file and environment again, the same flags
+        return resolve_config(overrides, config_path=config_path).config
+
     try:
-        app.run(config)
+        return int(supervisor.run_supervisor(config, reread))
     except ConfigError as exc:
         print(f"sluice: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 1
+    workers: int = 0  # 0: one per CPU (one with the memory store), resolved at start
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: LogLevel = "info"
@@ -134,6 +134,24 @@ class HubConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BusConfig:
+    """``[bus]``: how the workers of one host tell each other of commits (Unix datagrams)."""
+
+    max_datagram: int = 64 * 1024
+    reconcile_interval: float = 1.0
+    rescan_interval: float = 1.0
+    max_peers: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class DrainConfig:
+    """``[drain]``: how a stopping worker lets its clients go (paced, then a hard deadline)."""
+
+    window: float = 10.0
+    deadline: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class _Meta:
     doc: str
     rule: Rule | None = None  # None: the default rule for the key's type
@@ -144,7 +162,10 @@ class _Meta:
 _META: dict[str, _Meta] = {
     "server.host": _Meta("Address to listen on (IPv4, IPv6 or host name)", NON_EMPTY),
     "server.port": _Meta("TCP port to listen on (0: any free port)", PORT),
-    "server.workers": _Meta("Worker processes, each with its own event loop and listening socket"),
+    "server.workers": _Meta(
+        "Worker processes, each with its own event loop and listening socket (0: one per CPU; 1 with the memory store)",
+        NON_NEGATIVE_INT,
+    ),
     "server.tls_cert": _Meta(
         "PEM certificate chain; enables TLS and HTTP/2 over ALPN (needs tls_key)", ANY_PATH, "/etc/sluice/cert.pem"
     ),
@@ -183,6 +204,31 @@ _META: dict[str, _Meta] = {
     "longpoll.max_events": _Meta("Most events in one poll response"),
     "websocket.max_subscriptions": _Meta("Most streams one WebSocket may subscribe to at once"),
     "hub.replay_page": _Meta("Events read from the store per page while replaying history"),
+    "bus.max_datagram": _Meta(
+        "Largest notice datagram in bytes sent to the other workers; larger events go as a hint to read the store",
+        Rule("an integer in 1024..4194304", lambda v: 1024 <= v <= 4 * 1024 * 1024),
+    ),
+    "bus.reconcile_interval": _Meta(
+        "Seconds between checks of the store for changes whose notice was missed (0: never)", NON_NEGATIVE_SECONDS
+    ),
+    "bus.rescan_interval": _Meta("Seconds between scans of the runtime directory for workers that came or went"),
+    "bus.max_peers": _Meta("Most other workers one worker sends notices to"),
+    "http.max_connection_age": _Meta(
+        "Seconds after which a connection is asked to close gracefully, so clients rebalance (0: never)",
+        NON_NEGATIVE_SECONDS,
+    ),
+    "http.max_connection_age_jitter": _Meta(
+        "Each connection's age limit is max_connection_age times a random factor in 1 +/- this (0..0.9)",
+        Rule("a number in 0..0.9", lambda v: 0 <= v <= 0.9),
+    ),
+    "drain.window": _Meta(
+        "Seconds over which a stopping worker asks its connections to close, evenly spread (0: all at once)",
+        NON_NEGATIVE_SECONDS,
+    ),
+    "drain.deadline": _Meta(
+        "Seconds after a drain starts when connections still open are cut (more than window; below systemd's"
+        " TimeoutStopSec)"
+    ),
 }
 UNDOCUMENTED = "(see server.http.base.HttpLimits)"
 
@@ -198,6 +244,8 @@ class Config:
     longpoll: LongpollConfig = field(default_factory=LongpollConfig)
     websocket: WebsocketConfig = field(default_factory=WebsocketConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    bus: BusConfig = field(default_factory=BusConfig)
+    drain: DrainConfig = field(default_factory=DrainConfig)
 
     def retention(self) -> Retention:
         """The store's retention limits (``[store]`` max_events, max_bytes, max_age, idempotency_window)."""
@@ -440,6 +488,19 @@ def _cross_check(config: Config, sources: Mapping[str, str]) -> None:
     at_most("server.max_event_bytes", "server.max_body_bytes")
     at_most("http.send_low_water", "http.send_buffer")
     at_most("longpoll.default_timeout", "longpoll.max_timeout")
+    drain = config.drain
+    if drain.deadline <= drain.window:
+        if "drain.window" in sources and "drain.deadline" not in sources:
+            raise ConfigError(
+                f"must be less than drain.deadline ({_toml(drain.deadline)}), got {_toml(drain.window)}",
+                key="drain.window",
+                source=sources["drain.window"],
+            )
+        raise ConfigError(
+            f"must be more than drain.window ({_toml(drain.window)}), got {_toml(drain.deadline)}",
+            key="drain.deadline",
+            source=sources.get("drain.deadline"),
+        )
 
     server = config.server
     if config.store.backend == "memory" and server.workers > 1:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tomllib
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,18 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def fake_app(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
-    """Stand in for ``server.app`` and record the configs ``run`` is called with."""
+    """Stand in for ``server.process.supervisor``: record the configs ``run_supervisor`` is called
+    with, and the configs its reload callback reads."""
     calls: list[Config] = []
-    module = types.ModuleType("server.app")
-    module.run = calls.append  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "server.app", module)
+
+    def run_supervisor(config: Config, reread: Callable[[], Config]) -> int:
+        calls.append(config)
+        calls.append(reread())
+        return 0
+
+    module = types.ModuleType("server.process.supervisor")
+    module.run_supervisor = run_supervisor  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "server.process.supervisor", module)
     return calls
 
 
@@ -145,8 +152,9 @@ def restore_logging() -> Iterator[None]:
 @pytest.mark.usefixtures("restore_logging")
 def test_serve_runs_the_app_with_the_config(fake_app: list[Config]) -> None:
     assert cli.main(["serve", "--store", "memory", "--port", "0", "--log-level", "debug"]) == 0
-    [config] = fake_app
+    [config, reread] = fake_app
     assert config.store.backend == "memory" and config.server.port == 0
+    assert reread == config  # a reload applies the same flags again
     assert logging.getLogger().level == logging.DEBUG
     [handler] = logging.getLogger().handlers
     assert handler.formatter is not None and handler.formatter._fmt == cli.LOG_FORMAT
@@ -157,18 +165,20 @@ def test_serve_reports_interrupt_and_config_errors(
 ) -> None:
     monkeypatch.setattr(cli, "configure_logging", lambda level: None)
 
-    def interrupted(config: Config) -> None:
+    def interrupted(config: Config, reread: object) -> int:
         raise KeyboardInterrupt
 
-    def refused(config: Config) -> None:
+    def refused(config: Config, reread: object) -> int:
         raise ConfigError("cannot bind", key="server.port")
 
-    module = types.ModuleType("server.app")
-    monkeypatch.setitem(sys.modules, "server.app", module)
-    module.run = interrupted  # type: ignore[attr-defined]
+    module = types.ModuleType("server.process.supervisor")
+    monkeypatch.setitem(sys.modules, "server.process.supervisor", module)
+    module.run_supervisor = interrupted  # type: ignore[attr-defined]
     assert cli.main(["serve"]) == 130
-    module.run = refused  # type: ignore[attr-defined]
+    module.run_supervisor = refused  # type: ignore[attr-defined]
     assert cli.main(["serve"]) == 2
+    module.run_supervisor = lambda config, reread: 1  # type: ignore[attr-defined]
+    assert cli.main(["serve"]) == 1  # e.g. every worker slot failed
     assert capsys.readouterr().err == "sluice: config error: server.port: cannot bind\n"
 
 

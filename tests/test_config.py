@@ -50,7 +50,7 @@ def test_defaults() -> None:
     assert config == Config()
     assert config.server.host == "127.0.0.1"
     assert config.server.port == 8080
-    assert config.server.workers == 1
+    assert config.server.workers == 0  # one per CPU, resolved when the server starts
     assert config.server.tls_cert is None and config.server.tls_key is None
     assert not config.server.tls_enabled
     assert config.server.log_level == "info"
@@ -209,7 +209,7 @@ def test_every_number_rejects_negative_values_and_wrong_types(spec: KeySpec, tmp
     ("env", "message"),
     [
         ({"SLUICE_SERVER_PORT": "65536"}, "server.port: must be an integer in 0..65535, got 65536"),
-        ({"SLUICE_SERVER_WORKERS": "0"}, "server.workers: must be a positive integer, got 0"),
+        ({"SLUICE_SERVER_WORKERS": "-1"}, "server.workers: must be a non-negative integer, got -1"),
         ({"SLUICE_SERVER_HOST": ""}, 'server.host: must be a non-empty string, got ""'),
         ({"SLUICE_SERVER_LOG_LEVEL": "loud"}, 'must be one of "critical", "error", "warning", "info", "debug"'),
         ({"SLUICE_STORE_BACKEND": "redis"}, 'store.backend: must be one of "sqlite", "memory", got "redis"'),

@@ -63,6 +63,11 @@ class Watcher(Protocol):
     def on_closed(self, notice: Closed) -> None:
         """The stream was closed."""
 
+    def on_hint(self, epoch: str, last_seq: int) -> bool:
+        """The stream's history now reaches ``last_seq`` of ``epoch``; the events came by another way.
+
+        Returns whether the watcher was behind and acts on it."""
+
 
 class Subscription:
     """One reader of one stream: replay from ``start``, then live, until the end or cancellation.
@@ -87,6 +92,7 @@ class Subscription:
         "live",
         "sink",
         "start",
+        "stopped",
         "stream",
     )
 
@@ -101,6 +107,7 @@ class Subscription:
         self.live = False
         self.done = False  # no more output: ended, dead, or finished
         self.ended = False  # the stream's end was delivered
+        self.stopped = False  # ended from outside by stop()
         self._wake: trio.Event | None = None
         self._live_mark: tuple[str, int] | None = None  # newest live event seen while catching up
         self._closed_seen = False
@@ -118,7 +125,7 @@ class Subscription:
         """Deliver live events, or note them while catching up."""
         if not self.live:
             last = encs[-1].event
-            self._live_mark = (last.epoch, last.seq)
+            self._note(last.epoch, last.seq)
             return
         sink = self.sink
         epoch = self.epoch
@@ -127,8 +134,9 @@ class Subscription:
         for enc in encs:
             ev = enc.event
             seq = ev.seq
-            if ev.epoch != epoch or (seq != last_seq + 1 and last_seq != 0 and seq > last_seq):
-                # A gap or a new history: the store decides what to send. Not expected locally.
+            if ev.epoch != epoch or seq > last_seq + 1:
+                # A gap or a new history (another worker's notice was missed or overtaken): the
+                # store decides what to send.
                 self.last_seq = last_seq
                 self._back_to_store(ev)
                 self._hub.stats.delivered += n
@@ -158,7 +166,46 @@ class Subscription:
             self._closed_seen = True
             self._poke()
 
+    def on_hint(self, epoch: str, last_seq: int) -> bool:
+        """The stream reached ``last_seq`` of ``epoch`` without this worker seeing the events.
+
+        Live and behind (another epoch, or an older seq): go back to the store, which delivers
+        what is missing, and return True. Catching up: note it, so the catch-up reads again
+        before going live.
+        """
+        if self.done:
+            return False
+        if not self.live:
+            self._note(epoch, last_seq)
+            return False
+        if epoch == self.epoch and last_seq <= self.last_seq:
+            return False
+        self.live = False
+        self._live_mark = (epoch, last_seq)
+        self._poke()
+        return True
+
+    def stop(self) -> None:
+        """End the subscription from outside (the connection is winding down), synchronously.
+
+        Nothing more is handed to the sink; :meth:`run` returns soon (at once when live, after
+        the store read in progress while catching up) with ``ended`` False and ``stopped`` True,
+        and :attr:`position` is the exact id to resume after. A no-op once the subscription is
+        done (ended, dead or already stopped); may be called before ``run``."""
+        if self.done:
+            return
+        self.stopped = True
+        self.done = True
+        self.live = False
+        self._poke()
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _note(self, epoch: str, seq: int) -> None:
+        """Remember the newest position seen live while catching up (notices may come out of order)."""
+        mark = self._live_mark
+        if mark is None or mark[0] != epoch or mark[1] < seq:
+            self._live_mark = (epoch, seq)
 
     def _back_to_store(self, ev: Event) -> None:
         self.live = False
@@ -238,6 +285,8 @@ class Subscription:
             if self.done:
                 return
             await self.sink.drain()
+            if self.done:  # stopped (or died) while the connection drained
+                return
             if len(page.events) >= page_size:
                 continue
             mark = self._live_mark
@@ -315,6 +364,10 @@ class _Nudge:
     def on_closed(self, notice: Closed) -> None:
         self.event.set()
 
+    def on_hint(self, epoch: str, last_seq: int) -> bool:
+        self.event.set()
+        return True
+
 
 class Hub:
     """One worker's registry of watchers per stream, fed by the store's commit listener."""
@@ -326,6 +379,8 @@ class Hub:
         self.replay_page = replay_page
         self.stats = stats if stats is not None else HubStats()
         self._watchers: dict[str, dict[Watcher, None]] = {}
+        # The newest (epoch, last_seq, closed) every watcher of a stream has been told of.
+        self._heads: dict[str, tuple[str, int, bool]] = {}
 
     def add(self, stream: str, watcher: Watcher) -> None:
         """Register ``watcher`` for ``stream`` (synchronous; no await before the caller reads)."""
@@ -340,29 +395,77 @@ class Hub:
             self.stats.subscriptions -= 1
             if not watchers:
                 del self._watchers[stream]
+                self._heads.pop(stream, None)
 
     def watcher_count(self, stream: str) -> int:
         """How many watchers ``stream`` has on this worker."""
         return len(self._watchers.get(stream, ()))
 
-    def on_notice(self, notice: Notice) -> None:
-        """The store's listener: fan a committed change out to the stream's watchers."""
+    def streams(self) -> list[str]:
+        """The streams that have watchers on this worker."""
+        return list(self._watchers)
+
+    def on_notice(self, notice: Notice, *, remote: bool = False) -> None:
+        """The store's listener: fan a committed change out to the stream's watchers.
+
+        ``remote``: the change was committed by another worker (it is not counted as published
+        here). Notices may then arrive late, twice or not at all; watchers cope (a gap or an
+        unexpected epoch sends a subscription back to the store, old events are skipped).
+        """
         if isinstance(notice, Appended):
             events = notice.events
             if not events:
                 return
-            self.stats.published += len(events)
-            watchers = self._watchers.get(events[0].stream)
+            if not remote:
+                self.stats.published += len(events)
+            stream = events[0].stream
+            watchers = self._watchers.get(stream)
             if not watchers:
                 return
+            last = events[-1]
+            self._newer(stream, (last.epoch, last.seq, False))
             encs = [EncodedEvent(e) for e in events]
             for w in tuple(watchers):
                 w.on_appended(encs)
         elif isinstance(notice, Closed):
-            for w in tuple(self._watchers.get(notice.stream, ())):
+            watchers = self._watchers.get(notice.stream)
+            if not watchers:
+                return
+            self._newer(notice.stream, (notice.epoch, notice.last_seq, True))
+            for w in tuple(watchers):
                 w.on_closed(notice)
         elif isinstance(notice, Deleted):
-            pass  # the next event has a new epoch; subscriptions reset when it arrives
+            # The next event has a new epoch; subscriptions reset when it arrives.
+            self._heads.pop(notice.stream, None)
+
+    def on_hint(self, stream: str, epoch: str, last_seq: int, closed: bool = False) -> bool:
+        """``stream`` reached ``last_seq`` of ``epoch`` (and is ``closed``), as another worker or
+        the store says; the events themselves did not come through :meth:`on_notice`.
+
+        Unless every watcher was already told of that position (or a newer one of the same epoch),
+        each is told: subscriptions that are behind go back to the store and catch up, long-poll
+        waits wake. Returns whether a watcher was behind (for a close: whether it was news).
+        """
+        watchers = self._watchers.get(stream)
+        if not watchers or not self._newer(stream, (epoch, last_seq, closed)):
+            return False
+        if closed:
+            notice = Closed(stream, epoch, last_seq)
+            for w in tuple(watchers):
+                w.on_closed(notice)
+            return True
+        behind = False
+        for w in tuple(watchers):
+            behind = w.on_hint(epoch, last_seq) or behind
+        return behind
+
+    def _newer(self, stream: str, head: tuple[str, int, bool]) -> bool:
+        """Record ``head`` as told to ``stream``'s watchers unless it is not newer than the last one."""
+        known = self._heads.get(stream)
+        if known is not None and known[0] == head[0] and (known[1], known[2]) >= (head[1], head[2]):
+            return False
+        self._heads[stream] = head
+        return True
 
     @asynccontextmanager
     async def open_subscription(

@@ -63,6 +63,8 @@ class HttpLimits:
     h2_max_inbound_frame: int = 16 * 1024
     ws_max_message: int = 1024 * 1024  # inbound message size; over -> close 1009
     ws_ping_interval: float = 30.0  # server pings an idle WebSocket this often (0: never)
+    max_connection_age: float = 0.0  # seconds after accept when a connection is asked to close (0: never)
+    max_connection_age_jitter: float = 0.1  # each connection's age limit is scaled by a random 1 +/- this
 
 
 @dataclass(slots=True)
@@ -159,6 +161,16 @@ class Exchange(Protocol):
 
     async def accept_websocket(self, subprotocol: str | None) -> WebSocket:
         """Complete the upgrade (101) with ``subprotocol`` and return the socket."""
+
+    def on_close_request(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once when the server asks this exchange's connection to wind down
+        (a drain or a connection rotation), so a long-lived response can end cleanly and early.
+
+        If the connection was already asked before this registration, ``callback`` is called at
+        once, synchronously, before this returns. Callbacks run on the trio thread from inside the
+        engine and must not block or raise (an exception is logged and ignored); several may be
+        registered. A WebSocket on the connection is additionally closed by the engine (1012).
+        """
 
 
 Handler = Callable[[Exchange], Awaitable[None]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import parse_qsl
@@ -95,6 +95,18 @@ class EngineExchange(Exchange, Protocol):
 
 
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def call_close_callbacks(callbacks: list[Callable[[], None]] | None) -> None:
+    """Call each of an exchange's close-request callbacks once; a failing one is logged, not raised
+    (one broken handler must not stop a drain walking thousands of connections)."""
+    if not callbacks:
+        return
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("close-request callback %r failed", callback)
 
 
 async def run_handler(handler: Handler, ex: EngineExchange) -> None:

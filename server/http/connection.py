@@ -28,16 +28,20 @@ class Connection:
 
     Promises: :meth:`receive` never raises for transport failures (it returns ``b""``, as for
     EOF); :meth:`abort` is synchronous, idempotent, cancels everything running for the
-    connection (its handlers included) and closes the socket.
+    connection (its handlers included) and closes the socket; :meth:`request_close` is
+    synchronous and takes effect once (later calls are no-ops).
     """
 
     __slots__ = (
         "_closed",
+        "_input_seen",
         "_on_close_request",
         "_scope",
+        "_sock",
         "_stream",
         "_tsock",
         "client",
+        "close_requested",
         "outbox",
         "protocol",
         "tls",
@@ -52,10 +56,13 @@ class Connection:
         stats: HttpStats,
     ) -> None:
         self._tsock = tsock
+        self._sock = sock
+        self._input_seen = False  # the peer has sent something (the first peek returned data)
         self._stream: trio.SSLStream[trio.SocketStream] | None = None
         self._scope: trio.CancelScope | None = None
         self._closed = False
         self._on_close_request: Callable[[], None] | None = None
+        self.close_requested = False  # request_close was called (drivers check it when they start)
         self.client = client
         self.protocol = "new"  # "http/1.1", "h2" or "websocket" once known
         self.tls = False
@@ -69,9 +76,11 @@ class Connection:
     async def peek(self) -> bytes:
         """Return the first byte the peer sent without consuming it (``b""`` on EOF or error)."""
         try:
-            return await self._tsock.recv(1, socket.MSG_PEEK)
+            data = await self._tsock.recv(1, socket.MSG_PEEK)
         except OSError:
             return b""
+        self._input_seen = bool(data)
+        return data
 
     def start_tls(self, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
         """Read and write through a server-side TLS stream from now on (handshake not yet done)."""
@@ -92,16 +101,44 @@ class Connection:
             return b""
 
     def on_close_request(self, hook: Callable[[], None] | None) -> None:
-        """Set what :meth:`request_close` does for the protocol currently on this connection."""
+        """Set what :meth:`request_close` does for the protocol currently on this connection.
+
+        Setting a hook does not replay an earlier request: a driver that starts on a connection
+        whose :attr:`close_requested` is already set applies it itself."""
         self._on_close_request = hook
 
     def request_close(self) -> None:
-        """Ask the connection to end gracefully: no new requests; an idle connection closes now."""
+        """Ask the connection to end gracefully; only the first call on a live connection acts.
+
+        HTTP/1.1: no further requests; an idle connection closes now, a busy one after the
+        current response (whose handler is told through ``Exchange.on_close_request``). HTTP/2:
+        new streams are refused, open streams are told, GOAWAY once they are done. WebSocket:
+        close 1012. A new connection that has sent nothing yet closes now; one whose protocol is
+        not known yet although bytes came (TLS handshake, a partial HTTP/2 preface; bounded by
+        ``header_timeout``) serves what it asked for first, then closes.
+        """
+        if self.close_requested or self._closed:
+            return
+        self.close_requested = True
         hook = self._on_close_request
         if hook is not None:
             hook()
-        else:
-            self.abort("close requested")
+        elif not self._has_input():
+            self.abort("close requested before any request")
+
+    def _has_input(self) -> bool:
+        """True if the peer sent anything: seen already, or waiting in the kernel right now."""
+        if self._input_seen or self._stream is not None:
+            return True
+        try:
+            return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # BlockingIOError: nothing yet
+            return False
+
+    @property
+    def closed(self) -> bool:
+        """True once the socket is closed (the connection may still be unwinding its tasks)."""
+        return self._closed
 
     def abort(self, reason: str = "", *, reset: bool = False) -> None:
         """Cancel every task of this connection and close its socket (with an RST if ``reset``)."""

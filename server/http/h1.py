@@ -38,6 +38,7 @@ class H1Driver:
     """
 
     __slots__ = (
+        "_current",
         "_head_deadline",
         "_idle_scope",
         "closing",
@@ -73,14 +74,21 @@ class H1Driver:
             self.h.receive_data(initial)
         self._head_deadline = head_deadline
         self._idle_scope: trio.CancelScope | None = None
+        self._current: H1Exchange | None = None  # the exchange being served
         self.closing = False  # no further requests on this connection
 
     async def run(self) -> None:
-        """Serve requests until the connection should close."""
+        """Serve requests until the connection should close.
+
+        The first request is always served, also when a close was requested while the connection
+        was new (its request is probably on the wire already); it is answered with
+        ``connection: close``."""
         self.conn.protocol = "http/1.1"
         self.conn.on_close_request(self._close_requested)
+        if self.conn.close_requested:
+            self.closing = True
         first = True
-        while not self.closing:
+        while first or not self.closing:
             event = await self._read_head(first)
             if event is None:
                 return
@@ -95,8 +103,12 @@ class H1Driver:
                 self._reject(431, "headers_too_large", f"request head exceeds {self.limits.max_header_bytes} bytes")
                 return
             ex = H1Exchange(self, event)
-            if not await self._serve(ex):
-                return
+            self._current = ex
+            try:
+                if not await self._serve(ex):
+                    return
+            finally:
+                self._current = None
             h = self.h
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 return
@@ -106,6 +118,8 @@ class H1Driver:
         self.closing = True
         if self._idle_scope is not None:
             self._idle_scope.cancel()
+        if self._current is not None:
+            self._current.wind_down()
 
     # -- request heads -------------------------------------------------------------------------
 
@@ -181,7 +195,8 @@ class H1Driver:
             await self._watch(ex)
         if ex.ws is not None:
             self.conn.protocol = "websocket"
-            self.conn.on_close_request(ex.ws.going_away)
+            if self.closing:
+                ex.ws.going_away()
             trailing, closed = self.h.trailing_data
             await ex.ws.run(trailing, closed)
             return False

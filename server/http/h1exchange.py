@@ -8,6 +8,7 @@ ends the body correctly).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import h11
@@ -15,7 +16,15 @@ import trio
 
 from server.core.frame import Frame
 from server.http.base import BodyTooLarge, HTTPError, Request, WebSocket
-from server.http.common import JSON_TYPE, encode_headers, header_dict, json_error, reason_phrase, split_target
+from server.http.common import (
+    JSON_TYPE,
+    call_close_callbacks,
+    encode_headers,
+    header_dict,
+    json_error,
+    reason_phrase,
+    split_target,
+)
 from server.http.ws import WsSession, accept_headers
 
 if TYPE_CHECKING:
@@ -39,6 +48,7 @@ class H1Exchange:
         "_body_size",
         "_chunked",
         "_close_after",
+        "_close_callbacks",
         "_d",
         "_finished_event",
         "_http11",
@@ -77,6 +87,7 @@ class H1Exchange:
         self.broken = False  # the response was torn down mid-way
         self._answered = False
         self._close_after = False  # answer with connection: close
+        self._close_callbacks: list[Callable[[], None]] | None = None
         self._streaming = False  # open_stream called and not finished
         self._chunked = False
         self._body_ok = True
@@ -293,6 +304,24 @@ class H1Exchange:
         self._streaming = False
         self._outbox.write(self._d.h.send(h11.EndOfMessage()))
         await self._outbox.flush()
+
+    # -- winding down --------------------------------------------------------------------------
+
+    def on_close_request(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when the connection is asked to close; at once if it already was."""
+        if self._d.closing:
+            call_close_callbacks([callback])
+        elif self._close_callbacks is None:
+            self._close_callbacks = [callback]
+        else:
+            self._close_callbacks.append(callback)
+
+    def wind_down(self) -> None:
+        """The connection was asked to close: tell the handler, and close a WebSocket with 1012."""
+        callbacks, self._close_callbacks = self._close_callbacks, None
+        call_close_callbacks(callbacks)
+        if self.ws is not None:
+            self.ws.going_away()
 
     # -- WebSocket -----------------------------------------------------------------------------
 

@@ -163,6 +163,7 @@ class H2Driver:
         conn = self.conn
         conn.protocol = "h2"
         conn.on_close_request(self._close_requested)
+        close_pending = conn.close_requested  # asked before the driver ran: serve what already came
         h = self.h2
         h.initiate_connection()
         self.outbox.set_pull(self._pull)
@@ -182,6 +183,9 @@ class H2Driver:
                         return
                     for event in events:
                         self._dispatch(event)
+                if close_pending:
+                    close_pending = False
+                    self._close_requested()
                 self.flush_now()
                 if self._peer_closed:
                     return
@@ -208,11 +212,20 @@ class H2Driver:
         log.info("HTTP/2 protocol error from %s: %s", self.conn.client, message)
         self.flush_now()
 
+    @property
+    def draining(self) -> bool:
+        """True once the connection refuses new streams (a close request, or idle)."""
+        return self._draining
+
     def _close_requested(self) -> None:
-        """Drain: refuse new streams (REFUSED_STREAM, which clients retry elsewhere), let the
-        streams in flight finish, then GOAWAY and close. (h2 can send nothing after a GOAWAY, so
-        the GOAWAY comes last.)"""
+        """Drain: refuse new streams (REFUSED_STREAM, which clients retry elsewhere), tell the
+        streams in flight (``Exchange.on_close_request``) and let them finish, then GOAWAY and
+        close. (h2 can send nothing after a GOAWAY, so the GOAWAY comes last.)"""
+        if self._draining:
+            return
         self._draining = True
+        for stream in list(self.streams.values()):
+            stream.wind_down()
         self._poke_reader()
 
     def _poke_reader(self) -> None:

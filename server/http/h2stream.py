@@ -8,13 +8,14 @@ All HTTP/2 framing goes through :class:`~server.http.h2conn.H2Driver`, which own
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 
 from server.core.frame import Frame
 from server.http.base import BodyTooLarge, HTTPError, Request, WebSocket
-from server.http.common import JSON_TYPE, json_error
+from server.http.common import JSON_TYPE, call_close_callbacks, json_error
 
 if TYPE_CHECKING:
     from server.http.h2conn import H2Driver
@@ -31,6 +32,7 @@ class H2Stream:
         "_body",
         "_body_event",
         "_body_result",
+        "_close_callbacks",
         "_d",
         "_discard_body",
         "_head_only",
@@ -73,6 +75,7 @@ class H2Stream:
         self._unacked = 0
         self._reading = False
         self._discard_body = False
+        self._close_callbacks: list[Callable[[], None]] | None = None
 
     # -- driver callbacks ----------------------------------------------------------------------
 
@@ -102,6 +105,11 @@ class H2Stream:
         self.scope.cancel()
         self._wake_body()
         self.wake()
+
+    def wind_down(self) -> None:
+        """The connection was asked to close: call the handler's close-request callbacks."""
+        callbacks, self._close_callbacks = self._close_callbacks, None
+        call_close_callbacks(callbacks)
 
     def wake(self) -> None:
         """Progress on the send side (window opened, data or END_STREAM went out, or death)."""
@@ -217,6 +225,15 @@ class H2Stream:
         self._streaming = False
         self._d.stream_done(self, self._unacked)
         self._unacked = 0
+
+    def on_close_request(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when the connection is asked to close; at once if it already was."""
+        if self._d.draining:
+            call_close_callbacks([callback])
+        elif self._close_callbacks is None:
+            self._close_callbacks = [callback]
+        else:
+            self._close_callbacks.append(callback)
 
     @property
     def websocket_requested(self) -> bool:

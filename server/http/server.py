@@ -7,13 +7,21 @@ preface is h2c with prior knowledge; anything else is HTTP/1.1.
 Every connection runs in its own nursery, spawned into the server's connection nursery; the
 connection's tasks (reader, lazily started writer, handlers) all live in that nursery, so
 cancelling it ends everything the connection owns.
+
+Winding down: :meth:`HttpServer.drain` stops accepting (the listening sockets stay open, so what
+is queued on them waits for the next worker on the same socket) and asks the open connections to
+close, paced over a window, before a hard deadline; with ``max_connection_age`` set, one sweeper
+task asks each connection to close once it reaches its (jittered) age, so long-lived clients
+move to newer workers and hosts over time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
+import random
 import socket
 import ssl
 from typing import Any, NoReturn
@@ -31,13 +39,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LIMITS = HttpLimits()
 TLS_RECORD_HANDSHAKE = 0x16
+ROTATION_TICK = 1.0  # the age sweeper looks for connections past their age at least this often
+ABORT_GRACE = 1.0  # seconds connections cut at a drain's deadline get to unwind before drain returns
 
 
 class HttpServer:
     """One engine instance: its handler, limits, counters and registry of live connections.
 
-    ``connections`` holds every connection from accept until its socket is closed (a drain can
-    walk it and call :meth:`Connection.request_close`); ``stats`` holds the counters.
+    ``connections`` holds every connection from accept until its task ends (a drain walks it and
+    calls :meth:`Connection.request_close`); ``stats`` holds the counters.
     """
 
     def __init__(
@@ -49,6 +59,22 @@ class HttpServer:
         self.stats = HttpStats()
         self.connections: set[Connection] = set()
         self._nursery: trio.Nursery | None = None
+        self._accept_scope = trio.CancelScope()
+        self._draining = False
+        self._drain_done: trio.Event | None = None
+        self._gone: trio.Event | None = None  # set when the last connection ends, while someone waits
+        self._ages: list[tuple[float, int, Connection]] = []  # heap of (close-at, tie-break, conn)
+        self._age_seq = 0
+
+    @property
+    def accepting(self) -> bool:
+        """False once :meth:`stop_accepting` was called."""
+        return not self._accept_scope.cancel_called
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` started."""
+        return self._draining
 
     async def serve(
         self,
@@ -56,10 +82,11 @@ class HttpServer:
         *,
         task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
-        """Accept on ``listeners`` forever; ``task_status.started(self)`` once accepting.
+        """Accept on ``listeners`` until :meth:`stop_accepting`, serve connections until cancelled;
+        ``task_status.started(self)`` once accepting.
 
-        The listeners stay owned by the caller (they are not closed here); trio sockets are
-        accepted on through a duplicate descriptor, closed on exit."""
+        The listeners stay owned by the caller (they are never closed here); trio sockets are
+        accepted on through a duplicate descriptor, closed once accepting stops."""
         socks: list[socket.socket] = []
         owned: list[socket.socket] = []
         for listener in listeners:
@@ -74,15 +101,104 @@ class HttpServer:
         try:
             async with trio.open_nursery() as connections:
                 self._nursery = connections
-                async with trio.open_nursery() as acceptors:
-                    for sock in socks:
-                        acceptors.start_soon(accept_loop, sock, self._spawn, self.stats)
-                    task_status.started(self)
+                if self.limits.max_connection_age > 0:
+                    connections.start_soon(self._rotate)
+                with self._accept_scope:
+                    async with trio.open_nursery() as acceptors:
+                        for sock in socks:
+                            acceptors.start_soon(accept_loop, sock, self._spawn, self.stats)
+                        task_status.started(self)
+                for sock in owned:  # our duplicates only: the listening sockets stay open
+                    sock.close()
+                await trio.sleep_forever()  # accepting stopped: keep serving what is open
         finally:
             self._nursery = None
             for sock in owned:
                 sock.close()
-        raise AssertionError("the accept loops never return")
+        raise AssertionError("serve never returns")
+
+    def stop_accepting(self) -> None:
+        """Stop the accept loops for good (synchronously; idempotent; also before ``serve``).
+
+        The listening sockets are not closed: they belong to the caller and may be shared with a
+        replacement worker, so connections waiting in their queues are accepted there, never
+        reset. Connections already accepted keep being served."""
+        self._accept_scope.cancel()
+
+    async def drain(self, window: float, deadline: float) -> None:
+        """Wind the server down without losing anything; returns once no connection is left
+        (at the latest ``deadline`` seconds after the start, plus ``ABORT_GRACE`` for the cut ones).
+
+        Stops accepting, then calls :meth:`Connection.request_close` on every open connection, in
+        random order, connection ``i`` of ``N`` at ``i * window / N`` seconds after the start (by
+        trio's clock), so clients reconnect elsewhere in a steady trickle, not a storm;
+        connections accepted meanwhile are asked at once. A request being processed is answered
+        before its connection closes; streaming responses are told through
+        ``Exchange.on_close_request``. Then waits until every connection is gone, or until
+        ``deadline`` seconds after the start, when the rest are aborted (counted in
+        ``stats.drain_aborted``). A second call waits for the first to finish.
+        """
+        if self._drain_done is not None:
+            await self._drain_done.wait()
+            return
+        done = self._drain_done = trio.Event()
+        try:
+            start = trio.current_time()
+            self.stop_accepting()
+            self._draining = True
+            with trio.move_on_at(start + deadline):
+                await self._close_paced(start, window)
+                await self._wait_gone()
+            left = list(self.connections)
+            if left:
+                self.stats.drain_aborted += len(left)
+                log.warning("drain deadline (%.1fs) reached: cutting %d connections", deadline, len(left))
+                for conn in left:
+                    conn.abort("drain deadline")
+                with trio.move_on_after(ABORT_GRACE):
+                    await self._wait_gone()
+        finally:
+            done.set()
+
+    async def _close_paced(self, start: float, window: float) -> None:
+        """Ask the connections open now to close, evenly over ``window`` seconds from ``start``."""
+        pending = list(self.connections)
+        random.shuffle(pending)
+        count = len(pending)
+        step = window / count if count else 0.0
+        i = 0
+        while pending:
+            now = trio.current_time()
+            while pending and start + i * step <= now:
+                pending.pop().request_close()  # pop: a closed connection is not kept alive here
+                i += 1
+            if pending:
+                await trio.sleep_until(start + i * step)
+
+    async def _wait_gone(self) -> None:
+        while self.connections:
+            self._gone = trio.Event()
+            await self._gone.wait()
+        self._gone = None
+
+    async def _rotate(self) -> None:
+        """The one age sweeper: asks connections past their jittered ``max_connection_age`` to close."""
+        heap = self._ages
+        stats = self.stats
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                conn = heapq.heappop(heap)[2]
+                if not conn.close_requested and not conn.closed:
+                    stats.connections_rotated += 1
+                    conn.request_close()
+            if len(heap) > 2 * len(self.connections) + 1024:  # mostly connections that already ended
+                heap[:] = [entry for entry in heap if not entry[2].closed]
+                heapq.heapify(heap)
+            wake = now + ROTATION_TICK
+            if heap and heap[0][0] < wake:
+                wake = heap[0][0]
+            await trio.sleep_until(wake)
 
     def request_close_all(self) -> None:
         """Ask every live connection to end gracefully (see :meth:`Connection.request_close`)."""
@@ -90,19 +206,31 @@ class HttpServer:
             conn.request_close()
 
     def _spawn(self, sock: socket.socket, addr: Any) -> None:
+        """Register a just-accepted connection (synchronously, so the registry is always exact)
+        and start its task."""
         assert self._nursery is not None
-        self._nursery.start_soon(self._connection, sock, addr)
-
-    async def _connection(self, sock: socket.socket, addr: Any) -> None:
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) and len(addr) >= 2 else ("", 0)
-        conn = Connection(trio.socket.from_stdlib_socket(sock), sock, client, self.limits, self.stats)
         stats = self.stats
+        conn = Connection(trio.socket.from_stdlib_socket(sock), sock, client, self.limits, stats)
         self.connections.add(conn)
         stats.connections_open += 1
         stats.connections_total += 1
+        limits = self.limits
+        if limits.max_connection_age > 0:
+            jitter = limits.max_connection_age_jitter
+            age = limits.max_connection_age * (1.0 + random.uniform(-jitter, jitter))
+            self._age_seq += 1
+            heapq.heappush(self._ages, (trio.current_time() + age, self._age_seq, conn))
+        if self._draining:
+            conn.request_close()
+        self._nursery.start_soon(self._connection, conn)
+
+    async def _connection(self, conn: Connection) -> None:
+        stats = self.stats
+        client = conn.client
         try:
             async with trio.open_nursery() as nursery:
                 conn.attach(nursery)
@@ -115,6 +243,8 @@ class HttpServer:
             conn.abort()
             self.connections.discard(conn)
             stats.connections_open -= 1
+            if self._gone is not None and not self.connections:
+                self._gone.set()
 
     async def _dispatch(self, conn: Connection, nursery: trio.Nursery) -> None:
         limits = self.limits

@@ -15,3 +15,5 @@ class HttpStats:
     send_timeouts: int = 0  # connections dropped because a write made no progress in send_timeout
     protocol_errors: int = 0  # malformed HTTP/1.1, HTTP/2 or WebSocket input
     accept_errors: int = 0  # accept() failures such as EMFILE/ENFILE (the loop backs off, never dies)
+    connections_rotated: int = 0  # connections asked to close for reaching http.max_connection_age
+    drain_aborted: int = 0  # connections still open at a drain's deadline, cut

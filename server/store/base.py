@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from server.core.events import Event, NewEvent, StreamInfo
 
@@ -82,6 +83,14 @@ Notice = Appended | Closed | Deleted
 Listener = Callable[[Notice], None]
 
 
+class Head(NamedTuple):
+    """Where a stream's history stands: its ``epoch``, the newest ``last_seq`` issued in it, ``closed``."""
+
+    epoch: str
+    last_seq: int
+    closed: bool = False
+
+
 class Store(abc.ABC):
     """A durable, ordered log of events per stream.
 
@@ -131,6 +140,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete(self, stream: str) -> bool:
         """Drop the stream and its history; return whether it existed."""
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, Head]:
+        """Return the current :class:`Head` of each existing stream in ``streams`` (missing ones are left out).
+
+        Each head is read from committed state, so it is at least as new as every change whose
+        listener call happened before this call. The default asks :meth:`info` once per stream;
+        backends override it with a batched read.
+        """
+        out: dict[str, Head] = {}
+        for stream in streams:
+            info = await self.info(stream)
+            if info is not None:
+                out[stream] = Head(info.epoch, info.last_seq, info.closed)
+        return out
 
     async def trim_expired(self) -> int:
         """Drop events older than the retention age; return how many. Default: nothing to do."""

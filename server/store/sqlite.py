@@ -25,7 +25,7 @@ from typing import TypeVar
 import trio
 
 from server.core.events import NewEvent, StreamInfo
-from server.store.base import AppendResult, Notice, Page, Retention, Store
+from server.store.base import AppendResult, Head, Notice, Page, Retention, Store
 from server.store.sqlite_ops import (
     AppendOp,
     BatchFailed,
@@ -36,6 +36,7 @@ from server.store.sqlite_ops import (
     TrimOp,
     WriteOp,
     commit_batch,
+    read_heads,
     read_info,
     read_page,
 )
@@ -143,6 +144,13 @@ class SqliteStore(Store):
     async def info(self, stream: str) -> StreamInfo | None:
         """Return the stream's committed state, or ``None`` if it does not exist."""
         return await self._read(read_info, stream)
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, Head]:
+        """Return the committed :class:`Head` of each existing stream in ``streams``, in one thread
+        call and one query per chunk of streams."""
+        if not streams:
+            return {}
+        return await self._read(read_heads, list(streams))
 
     async def close_stream(self, stream: str) -> StreamInfo:
         """Mark the stream closed, creating it empty and closed if missing; closing twice is a no-op."""

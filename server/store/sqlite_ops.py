@@ -18,6 +18,7 @@ from server.store.base import (
     AppendResult,
     Closed,
     Deleted,
+    Head,
     Notice,
     Page,
     Retention,
@@ -280,6 +281,23 @@ def read_info(conn: sqlite3.Connection, stream: str) -> StreamInfo | None:
     """Return the state of ``stream``, or ``None`` if it does not exist."""
     row = _load(conn, stream)
     return None if row is None else row.info(stream)
+
+
+HEADS_CHUNK = 500
+"""Streams looked up per query by :func:`read_heads` (below every sqlite's bound-parameter limit)."""
+
+
+def read_heads(conn: sqlite3.Connection, streams: Sequence[str]) -> dict[str, Head]:
+    """Return the :class:`Head` of each existing stream in ``streams``: one query per :data:`HEADS_CHUNK`."""
+    out: dict[str, Head] = {}
+    for i in range(0, len(streams), HEADS_CHUNK):
+        chunk = streams[i : i + HEADS_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for name, epoch, last_seq, closed in conn.execute(
+            f"SELECT name, epoch, last_seq, closed FROM streams WHERE name IN ({marks})", chunk
+        ):
+            out[name] = Head(epoch, last_seq, bool(closed))
+    return out
 
 
 def read_page(conn: sqlite3.Connection, stream: str, after_seq: int, limit: int) -> Page:

@@ -82,10 +82,17 @@ async def handle_poll(ex: Exchange, ctx: Context, stream: str) -> None:
     timeout = _timeout(ex, ctx)
     sink = CollectSink(ctx.settings.poll_max_events)
     async with ctx.hub.open_subscription(stream, start) as sub, trio.open_nursery() as nursery:
+
+        def wind_down() -> None:  # drain or rotation: answer now with what there is
+            sub.stop()
+            sink.ready.set()
+
         nursery.start_soon(sub.run, sink)
+        ex.on_close_request(wind_down)
         with trio.move_on_after(timeout):
             await sink.ready.wait()
-        nursery.cancel_scope.cancel()
+        if not sub.stopped:
+            nursery.cancel_scope.cancel()  # stopped: run() returns by itself, its reset sent
     events = sink.events
     next_id = events[-1]["id"] if events else sub.position
     await send_json(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 
 from server.core.events import is_valid_stream
@@ -57,7 +58,7 @@ def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Ha
         elif path == "/healthz":
             if method != "GET":
                 raise _not_allowed(["GET"])
-            await send_json(ex, 200, {"status": "ok"})
+            await send_json(ex, 200, {"status": "ok", "pid": os.getpid()})  # pid: which worker answered
         elif path == "/readyz":
             if method != "GET":
                 raise _not_allowed(["GET"])

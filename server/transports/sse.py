@@ -76,6 +76,18 @@ async def handle_sse(ex: Exchange, ctx: Context, stream: str) -> None:
     async with ctx.hub.open_subscription(stream, start, heartbeat=heartbeat) as sub:
         resp = await ex.open_stream(200, SSE_HEADERS)
         resp.send(encode_retry(ctx.settings.retry_value()))
+        ex.on_close_request(sub.stop)  # drain or rotation: stop, then end cleanly below
         await sub.run(SSESink(resp))
     if sub.ended:
         await resp.finish()
+    elif sub.stopped:
+        resp.send(wind_down_block(sub.position, ctx.settings.retry_value()))
+        await resp.finish()
+
+
+def wind_down_block(position: str | None, retry_ms: int) -> bytes:
+    """What a stopped SSE response ends with: a fresh (jittered) ``retry:``, preceded by
+    ``id: <position>`` when there is one, so that the client's Last-Event-ID is exact even when
+    it saw no event yet (an ``id`` with no ``data`` sets it without dispatching an event)."""
+    retry = encode_retry(retry_ms)
+    return b"id: " + position.encode("ascii") + b"\n" + retry if position is not None else retry
