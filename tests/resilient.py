@@ -28,6 +28,7 @@ class Transcript:
     """What one client saw."""
 
     name: str
+    streams: list[str]
     got: dict[str, list[str]] = field(default_factory=dict)
     resets: list[object] = field(default_factory=list)
     reconnects: int = 0
@@ -41,7 +42,8 @@ class Transcript:
         self.got.setdefault(stream, []).append(eid)
 
     def complete(self, want: dict[str, int]) -> bool:
-        return all(len(self.got.get(s, [])) >= n for s, n in want.items())
+        """Whether every stream of this client has at least ``want[stream]`` events."""
+        return all(len(self.got.get(s, [])) >= want.get(s, 0) for s in self.streams)
 
 
 @dataclass

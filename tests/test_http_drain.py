@@ -10,6 +10,7 @@ from h2.errors import ErrorCodes
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from server.http.base import Exchange, HttpLimits
+from server.http.connection import FRESH_GRACE
 from server.http.h2conn import PREFACE
 from server.http.listener import bind_tcp_listener
 from server.http.server import HttpServer, serve_http
@@ -140,16 +141,22 @@ async def test_http2_streams_are_told_then_goaway() -> None:
             assert app.calls == ["first", "second"] * 2
 
 
-async def test_new_connection_closes_at_once_unless_it_sent_something() -> None:
-    with trio.fail_after(10):
+async def test_only_silent_old_connections_close_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(60):
         async with running_server() as (server, port, _):
             silent = await connect(port)
             partial = await connect(port)
             await partial.send(PREFACE[:10])  # HTTP/2 prior knowledge, preface not complete yet
+            await trio.sleep(FRESH_GRACE)  # (virtual time) silent is no longer new
+            fresh = await connect(port)  # its request may be on the way
             await trio.testing.wait_all_tasks_blocked()
-            assert len(server.connections) == 2  # accepted, protocol not known yet
+            assert len(server.connections) == 3  # all accepted, protocols not known yet
             server.request_close_all()
             assert await read_until_eof(silent) == b""
+            await fresh.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, headers, _ = await read_response(fresh, bytearray())
+            assert (status, headers.get("connection")) == (200, "close")
+            assert await read_until_eof(fresh) == b""
             client = H2Client(partial)
             client.conn.initiate_connection()
             sid = client.request("/echo")

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 64 * 1024
 LINGER_SECONDS = 2.0  # after a graceful close, how long to read and discard what the peer still sends
 LINGER_BYTES = 256 * 1024
+FRESH_GRACE = 1.0  # a connection younger than this that sent nothing yet may still have a request on the way
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -40,6 +41,7 @@ class Connection:
         "_sock",
         "_stream",
         "_tsock",
+        "accepted_at",
         "client",
         "close_requested",
         "outbox",
@@ -58,6 +60,7 @@ class Connection:
         self._tsock = tsock
         self._sock = sock
         self._input_seen = False  # the peer has sent something (the first peek returned data)
+        self.accepted_at = trio.current_time()
         self._stream: trio.SSLStream[trio.SocketStream] | None = None
         self._scope: trio.CancelScope | None = None
         self._closed = False
@@ -113,9 +116,10 @@ class Connection:
         HTTP/1.1: no further requests; an idle connection closes now, a busy one after the
         current response (whose handler is told through ``Exchange.on_close_request``). HTTP/2:
         new streams are refused, open streams are told, GOAWAY once they are done. WebSocket:
-        close 1012. A new connection that has sent nothing yet closes now; one whose protocol is
-        not known yet although bytes came (TLS handshake, a partial HTTP/2 preface; bounded by
-        ``header_timeout``) serves what it asked for first, then closes.
+        close 1012. A connection that has sent nothing for ``FRESH_GRACE`` seconds since it was
+        accepted closes now; a younger one (its request may be on the way) or one whose protocol
+        is not known yet although bytes came (TLS handshake, a partial HTTP/2 preface) serves its
+        first request, then closes (the wait for it is bounded by ``header_timeout``).
         """
         if self.close_requested or self._closed:
             return
@@ -123,7 +127,7 @@ class Connection:
         hook = self._on_close_request
         if hook is not None:
             hook()
-        elif not self._has_input():
+        elif trio.current_time() - self.accepted_at >= FRESH_GRACE and not self._has_input():
             self.abort("close requested before any request")
 
     def _has_input(self) -> bool:

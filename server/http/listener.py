@@ -104,6 +104,9 @@ async def accept_loop(
     last_warning = -ACCEPT_LOG_INTERVAL
     while True:
         await trio.lowlevel.wait_readable(listener)
+        # Readable and cancelled at once (accepting was stopped): accept nothing more, so what is
+        # queued stays for whoever else listens on this socket.
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
                 sock, addr = listener.accept()
