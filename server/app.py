@@ -3,8 +3,8 @@
 ``serve(config)`` runs one worker: it opens the configured store, wires the store's commit
 listener to the hub (and, given a ``peers_dir``, to the bus that tells the host's other workers),
 and serves the HTTP engine on the configured listening socket(s).
-``run(config)`` is what ``sluice serve`` calls: it runs ``serve`` under ``trio.run`` and stops
-cleanly on SIGINT/SIGTERM.
+Each worker process (``server.process.worker``) runs ``serve`` on the sockets its supervisor
+hands it; tests run it in-process.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -163,8 +162,15 @@ async def serve(
     the worker joins the host's notice bus before it accepts, so publishes on any worker reach
     subscribers on this one (see :mod:`server.process.peers`).
     """
-    if listeners is None:
-        listeners = [bind_tcp_listener(config.server.host, config.server.port)]
+    with ExitStack() as owned:
+        if listeners is None:  # ours to close; sockets handed in belong to the caller
+            listeners = [owned.enter_context(bind_tcp_listener(config.server.host, config.server.port))]
+        await _serve(config, listeners, peers_dir, task_status)
+
+
+async def _serve(
+    config: Config, listeners: list[socket.socket], peers_dir: str | None, task_status: trio.TaskStatus[Worker]
+) -> None:
     ssl_context = None
     if config.server.tls_cert and config.server.tls_key:
         ssl_context = make_server_ssl_context(config.server.tls_cert, config.server.tls_key)
@@ -184,18 +190,3 @@ async def serve(
             addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
             log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)
             task_status.started(Worker(ctx, http, listeners, bus))
-
-
-async def _main(config: Config) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, config)
-            async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
-
-
-def run(config: Config) -> None:
-    """Run one worker until SIGINT or SIGTERM (``sluice serve``)."""
-    trio.run(_main, config)

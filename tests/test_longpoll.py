@@ -73,3 +73,17 @@ async def test_poll_resets_for_evicted_and_foreign_ids(nursery: trio.Nursery, tm
             r = await poll(s.port, f"last_event_id={requested}")
             assert r["reset"] == {"reason": reason, "earliest": ids[2], "requested": requested}
             assert [e["id"] for e in r["events"]] == ids[2:] and r["next"] == ids[3]
+
+
+async def test_timeout_zero_still_answers_what_is_due(nursery: trio.Nursery, tmp_path: Path, backend: str) -> None:
+    s = await start_sluice(nursery, tmp_path, backend, store={"max_events": 1})
+    with trio.fail_after(10):
+        ids = [await publish(s.port, "lp", f"e{i}") for i in range(3)]
+        r = await poll(s.port, "from=start&timeout=0")
+        assert [e["id"] for e in r["events"]] == ids[2:]
+        # everything after ids[0] but the last was trimmed: a reset, never a silent skip
+        r = await poll(s.port, f"last_event_id={ids[0]}&timeout=0")
+        assert r["reset"] == {"reason": "gone", "earliest": ids[2], "requested": ids[0]}
+        await request(s.port, "DELETE", "/v1/streams/lp")
+        r = await poll(s.port, f"last_event_id={ids[2]}&timeout=0")  # no such stream now
+        assert r["reset"] is not None and r["reset"]["reason"] == "epoch" and r["events"] == []

@@ -115,6 +115,11 @@ class Subscription:
         self._pending_reset: Reset | None = None
 
     @property
+    def pending_reset(self) -> Reset | None:
+        """A reset planned but not yet handed to the sink (``run`` sends it first)."""
+        return self._pending_reset
+
+    @property
     def position(self) -> str | None:
         """The id to resume after, or ``None`` if nothing of any epoch has been passed yet."""
         return format_id(self.epoch, self.last_seq) if self.epoch is not None and self.last_seq else None
@@ -256,6 +261,7 @@ class Subscription:
             page = await hub.store.read(self.stream, self.last_seq, page_size)
             info = page.info
             if info is None:  # no such stream (yet, or any more): the first event comes live
+                await self.sink.drain()  # a page (an empty one) was read: sinks may act on it
                 if self._live_mark is None and not self._closed_seen:
                     self.live = True
                     return

@@ -17,32 +17,39 @@ from server.http.base import Exchange, HTTPError
 from server.transports.context import Context, send_json
 from server.transports.sse import start_of
 
+FIRST_READ_LIMIT = 10.0  # seconds a poll waits for its first store read before answering anyway
+
 
 class CollectSink:
     """Collects one response's worth of output; signals ``ready`` once there is something to send."""
 
-    __slots__ = ("end_seen", "events", "limit", "ready", "reset_seen")
+    __slots__ = ("checked", "end_seen", "events", "limit", "ready", "reset_seen")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.events: list[dict[str, object]] = []
         self.reset_seen: Reset | None = None
         self.end_seen = False
-        self.ready = trio.Event()
+        self.ready = trio.Event()  # there is something to answer with
+        self.checked = trio.Event()  # the store was read once: what was due then is collected
+
+    def _answer(self) -> None:
+        self.ready.set()
+        self.checked.set()
 
     def deliver(self, enc: EncodedEvent) -> bool:
         """Keep the event unless the response is full (then the subscription stops)."""
         if len(self.events) >= self.limit:
-            self.ready.set()
+            self._answer()
             return False
         self.events.append(enc.poll)
-        self.ready.set()
+        self._answer()
         return True
 
     def reset(self, reset: Reset) -> bool:
         """Keep the first reset (one response carries at most one)."""
         if self.events:
-            self.ready.set()
+            self._answer()
             return False
         if self.reset_seen is None:
             self.reset_seen = reset
@@ -51,7 +58,7 @@ class CollectSink:
     def end(self) -> None:
         """Note the end of the stream."""
         self.end_seen = True
-        self.ready.set()
+        self._answer()
 
     def idle(self) -> bool:
         """Long-polls have no heartbeats."""
@@ -59,8 +66,9 @@ class CollectSink:
 
     async def drain(self) -> None:
         """A page of replay is complete: answer if it produced anything."""
+        self.checked.set()
         if self.events or self.reset_seen is not None or self.end_seen:
-            self.ready.set()
+            self._answer()
 
 
 def _timeout(ex: Exchange, ctx: Context) -> float:
@@ -86,22 +94,28 @@ async def handle_poll(ex: Exchange, ctx: Context, stream: str) -> None:
         def wind_down() -> None:  # drain or rotation: answer now with what there is
             sub.stop()
             sink.ready.set()
+            sink.checked.set()
 
         nursery.start_soon(sub.run, sink)
         ex.on_close_request(wind_down)
-        with trio.move_on_after(timeout):
-            await sink.ready.wait()
+        # "At once when events are available": the timeout only starts once the store was read.
+        with trio.move_on_after(FIRST_READ_LIMIT):
+            await sink.checked.wait()
+        if not sink.ready.is_set():
+            with trio.move_on_after(timeout):
+                await sink.ready.wait()
         if not sub.stopped:
             nursery.cancel_scope.cancel()  # stopped: run() returns by itself, its reset sent
     events = sink.events
     next_id = events[-1]["id"] if events else sub.position
+    reset = sink.reset_seen if sink.reset_seen is not None else sub.pending_reset
     await send_json(
         ex,
         200,
         {
             "events": events,
             "next": next_id,
-            "reset": sink.reset_seen.as_dict() if sink.reset_seen is not None else None,
+            "reset": reset.as_dict() if reset is not None else None,
             "end": sink.end_seen,
         },
     )
