@@ -60,7 +60,7 @@ class SubSpec:
     streams: list[str]
     hold_timeout: float  # fail-safe: the longest wait for the controller
     count: int = 0
-    first_index: int = 0  # global index of its first subscriber (picks stream and source address)
+    first_index: int = 0  # global index of its first subscriber (picks its stream)
 
 
 class Subscriber:
@@ -141,6 +141,7 @@ class Group:
         self.errors: list[str] = []
         self.target: dict[str, int] = {}
         self.all_connected, self.all_live, self.all_done = trio.Event(), trio.Event(), trio.Event()
+        self.lag: list[tuple[float, float]] = []  # (when, how late a 50 ms sleep woke up)
 
     def note(self, error: str) -> None:
         """Count a failed connection attempt; keep the first few messages."""
@@ -169,14 +170,22 @@ class Group:
                 "extra": sum(max(0, s.next_seq - self.target[s.stream]) for s in subs),
                 "bad_last_id": sum(s.event_id.decode() != last_ids[s.stream] for s in subs),
                 **{k: sum(getattr(s, k) for s in subs) for k in ("dups", "disorder", "resets", "ends")},
-                "not_done": self.n - self.done, "connect_errors": self.connect_errors, "errors": self.errors}
+                "not_done": self.n - self.done, "connect_errors": self.connect_errors, "errors": self.errors,
+                "lag": [(t - t0, d) for t, d in self.lag]}
+
+
+async def watch_lag(group: Group) -> None:
+    """Record this process's event-loop lag: a client that runs late measures the server as slow."""
+    while True:
+        t = time.monotonic()
+        await trio.sleep(0.05)
+        group.lag.append((t, time.monotonic() - t - 0.05))
 
 
 async def request(sock: trio.socket.SocketType, spec: SubSpec, sub: Subscriber) -> tuple[float, bytes]:
     """Connect, send the GET (with Last-Event-ID once there is one), read a 200 chunked head;
     returns when TCP connected and the body bytes that came with the head."""
-    await sock.bind((core.source_address(spec.first_index + sub.index), 0))
-    await sock.connect((HOST, spec.port))
+    await sock.connect((HOST, spec.port))  # no bind(addr, 0) first: with thousands of ports in use it takes ms
     connected = time.monotonic()
     req = f"GET /v1/streams/{sub.stream}?from=start HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n"
     if sub.last_id:
@@ -235,6 +244,7 @@ async def client_async(conn: Connection, spec: SubSpec) -> None:
     async with trio.open_nursery() as nursery:
         for sub in group.subs:
             nursery.start_soon(subscribe, spec, sub, group, limiter)
+        nursery.start_soon(watch_lag, group)
         with trio.move_on_after(CONNECT_TIMEOUT):
             await group.all_connected.wait()
         conn.send(("connected", group.connected, group.errors))
@@ -369,6 +379,16 @@ def tcp_drops() -> Counter[str]:
     return Counter({k: int(v) for k, v in zip(lines[0][1:], lines[1][1:], strict=True) if k in TCP_DROPS})
 
 
+def sockets_open(pid: int) -> int:
+    """How many sockets the process has open (its connections, listeners and peer sockets)."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
 class Run:
     """One server with its clients and publisher; every process ended by PID in :meth:`close`."""
 
@@ -386,7 +406,7 @@ class Run:
         self.procs: list[Any] = []
         self.pipes: list[Connection] = []  # to the client processes
         self.every: list[Connection] = []  # to every process
-        self.series: list[tuple[float, float, float]] = []  # (monotonic, server CPU s, client CPU s)
+        self.series: list[tuple[float, ...]] = []  # (monotonic, server CPU s, client CPU s, host busy CPU s)
 
     def spawn(self, target: Callable[..., None], *args: Any) -> Connection:
         """Start a process (a spawned interpreter) running ``target(pipe, *args)``."""
@@ -402,7 +422,9 @@ class Run:
         pids = core.process_tree(self.server.pid)
         self.workers.update(pids[1:])
         clients = sum(core.cpu_seconds(p.pid) for p in self.procs[1:])
-        self.series.append((time.monotonic(), server_cpu(self.server.pid, pids), clients))
+        host = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        busy = (sum(host) - host[3] - host[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        self.series.append((time.monotonic(), server_cpu(self.server.pid, pids), clients, busy))
 
     def wait(self, until: Callable[[], Any], timeout: float, what: str) -> Any:
         """Sample every 0.5 s until ``until()`` is truthy (returned); fail-safe timeout."""
@@ -501,6 +523,7 @@ def measure(args: argparse.Namespace, window: float) -> dict[str, Any]:
             pipe.send("stop")
         for proc in run.procs:  # subscribers gone: the stop below drains an idle server
             proc.join(30)
+        fds = [sockets_open(w) for w in core.process_tree(run.server.pid)[1:]]
         t_term = time.monotonic()
         run.server.send_signal(signal.SIGTERM)
         code, t_exit = run.server.wait(args.deadline + 15), time.monotonic() - t_term
@@ -510,7 +533,7 @@ def measure(args: argparse.Namespace, window: float) -> dict[str, Any]:
         if not ok:
             print(f"server log:\n{run.log[-4000:]}", file=sys.stderr)
     return summarize(run, t_hup=t_hup, reload=(i_rel, i_done), marks=marks, stats=stats, reports=reports,
-                     extra={"drops": drops, "exit": f"{t_exit:.1f} s, status {code}"})
+                     extra={"drops": drops, "exit": f"{t_exit:.1f} s, status {code}; worker sockets before: {fds}"})
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -534,8 +557,13 @@ def summarize(run: Run, *, t_hup: float, reload: tuple[int, int], marks: list[in
     per_sub: Counter[int] = sum((r["per_sub"] for r in reports), Counter())
     heads = [m[3] for m in moves if m[3] is not None]
     hist = Counter(math.floor(h) for h in heads)
-    base, (t0, s0, c0), (t1, s1, c1) = (series[k - 1] for k in marks)
-    steps = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in itertools.pairwise(series[marks[1] - 1 : marks[2]])]
+    base, (t0, s0, c0, h0), (t1, s1, c1, h1) = (series[k - 1] for k in marks)
+    lag = [d for r in reports for t, d in r["lag"] if 0 <= t <= t_ready - t_hup]
+    steps, anchor = [], series[marks[1] - 1]  # server cores per interval of >= 0.45 s (ticks are 10 ms)
+    for sample in series[marks[1] : marks[2]]:
+        if sample[0] - anchor[0] >= 0.45:
+            steps.append((sample[1] - anchor[1]) / (sample[0] - anchor[0]))
+            anchor = sample
     total = {k: sum(r[k] for r in reports) for k in reports[0] if isinstance(reports[0][k], int)}
     pub_lat = [d for p in stats.values() for s, d in p.latency if t_hup <= s <= t_ready]
     done = [m for m in moves if m[1] is not None]
@@ -571,7 +599,10 @@ def summarize(run: Run, *, t_hup: float, reload: tuple[int, int], marks: list[in
         ("server CPU SIGHUP → READY: s (avg, peak 0.5 s cores)",
          f"{s1 - s0:.1f} ({(s1 - s0) / (t1 - t0):.2f}, {max(steps, default=math.nan):.2f})"),
         ("client CPU SIGHUP → READY: s (avg cores)", f"{c1 - c0:.1f} ({(c1 - c0) / (t1 - t0):.2f})"),
-        ("SIGTERM → supervisor exit (idle)", extra["exit"]),
+        (f"host CPU busy SIGHUP → READY: avg cores of {os.cpu_count()} (not server or clients)",
+         f"{(h1 - h0) / (t1 - t0):.2f} ({(h1 - h0 - s1 + s0 - c1 + c0) / (t1 - t0):.2f})"),
+        ("client event-loop lag during reload, ms p50/p99/max", ms3(lag)),
+        ("SIGTERM → supervisor exit (subscribers gone)", extra["exit"]),
     ]
     odd = [ln for ln in log.splitlines() if (ln.strip() and " INFO " not in ln) or "did not welcome" in ln]
     odd += [p.failed for p in stats.values() if p.failed] + [e for r in reports for e in r["errors"]]
