@@ -319,3 +319,25 @@ async def test_http2_sse_streams_end_with_retry_then_goaway(
             st = c.streams[sid]
             assert st.ended and st.reset is None
             assert [e.id for e in st.events] == [first] and len(st.parser.retries) == 2
+
+
+async def test_drain_ends_as_soon_as_every_client_has_gone(
+    nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pacing is for connections still open: a drain whose clients all left returns at once."""
+    s = await start_sluice(nursery, tmp_path, "memory")
+    with trio.fail_after(60):
+        socks = []
+        for _ in range(20):
+            sock = await raw_socket(s.port)
+            await sock.send(b"GET /v1/streams/gone HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+            socks.append(sock)
+        await wait_live(s.ctx, "gone", 20)
+        started = trio.current_time()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(partial(drain_worker, s.worker, window=10.0, deadline=30.0))
+            await trio.sleep(0.3)
+            for sock in socks:
+                sock.close()
+        assert trio.current_time() - started < 2.0  # not the 10 s window
+        assert s.worker.http.stats.drain_aborted == 0

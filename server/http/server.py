@@ -167,13 +167,14 @@ class HttpServer:
         count = len(pending)
         step = window / count if count else 0.0
         i = 0
-        while pending:
+        while pending and self.connections:  # done early once every connection has gone
             now = trio.current_time()
             while pending and start + i * step <= now:
                 pending.pop().request_close()  # pop: a closed connection is not kept alive here
                 i += 1
             if pending:
-                await trio.sleep_until(start + i * step)
+                with trio.move_on_at(start + i * step):
+                    await self._wait_gone()
 
     async def _wait_gone(self) -> None:
         while self.connections:
