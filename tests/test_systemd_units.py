@@ -14,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -177,18 +176,6 @@ def test_verify_problems_catches_unknown_keys_and_bad_values(unit_dir: Path) -> 
     _, problems = verify_problems(service)
     assert any("KillMod" in line for line in problems), problems
     assert any("soon" in line for line in problems), problems
-
-
-@needs_systemd_analyze
-def test_security_exposure_score(unit_dir: Path, record_property: Callable[[str, object], None]) -> None:
-    """Reports ``systemd-analyze security`` for the service; informative only, nothing is asserted."""
-    result = run_analyze("security", "--offline=yes", "--no-pager", str(unit_dir / SERVICE.name))
-    output = result.stdout + result.stderr
-    overall = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?) (\w+)", output)
-    if overall is None:
-        pytest.skip(f"systemd-analyze security --offline=yes gave no score: {output.strip()[-300:]}")
-    record_property("systemd_security_exposure", overall.group(1))
-    print(f"\nsystemd-analyze security: exposure {overall.group(1)} {overall.group(2)}")
 
 
 # ---- what the server relies on ---------------------------------------------------------------

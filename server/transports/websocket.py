@@ -30,16 +30,17 @@ Fmt = Literal["json", "msgpack"]
 class WSSink:
     """One subscription's output on a shared socket."""
 
-    __slots__ = ("_fmt", "_stream", "_ws")
+    __slots__ = ("_fmt", "_json", "_stream", "_ws")
 
     def __init__(self, ws: WebSocket, stream: str, fmt: Fmt) -> None:
         self._ws = ws
         self._stream = stream
         self._fmt: Fmt = fmt
+        self._json = fmt == "json"
 
     def deliver(self, enc: EncodedEvent) -> bool:
         """Write the shared pre-built frame for this subprotocol."""
-        return self._ws.send_frame(enc.ws_json if self._fmt == "json" else enc.ws_msgpack)
+        return self._ws.send_frame(enc.ws_json if self._json else enc.ws_msgpack)
 
     def reset(self, reset: Reset) -> bool:
         """Send ``{"op": "reset", ...}``."""
