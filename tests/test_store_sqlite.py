@@ -267,3 +267,29 @@ async def test_bad_parameters_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         async with open_sqlite_store(tmp_path / "p.db", queue_size=0):
             pass
+
+
+def test_workers_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Several processes' writers create and configure one new database file at the same moment."""
+    import threading
+
+    from server.store.sqlite_schema import open_writer
+
+    for attempt in range(20):
+        path = tmp_path / f"race-{attempt}.db"
+        barrier = threading.Barrier(6)
+        errors: list[BaseException] = []
+
+        def opener(path: Path = path, barrier: threading.Barrier = barrier, errors: list[BaseException] = errors) -> None:
+            barrier.wait()
+            try:
+                open_writer(path, 5.0).close()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=opener) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert errors == [], (attempt, errors)

@@ -15,6 +15,7 @@ Layout (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -83,15 +84,28 @@ def open_writer(path: str | Path, busy_timeout: float) -> sqlite3.Connection:
     """
     conn = _connect(path, busy_timeout)
     try:
-        _configure_writer(conn, path)
+        _configure_writer(conn, path, busy_timeout)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def _configure_writer(conn: sqlite3.Connection, path: str | Path) -> None:
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+def _enable_wal(conn: sqlite3.Connection, busy_timeout: float) -> str:
+    """Switch to WAL. SQLite does not call the busy handler for this switch, so workers opening a
+    new file at the same moment retry here (bounded by ``busy_timeout``) instead of failing."""
+    give_up = time.monotonic() + busy_timeout
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= give_up:
+                raise
+            time.sleep(0.01)
+
+
+def _configure_writer(conn: sqlite3.Connection, path: str | Path, busy_timeout: float) -> None:
+    mode = _enable_wal(conn, busy_timeout)
     if str(mode).lower() != "wal":
         raise SchemaError(f"cannot use WAL journaling for {path!s} (got {mode!r})")
     conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
