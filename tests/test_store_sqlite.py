@@ -280,7 +280,9 @@ def test_workers_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
         barrier = threading.Barrier(6)
         errors: list[BaseException] = []
 
-        def opener(path: Path = path, barrier: threading.Barrier = barrier, errors: list[BaseException] = errors) -> None:
+        def opener(
+            path: Path = path, barrier: threading.Barrier = barrier, errors: list[BaseException] = errors
+        ) -> None:
             barrier.wait()
             try:
                 open_writer(path, 5.0).close()
