@@ -1,0 +1,287 @@
+"""``sluice-loadtest bench``: every figure of docs/PERFORMANCE.md, baselines included, in one run.
+
+Each entry starts a fresh server (Sluice, nginx + nchan, or the uvicorn + ASGI baseline) for
+each target it compares, runs one scenario with the same harness and settings, saves the result
+(JSON) and plots under ``--out``, and finally rewrites the generated part of the page (between
+``<!-- bench:begin -->`` and ``<!-- bench:end -->``). The rest of the page is prose and stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loadtest import report
+from loadtest.clients.common import Endpoint
+from loadtest.run import Run
+from loadtest.spec import Action, RunSpec
+from loadtest.sysinfo import machine
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One comparison: a scenario run against each of ``targets``."""
+
+    name: str
+    title: str
+    targets: tuple[str, ...]
+    scenario: str
+    subs: int
+    rate: float = 10.0
+    duration: float = 20.0
+    transport: str = "sse-h1"
+    per_conn: int = 1
+    base: str = "fanout"
+    tokens: int = 100
+    workers: dict[str, int] = field(default_factory=dict)  # per target kind; default 2 (nchan, sluice), 1 (uvicorn)
+    actions: tuple[Action, ...] = ()
+    procs: int = 0
+
+    def spec(self, endpoint: Endpoint, pid: int, scale: float) -> RunSpec:
+        """The run for one target."""
+        subs = max(10, math.ceil(self.subs * scale))
+        return RunSpec(scenario=self.scenario, endpoint=endpoint, base=self.base, transport=self.transport,
+                       subs=subs, per_conn=self.per_conn, rate=self.rate, duration=self.duration,
+                       tokens=self.tokens, stagger=min(5.0, self.duration), server_pid=pid,
+                       actions=list(self.actions), procs=self.procs, label=self.name, connect_timeout=600,
+                       settle_timeout=60)
+
+
+ENTRIES: tuple[Entry, ...] = (
+    Entry("idle-100k", "idle: 100,000 SSE connections", ("sluice", "nchan"), "idle", 100_000, duration=20,
+          workers={"sluice": 8, "nchan": 8}),
+    Entry("idle-15k", "idle: 15,000 SSE connections", ("sluice", "nchan", "uvicorn"), "idle", 15_000, duration=15),
+    Entry("fanout-20", "fanout: 2,000 subscribers x 20 events/s", ("sluice", "nchan", "uvicorn"), "fanout", 2000,
+          rate=20, duration=30),
+    Entry("fanout-20-h2", "fanout: 2,000 subscribers x 20 events/s over HTTP/2 (100 streams per connection)",
+          ("sluice",), "fanout", 2000, rate=20, duration=30, transport="sse-h2", per_conn=100),
+    Entry("fanout-200", "fanout: 2,000 subscribers x 200 events/s", ("sluice", "uvicorn", "nchan"), "fanout", 2000,
+          rate=200, duration=15),
+    Entry("topics", "topics: 5,000 subscribers on their own streams, 2,000 events/s", ("sluice", "nchan", "uvicorn"),
+          "topics", 5000, rate=2000, duration=15),
+    Entry("fanout-10k", "fanout: 10,000 subscribers x 5 events/s", ("sluice",), "fanout", 10_000, rate=5,
+          duration=30),
+    Entry("deploy", "deploy: 10,000 subscribers, 5 events/s, two rolling restarts", ("sluice",), "deploy", 10_000,
+          rate=5, duration=90,
+          actions=(Action(20, "restart", "kill -HUP {pid}"), Action(55, "restart", "kill -HUP {pid}"))),
+    Entry("storm", "storm: 5,000 subscribers drop and reconnect at once", ("sluice",), "storm", 5000, rate=5,
+          duration=20, actions=(Action(8, "storm"),)),
+    Entry("llm", "llm: 1,000 generations of 100 tokens at 30 tokens/s", ("sluice", "uvicorn"), "llm", 1000, rate=30,
+          tokens=100, duration=5),
+    Entry("ws-json", "fanout over WebSocket JSON: 2,000 x 20/s", ("sluice",), "fanout", 2000, rate=20, duration=15,
+          transport="ws-json"),
+    Entry("ws-msgpack", "fanout over WebSocket msgpack: 2,000 x 20/s", ("sluice",), "fanout", 2000, rate=20,
+          duration=15, transport="ws-msgpack"),
+    Entry("longpoll", "fanout over long-poll: 2,000 x 20/s", ("sluice",), "fanout", 2000, rate=20, duration=15,
+          transport="longpoll"),
+)
+
+
+def _get(results: dict[str, Result], key: str, *path: str) -> Any:
+    value: Any = results.get(key)
+    for p in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(p)
+    return value
+
+
+def _cpu(results: dict[str, Result], key: str) -> float | None:
+    value = _get(results, key, "server_cpu_us_per_event")
+    return float(value) if value is not None else None
+
+
+def _p99(results: dict[str, Result], key: str) -> float | None:
+    value = _get(results, key, "latency_ms", "p99")
+    return float(value) if value is not None else None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+Goal = tuple[str, Callable[[dict[str, Result]], tuple[str, bool | None]]]
+
+
+def _goal_idle(r: dict[str, Result]) -> tuple[str, bool | None]:
+    v = _get(r, "idle-100k/sluice", "server_rss_kib_per_conn")
+    n = _get(r, "idle-100k/nchan", "server_rss_kib_per_conn")
+    held = _get(r, "idle-100k/sluice", "connections", "held")
+    if not v:
+        return "not run", None
+    return f"{v} KiB/conn at {held:,} held (nchan {n})", v <= 10 and held >= 100_000
+
+
+def _goal_f20(r: dict[str, Result]) -> tuple[str, bool | None]:
+    s, n = _cpu(r, "fanout-20/sluice"), _cpu(r, "fanout-20/nchan")
+    return f"{s} µs vs nchan {n} µs ({_ratio(s, n)})", (s <= 1.1 * n) if s and n else None
+
+
+def _goal_f200(r: dict[str, Result]) -> tuple[str, bool | None]:
+    s, u = _cpu(r, "fanout-200/sluice"), _cpu(r, "fanout-200/uvicorn")
+    ps, pu, pn = _p99(r, "fanout-200/sluice"), _p99(r, "fanout-200/uvicorn"), _p99(r, "fanout-200/nchan")
+    lost = _get(r, "fanout-200/sluice", "verdict", "lost")
+    text = f"lost {lost}; {s} µs vs uvicorn {u} µs; p99 {ps} ms vs uvicorn {pu}, nchan {pn}"
+    if None in (s, u, ps, pu, pn):
+        return text, None
+    return text, bool(lost == 0 and s <= u and ps < pu and ps < pn)  # type: ignore[operator]
+
+
+def _goal_topics(r: dict[str, Result]) -> tuple[str, bool | None]:
+    s, n = _cpu(r, "topics/sluice"), _cpu(r, "topics/nchan")
+    return f"{s} µs vs nchan {n} µs ({_ratio(s, n)})", (s <= n) if s and n else None
+
+
+def _goal_f10k(r: dict[str, Result]) -> tuple[str, bool | None]:
+    p = _p99(r, "fanout-10k/sluice")
+    return f"p99 {p} ms", (p <= 50) if p is not None else None
+
+
+def _goal_deploy(r: dict[str, Result]) -> tuple[str, bool | None]:
+    v = _get(r, "deploy/sluice", "verdict")
+    m = _get(r, "deploy/sluice", "resume_s", "max")
+    if not v:
+        return "not run", None
+    rec = _get(r, "deploy/sluice", "reconnects")
+    return (f"lost {v['lost']}, duplicated {v['duplicated']}, {rec:,} reconnects, slowest resume {m} s",
+            v["lost"] == 0 and v["duplicated"] == 0 and m is not None and m <= 10)
+
+
+def _goal_h2(r: dict[str, Result]) -> tuple[str, bool | None]:
+    h2, h1 = _cpu(r, "fanout-20-h2/sluice"), _cpu(r, "fanout-20/sluice")
+    return f"{h2} µs vs {h1} µs ({_ratio(h2, h1)})", (h2 <= 1.5 * h1) if h1 and h2 else None
+
+
+GOALS: tuple[Goal, ...] = (
+    ("idle: 100,000 SSE connections, <= 10 KiB server RSS each", _goal_idle),
+    ("fanout 2,000 x 20/s: server CPU/event <= 1.1x nginx+nchan", _goal_f20),
+    ("fanout 2,000 x 200/s: nothing lost, CPU/event <= uvicorn, p99 below both baselines", _goal_f200),
+    ("topics 5,000 x 2,000 ev/s: CPU/event <= nginx+nchan", _goal_topics),
+    ("fanout 10,000 x 5/s: p99 <= 50 ms", _goal_f10k),
+    ("deploy 10,000 subscribers, 2 rolling restarts: 0 lost, 0 duplicated, resumed within 10 s", _goal_deploy),
+    ("SSE over HTTP/2 <= 1.5x SSE over HTTP/1.1 per event", _goal_h2),
+)
+
+
+def run_entry(entry: Entry, kind: str, out: Path, scale: float) -> Result:
+    """Run one entry against one target kind; the result, also saved as JSON (and plotted)."""
+    from loadtest.targets import open_target
+
+    workers = entry.workers.get(kind, 1 if kind == "uvicorn" else 2)
+    print(f"== {entry.name} / {kind} ({workers} server processes)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, \
+            open_target(kind, workdir=Path(tmp), workers=workers) as target:
+        spec = entry.spec(Endpoint(target.host, target.port, kind), target.pid, scale)
+        result = Run(spec, progress=True).execute()
+    result["server_workers"] = workers
+    name = f"{entry.name}-{kind}"
+    report.write_json(result, out / f"{name}.json")
+    if kind == "sluice" or entry.scenario in ("deploy", "storm"):
+        report.plot(result, out, name)
+    print(report.table(result), file=sys.stderr, flush=True)
+    return result
+
+
+def load_results(out: Path) -> dict[str, Result]:
+    """Every saved result, keyed ``entry/target``."""
+    results: dict[str, Result] = {}
+    for entry in ENTRIES:
+        for kind in entry.targets:
+            path = out / f"{entry.name}-{kind}.json"
+            if path.exists():
+                results[f"{entry.name}/{kind}"] = json.loads(path.read_text())
+    return results
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def render(results: dict[str, Result], out: Path, doc: Path) -> str:
+    """The generated part of the page."""
+    any_result = next(iter(results.values()), None)
+    facts = any_result["machine"] if any_result else machine()
+    lines = [BEGIN, "", "_Generated by `sluice-loadtest bench`; do not edit by hand._", "",
+             f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory']}, Linux {facts['kernel']}, "
+             f"CPython {facts['python']}, open files per process {facts['nofile_hard']}.", "",
+             "### Goals", "", "| goal | measured | met |", "|---|---|---|"]
+    for text, check in GOALS:
+        measured, met = check(results)
+        lines.append(f"| {text} | {measured} | {'yes' if met else 'no' if met is False else 'not run'} |")
+    rel = out.relative_to(doc.parent) if out.is_relative_to(doc.parent) else out
+    for entry in ENTRIES:
+        keys = [(kind, f"{entry.name}/{kind}") for kind in entry.targets]
+        rows = [(kind, results[key]) for kind, key in keys if key in results]
+        if not rows:
+            continue
+        lines += ["", f"### {entry.title}", "",
+                  "| server | procs | conns held | published | delivered | lost / dup / disorder "
+                  "| latency p50 / p99 / max ms | server CPU µs/event | RSS KiB/conn "
+                  "| reconnects (slowest resume s) | load cores |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for kind, r in rows:
+            v, lat = r["verdict"], r["latency_ms"]
+            latency = "-"
+            if lat.get("count"):
+                latency = f"{_cell(lat.get('p50'))} / {_cell(lat.get('p99'))} / {_cell(lat.get('max'))}"
+            resume = f"{r['reconnects']:,} ({_cell(r['resume_s'].get('max'))})" if r["reconnects"] else "0"
+            lines.append(
+                f"| {kind} | {r.get('server_workers', '-')} | {r['connections']['held']:,} | {r['published']:,} | "
+                f"{r['delivered']:,} | {v['lost']} / {v['duplicated']} / {v['disorder']} | {latency} | "
+                f"{_cell(r.get('server_cpu_us_per_event'))} | {_cell(r.get('server_rss_kib_per_conn'))} | {resume} | "
+                f"{_cell((r.get('load_cpu') or {}).get('cores_used'))} |")
+        spec = rows[0][1]["spec"]
+        command = (f"sluice-loadtest run {spec['scenario']} --start <server> --subs {spec['subs']} "
+                   f"--transport {spec['transport']} --rate {spec['rate']:g} --duration {spec['duration']:g}")
+        if spec["per_conn"] > 1:
+            command += f" --per-conn {spec['per_conn']}"
+        lines += ["", f"Same as `{command}`; results in `{rel}/{entry.name}-*.json`."]
+        for kind, _ in rows:
+            for suffix in ("latency", "connections"):
+                png = out / f"{entry.name}-{kind}-{suffix}.png"
+                if png.exists():
+                    lines.append(f"![{entry.name} {kind} {suffix}]({rel}/{png.name})")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """``sluice-loadtest bench``: run the entries, then rewrite the page."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.only)
+    unknown = wanted - {e.name for e in ENTRIES} - {f"{e.name}/{k}" for e in ENTRIES for k in e.targets}
+    if unknown:
+        raise ValueError(f"no bench entries named {', '.join(sorted(unknown))}")
+    started = time.monotonic()
+    for entry in ENTRIES:
+        for kind in entry.targets:
+            if wanted and entry.name not in wanted and f"{entry.name}/{kind}" not in wanted:
+                continue
+            run_entry(entry, kind, out, args.scale)
+    doc: Path = args.doc
+    text = doc.read_text() if doc.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(head + render(load_results(out), out, doc) + tail)
+    print(f"bench: {time.monotonic() - started:.0f} s; wrote {doc}", file=sys.stderr)
+    return 0

@@ -1,0 +1,121 @@
+"""Long-poll load client: one keep-alive HTTP/1.1 connection per :class:`Conn`, polling each of its
+tracks in turn (normally one) with ``GET /v1/streams/<s>/poll``, from the start and then after the
+``next`` id of the previous answer.
+
+Several tracks on one connection are polled one after the other, so an idle stream holds the
+others back for up to :data:`POLL_TIMEOUT` seconds; give each long-poll connection one track for
+meaningful latencies.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from urllib.parse import quote
+
+import trio
+
+from loadtest.clients.common import Conn, Load, open_socket, send_all
+from loadtest.track import Track
+from loadtest.wire import ChunkedDecoder, Head, ProtocolError, parse_head
+
+RECV = 65_536
+POLL_TIMEOUT = 20  # seconds the server may hold a poll open (its ?timeout=)
+
+
+def request(load: Load, track: Track) -> bytes:
+    """The poll for ``track``: from the start, or after its last id."""
+    ep = load.endpoint
+    start = "from=start" if track.last_id is None else "last_event_id=" + quote(track.last_id, safe="")
+    return (
+        f"GET {ep.stream_path(track.stream)}/poll?timeout={POLL_TIMEOUT}&{start} HTTP/1.1\r\n"
+        f"Host: {ep.host}:{ep.port}\r\n\r\n"
+    ).encode()
+
+
+async def read_response(sock: trio.socket.SocketType, buf: bytes) -> tuple[Head, bytes, bytes] | None:
+    """``(head, body, bytes after it)`` of the next response, whose first bytes may already be in
+    ``buf``; None when the connection closed before any byte of it."""
+    # After a chunked body the final CRLF may come late; no trailers are expected.
+    buf = buf.lstrip(b"\r\n")
+    while (parsed := parse_head(buf)) is None:
+        data = await sock.recv(RECV)
+        if not data:
+            if not buf:
+                return None
+            raise EOFError("connection closed in a response head")
+        buf = (buf + data).lstrip(b"\r\n") if not buf else buf + data
+    head, used = parsed
+    body = bytearray(buf[used:])
+    length = head.length
+    if length is not None:
+        while len(body) < length:
+            data = await sock.recv(max(RECV, length - len(body)))
+            if not data:
+                raise EOFError("connection closed in a response body")
+            body += data
+        return head, bytes(body[:length]), bytes(body[length:])
+    if head.chunked:
+        chunked = ChunkedDecoder()
+        out = bytearray(chunked.feed(bytes(body)))
+        while not chunked.done:
+            data = await sock.recv(RECV)
+            if not data:
+                raise EOFError("connection closed in a chunked body")
+            out += chunked.feed(data)
+        return head, bytes(out), b""
+    while data := await sock.recv(RECV):  # no length: the body runs to the end of the connection
+        body += data
+    return head, bytes(body), b""
+
+
+def handle(load: Load, track: Track, body: bytes, now: int) -> bool:
+    """Apply one poll answer to ``track``; True when its stream ended."""
+    answer = json.loads(body)
+    if answer.get("reset"):
+        load.reset(track)
+    deliver = load.deliver
+    for event in answer["events"]:
+        data = event["data"]
+        if event.get("encoding") == "base64":
+            data = base64.b64decode(data)
+        deliver(track, event["id"], data, now)
+    next_id = answer.get("next")
+    if next_id is not None:
+        track.last_id = next_id
+    if answer.get("end"):
+        load.end(track)
+        return True
+    return False
+
+
+async def session(load: Load, conn: Conn) -> None:
+    """Poll the connection's tracks until they all ended or the server closes the connection."""
+    active = [t for t in conn.tracks if not t.ended]
+    if not active:
+        return
+    sock = await open_socket(load, conn.source)
+    with sock:
+        buf = b""
+        while active:
+            for track in list(active):
+                with trio.fail_after(load.timeout + POLL_TIMEOUT):
+                    await send_all(sock, request(load, track))
+                    response = await read_response(sock, buf)
+                if response is None:
+                    if conn.is_up:
+                        return  # the server closed the kept-alive connection between polls
+                    raise EOFError("connection closed before the response head")
+                now = time.monotonic_ns()
+                head, body, buf = response
+                if head.status != 200:
+                    raise ProtocolError(f"HTTP {head.status}: {body[:100]!r}")
+                load.up(conn)
+                try:
+                    if handle(load, track, body, now):
+                        active.remove(track)
+                except (KeyError, TypeError, AttributeError) as exc:
+                    raise ProtocolError(f"unexpected poll answer {body[:100]!r}") from exc
+                if head.headers.get("connection", "").lower() == "close":
+                    return

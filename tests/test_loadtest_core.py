@@ -1,0 +1,141 @@
+"""The harness's pure parts: payloads, transcript checks, HTTP/SSE decoding, schedules."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loadtest import hist, payload
+from loadtest.cli import actions, endpoint_of, parser
+from loadtest.publisher import llm_entries, rate_entries
+from loadtest.sysinfo import source_address
+from loadtest.track import Track, Verdict
+from loadtest.wire import ChunkedDecoder, ProtocolError, SSEDecoder, parse_head
+
+
+def test_payload_round_trip_and_padding() -> None:
+    data = payload.encode(42, 123456789, size=64)
+    assert len(data) == 64
+    assert payload.decode(data) == (42, 123456789)
+    assert payload.decode(data.decode()) == (42, 123456789)
+    with pytest.raises(ValueError):
+        payload.decode(b"hello world")
+
+
+def test_track_counts_loss_duplicates_and_disorder() -> None:
+    t = Track("s")
+    for seq in (0, 1, 3, 2, 3, 5):
+        t.on_event(seq)
+    assert t.received == 5
+    assert t.dups == 1
+    assert t.disorder == 1  # 2 after 3
+    assert t.lost(6) == 1  # 4
+    assert not t.complete(6)
+    assert t.complete(4)
+    v = Verdict()
+    v.add(t, 6)
+    assert (v.lost, v.duplicated, v.disorder, v.incomplete) == (1, 1, 1, 1)
+    assert not v.clean
+    assert "first [4]" in v.samples[0]
+    clean = Track("c")
+    for seq in range(3):
+        clean.on_event(seq)
+    w = Verdict()
+    w.add(clean, 3)
+    assert w.clean
+    w.merge(v)
+    assert (w.tracks, w.lost, w.expected) == (2, 1, 9)
+
+
+def test_track_with_nothing_received_lost_everything() -> None:
+    assert Track("s").lost(7) == 7
+
+
+def test_parse_head() -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+           b"X: a\r\nX: b\r\n\r\nrest")
+    head, used = parse_head(raw)  # type: ignore[misc]
+    assert head.status == 200 and head.chunked and head.headers["x"] == "a, b"
+    assert raw[used:] == b"rest"
+    assert parse_head(b"HTTP/1.1 200 OK\r\n") is None
+    with pytest.raises(ProtocolError):
+        parse_head(b"garbage\r\n\r\n")
+
+
+def chunked(body: bytes, sizes: list[int]) -> bytes:
+    out = b""
+    pos = 0
+    for n in sizes:
+        piece = body[pos:pos + n]
+        pos += n
+        if piece:
+            out += b"%x\r\n%s\r\n" % (len(piece), piece)
+    if pos < len(body):
+        out += b"%x;ext=1\r\n%s\r\n" % (len(body) - pos, body[pos:])
+    return out + b"0\r\n\r\n"
+
+
+SSE = (b"retry: 1500\n\n: heartbeat\n\nid: 1-a\ndata: one\n\nid: 1-b\nevent: token\ndata: two\ndata: lines\n\n"
+       b"event: sluice.end\ndata: {}\n\n")
+
+
+@given(st.lists(st.integers(1, 40), max_size=10), st.lists(st.integers(1, 60), max_size=20))
+def test_chunked_and_sse_decode_whatever_the_splits(sizes: list[int], cuts: list[int]) -> None:
+    wire = chunked(SSE, sizes)
+    dec = ChunkedDecoder()
+    sse = SSEDecoder()
+    events = []
+    pos = 0
+    for n in [*cuts, len(wire)]:
+        events += sse.feed(dec.feed(wire[pos:pos + n]))
+        pos += n
+    assert dec.done
+    assert events == [("1-a", "message", b"one"), ("1-b", "token", b"two\nlines"), (None, "sluice.end", b"{}")]
+    assert sse.retry == 1500 and sse.comments == 1 and sse.last_id == "1-b"
+
+
+def test_sse_crlf_and_bad_chunk_size() -> None:
+    assert SSEDecoder().feed(b"id: 7\r\ndata: x\r\n\r\n") == [("7", "message", b"x")]
+    with pytest.raises(ProtocolError):
+        ChunkedDecoder().feed(b"zz\r\n")
+
+
+def test_schedules() -> None:
+    entries = rate_entries(3, rate=10, duration=1)
+    assert len(entries) == 10 and [s for _, s in entries[:4]] == [0, 1, 2, 0]
+    assert entries[-1][0] == pytest.approx(0.9)
+    llm = llm_entries(2, tokens=3, rate=10, stagger=1)
+    closes = [(t, s) for t, s in llm if s < 0]
+    assert sorted(s for _, s in closes) == [-2, -1]
+    assert len(llm) == 8 and llm == sorted(llm)
+    # a stream's close comes after its last token
+    assert max(t for t, s in llm if s == 1) < next(t for t, s in llm if s == -2)
+
+
+def test_source_addresses_stay_in_loopback() -> None:
+    assert source_address(0) == "127.0.0.2"
+    assert source_address(20_000) == "127.0.0.3"
+    assert source_address(20_000 * 300) == "127.0.1.46"
+
+
+def test_cli_refuses_non_loopback_and_spreads_actions() -> None:
+    with pytest.raises(ValueError, match=r"127\.0\.0\.0/8"):
+        endpoint_of("http://10.0.0.1:80", "sluice")
+    assert endpoint_of("http://127.0.0.9:8080", "nchan").port == 8080
+    args = parser().parse_args(["run", "deploy", "--url", "http://127.0.0.1:1", "--duration", "30",
+                                "--restarts", "2", "--kills", "1", "--storm-at", "5"])
+    acts = actions(args)
+    assert [a.kind for a in acts] == ["storm", "restart", "kill", "restart"]
+    assert [a.at for a in acts] == [5, 7.5, 15, 22.5]
+
+
+def test_histogram_encoding_round_trip() -> None:
+    h = hist.from_ns([1_000_000] * 99 + [50_000_000])
+    total = hist.new()
+    hist.add(total, hist.encode(h))
+    hist.add(total, "")
+    s = hist.summary(total)
+    assert s["count"] == 100
+    assert s["p50"] == pytest.approx(1.0, rel=0.01)
+    assert s["max"] == pytest.approx(50.0, rel=0.01)
