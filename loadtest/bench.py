@@ -29,6 +29,7 @@ BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 
 Result = dict[str, Any]
+NOT_RUN: tuple[str, bool | None] = ("not run", None)
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,15 @@ class Entry:
     actions: tuple[Action, ...] = ()
     procs: int = 0
 
-    def spec(self, endpoint: Endpoint, pid: int, scale: float) -> RunSpec:
-        """The run for one target."""
+    def spec(self, endpoint: Endpoint, pid: int, scale: float, time_scale: float = 1.0) -> RunSpec:
+        """The run for one target; ``scale`` multiplies the subscriptions, ``time_scale`` the
+        durations and action times (both below 1 to try the bench quickly)."""
         subs = max(10, math.ceil(self.subs * scale))
+        actions = [Action(a.at * time_scale, a.kind, a.command) for a in self.actions]
         return RunSpec(scenario=self.scenario, endpoint=endpoint, base=self.base, transport=self.transport,
-                       subs=subs, per_conn=self.per_conn, rate=self.rate, duration=self.duration,
-                       tokens=self.tokens, stagger=min(5.0, self.duration), server_pid=pid,
-                       actions=list(self.actions), procs=self.procs, label=self.name, connect_timeout=600,
+                       subs=subs, per_conn=self.per_conn, rate=self.rate, duration=self.duration * time_scale,
+                       tokens=max(5, round(self.tokens * time_scale)), stagger=min(5.0, self.duration) * time_scale,
+                       server_pid=pid, actions=actions, procs=self.procs, label=self.name, connect_timeout=600,
                        settle_timeout=60)
 
 
@@ -121,48 +124,56 @@ def _goal_idle(r: dict[str, Result]) -> tuple[str, bool | None]:
     n = _get(r, "idle-100k/nchan", "server_rss_kib_per_conn")
     held = _get(r, "idle-100k/sluice", "connections", "held")
     if not v:
-        return "not run", None
+        return NOT_RUN
     return f"{v} KiB/conn at {held:,} held (nchan {n})", v <= 10 and held >= 100_000
 
 
 def _goal_f20(r: dict[str, Result]) -> tuple[str, bool | None]:
     s, n = _cpu(r, "fanout-20/sluice"), _cpu(r, "fanout-20/nchan")
-    return f"{s} µs vs nchan {n} µs ({_ratio(s, n)})", (s <= 1.1 * n) if s and n else None
+    if s is None or n is None:
+        return NOT_RUN
+    return f"{s} µs vs nchan {n} µs ({_ratio(s, n)})", s <= 1.1 * n
 
 
 def _goal_f200(r: dict[str, Result]) -> tuple[str, bool | None]:
     s, u = _cpu(r, "fanout-200/sluice"), _cpu(r, "fanout-200/uvicorn")
     ps, pu, pn = _p99(r, "fanout-200/sluice"), _p99(r, "fanout-200/uvicorn"), _p99(r, "fanout-200/nchan")
     lost = _get(r, "fanout-200/sluice", "verdict", "lost")
+    if s is None or u is None or ps is None or pu is None or pn is None:
+        return NOT_RUN
     text = f"lost {lost}; {s} µs vs uvicorn {u} µs; p99 {ps} ms vs uvicorn {pu}, nchan {pn}"
-    if None in (s, u, ps, pu, pn):
-        return text, None
-    return text, bool(lost == 0 and s <= u and ps < pu and ps < pn)  # type: ignore[operator]
+    return text, lost == 0 and s <= u and ps < pu and ps < pn
 
 
 def _goal_topics(r: dict[str, Result]) -> tuple[str, bool | None]:
     s, n = _cpu(r, "topics/sluice"), _cpu(r, "topics/nchan")
-    return f"{s} µs vs nchan {n} µs ({_ratio(s, n)})", (s <= n) if s and n else None
+    if s is None or n is None:
+        return NOT_RUN
+    return f"{s} µs vs nchan {n} µs ({_ratio(s, n)})", s <= n
 
 
 def _goal_f10k(r: dict[str, Result]) -> tuple[str, bool | None]:
     p = _p99(r, "fanout-10k/sluice")
-    return f"p99 {p} ms", (p <= 50) if p is not None else None
+    if p is None:
+        return NOT_RUN
+    return f"p99 {p} ms", p <= 50
 
 
 def _goal_deploy(r: dict[str, Result]) -> tuple[str, bool | None]:
     v = _get(r, "deploy/sluice", "verdict")
     m = _get(r, "deploy/sluice", "resume_s", "max")
     if not v:
-        return "not run", None
+        return NOT_RUN
     rec = _get(r, "deploy/sluice", "reconnects")
-    return (f"lost {v['lost']}, duplicated {v['duplicated']}, {rec:,} reconnects, slowest resume {m} s",
+    return (f"lost {v['lost']}, duplicated {v['duplicated']}, {rec:,} reconnects, slowest resume {_cell(m)} s",
             v["lost"] == 0 and v["duplicated"] == 0 and m is not None and m <= 10)
 
 
 def _goal_h2(r: dict[str, Result]) -> tuple[str, bool | None]:
     h2, h1 = _cpu(r, "fanout-20-h2/sluice"), _cpu(r, "fanout-20/sluice")
-    return f"{h2} µs vs {h1} µs ({_ratio(h2, h1)})", (h2 <= 1.5 * h1) if h1 and h2 else None
+    if h2 is None or h1 is None:
+        return NOT_RUN
+    return f"{h2} µs vs {h1} µs ({_ratio(h2, h1)})", h2 <= 1.5 * h1
 
 
 GOALS: tuple[Goal, ...] = (
@@ -176,7 +187,7 @@ GOALS: tuple[Goal, ...] = (
 )
 
 
-def run_entry(entry: Entry, kind: str, out: Path, scale: float) -> Result:
+def run_entry(entry: Entry, kind: str, out: Path, scale: float, time_scale: float = 1.0) -> Result:
     """Run one entry against one target kind; the result, also saved as JSON (and plotted)."""
     from loadtest.targets import open_target
 
@@ -184,7 +195,7 @@ def run_entry(entry: Entry, kind: str, out: Path, scale: float) -> Result:
     print(f"== {entry.name} / {kind} ({workers} server processes)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, \
             open_target(kind, workdir=Path(tmp), workers=workers) as target:
-        spec = entry.spec(Endpoint(target.host, target.port, kind), target.pid, scale)
+        spec = entry.spec(Endpoint(target.host, target.port, kind), target.pid, scale, time_scale)
         result = Run(spec, progress=True).execute()
     result["server_workers"] = workers
     name = f"{entry.name}-{kind}"
@@ -275,7 +286,7 @@ def bench(args: argparse.Namespace) -> int:
         for kind in entry.targets:
             if wanted and entry.name not in wanted and f"{entry.name}/{kind}" not in wanted:
                 continue
-            run_entry(entry, kind, out, args.scale)
+            run_entry(entry, kind, out, args.scale, args.time_scale)
     doc: Path = args.doc
     text = doc.read_text() if doc.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import trio
 
 from loadtest import payload
-from loadtest.clients.common import CLIENT_ERRORS, Endpoint, send_all
+from loadtest.clients.common import CLIENT_ERRORS, IP_BIND_ADDRESS_NO_PORT, Endpoint, send_all
 from loadtest.wire import ChunkedDecoder, ProtocolError, parse_head
 
 # failures after which a request is sent again
@@ -74,6 +74,7 @@ class HttpConn:
         try:
             sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
             if self.source:
+                sock.setsockopt(trio.socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 await sock.bind((self.source, 0))
             await sock.connect((self.endpoint.host, self.endpoint.port))
         except BaseException:

@@ -183,7 +183,10 @@ class Run:
             cpu += f" | load cpu {100 * (row['load_cpu_s'] - prev['load_cpu_s']) / dt:4.0f}%"
         lat = row["latency"]
         p99 = f" p99 {lat['p99']:.1f} ms" if lat.get("count") else ""
-        print(f"[{row['t']:6.1f}s {row['phase']:>7}] conns {row['connected']}/{self.spec.conn_count} "
+        per_proc = ""
+        if row["phase"] == "connect" and len(self.subs) > 1:
+            per_proc = " (" + " ".join(str(p.last.get("connected", 0)) for p in self.subs) + ")"
+        print(f"[{row['t']:6.1f}s {row['phase']:>7}] conns {row['connected']}/{self.spec.conn_count}{per_proc} "
               f"fail {row['failures']} | events {row['events']} ({rate:.0f}/s){p99} | reconn {row['reconnects']}"
               f" | pub {row['published']}{cpu}", file=sys.stderr, flush=True)
 

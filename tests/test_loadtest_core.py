@@ -115,8 +115,8 @@ def test_schedules() -> None:
 
 def test_source_addresses_stay_in_loopback() -> None:
     assert source_address(0) == "127.0.0.2"
-    assert source_address(20_000) == "127.0.0.3"
-    assert source_address(20_000 * 300) == "127.0.1.46"
+    assert source_address(8_000) == "127.0.0.3"
+    assert source_address(8_000 * 300) == "127.0.1.46"
 
 
 def test_cli_refuses_non_loopback_and_spreads_actions() -> None:

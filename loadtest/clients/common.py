@@ -17,6 +17,7 @@ from loadtest import payload
 from loadtest.track import Track
 
 MAX_ERRORS_KEPT = 20
+IP_BIND_ADDRESS_NO_PORT = 24  # Linux <netinet/in.h>; not exported by the socket module
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,9 @@ async def open_socket(load: Load, source: str) -> trio.socket.SocketType:
     try:
         sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
         if source:
+            # let connect() pick the port: a bind to port 0 searches the whole ephemeral range
+            # for a port free for every destination, which gets slow with thousands of sockets
+            sock.setsockopt(trio.socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             await sock.bind((source, 0))
         async with load.connect_limiter:
             with trio.fail_after(load.timeout):
