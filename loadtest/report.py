@@ -45,6 +45,7 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     if "load_cpu" in result:
         lc = result["load_cpu"]
         out.append(("load generator", f"{lc['cores_used']} cores over {lc['processes']} processes"
+                                      f" (busiest {lc.get('busiest', 0)} of a core)"
                                       + (f", {lc['us_per_event']} µs/event" if lc.get("us_per_event") else "")
                                       + (" SATURATED" if lc.get("saturated") else "")))
     pub = result.get("publisher") or {}

@@ -28,6 +28,7 @@ from loadtest.sysinfo import CpuMeter, machine, process_tree, raise_nofile, rss_
 from loadtest.track import Verdict
 
 PROGRESS_EVERY = 1.0
+SATURATED = 0.9  # a load process busier than this share of a core may be what limits the run
 
 
 class Proc:
@@ -260,6 +261,7 @@ class Run:
         held = self._connected()
         self._wait(1.0, "settle")
         at_hold = self._sample()
+        load_start = dict(self.load_cpu.last)
         window: dict[str, Any] = {}
         if spec.kind == "idle":
             self._wait(spec.duration, "hold")
@@ -270,6 +272,7 @@ class Run:
             assert self.pub is not None
             pub = self.pub
             start = self._sample()
+            load_start = dict(self.load_cpu.last)
             self.t_pub = time.monotonic()
             pub.send("go")
             last_at = self.schedule.entries[-1][0] if self.schedule.entries else 0.0
@@ -283,6 +286,9 @@ class Run:
             if start["server_cpu_s"] is not None:
                 window["server_cpu_s"] = end["server_cpu_s"] - start["server_cpu_s"]
             window["load_cpu_s"] = end["load_cpu_s"] - start["load_cpu_s"]
+        if window["seconds"] > 0:  # the busiest load process, as a share of one core
+            window["load_busiest"] = max((cpu - load_start.get(pid, 0.0) for pid, cpu in self.load_cpu.last.items()),
+                                         default=0.0) / window["seconds"]
         for p in self.subs:
             if p.result is None:
                 p.send("stop")
@@ -334,7 +340,9 @@ class Run:
         if window.get("load_cpu_s") is not None and window.get("seconds"):
             nprocs = len(self.subs) + (1 if self.pub else 0)
             busy = window["load_cpu_s"] / window["seconds"]
-            out["load_cpu"] = {"cores_used": round(busy, 2), "processes": nprocs,
+            busiest = window.get("load_busiest", 0.0)
+            out["load_cpu"] = {"cores_used": round(busy, 2), "processes": nprocs, "busiest": round(busiest, 2),
+                               "saturated": busiest > SATURATED,
                                "us_per_event": round(window["load_cpu_s"] / events * 1e6, 2) if events else None}
         out["ok"] = verdict.clean and not out["crashes"] and held == spec.conn_count and (
             spec.kind == "idle" or published > 0)
