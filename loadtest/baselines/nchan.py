@@ -102,7 +102,9 @@ def render_config(directory: Path, options: NchanOptions, module: Path) -> str:
             f"            nchan_eventsource_ping_interval {o.ping_interval};\n"
             '            nchan_eventsource_ping_event "";\n'
             '            nchan_eventsource_ping_comment " ";\n'
+            '            nchan_eventsource_ping_data "";\n'
         )
+    ping_if = "".join("    " + line + "\n" for line in ping.splitlines())
     kinds = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     temp = "\n".join(f"    {kind}_temp_path {d}/tmp/{kind};" for kind in kinds)
     return f"""\
@@ -142,7 +144,8 @@ http {{
 {ping}            # Without Last-Event-ID: ?from=start replays what is retained, anything else is from=now.
             nchan_subscriber_first_message newest;
             if ($arg_from = start) {{
-                nchan_subscriber_first_message oldest;
+                # a location-if is its own configuration: nchan does not inherit the ping into it
+{ping_if}                nchan_subscriber_first_message oldest;
             }}
         }}
     }}

@@ -84,6 +84,7 @@ class Load:
             seq, t_ns = payload.decode(data)
         except ValueError:
             track.foreign += 1
+            self.error(ValueError(f"event data not from this run: {data[:32]!r} (id {event_id})"))
             return
         track.on_event(seq)
         self.events += 1
