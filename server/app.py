@@ -184,6 +184,7 @@ async def _serve(
             http: HttpServer = await nursery.start(
                 partial(serve_http, listeners, handler, limits=config.http_limits(), ssl_context=ssl_context)
             )
+            nursery.start_soon(hub.run)  # heartbeats
             nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
             nursery.start_soon(_periodic, GC_FREEZE_INTERVAL, _freeze)
             tune_gc()

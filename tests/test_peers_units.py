@@ -8,7 +8,7 @@ import msgpack
 import pytest
 import trio
 
-from server.core.encoding import EncodedEvent
+from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import Event, NewEvent
 from server.core.hub import Hub
 from server.core.replay import Start
@@ -164,7 +164,7 @@ async def test_a_late_notice_does_not_hide_a_newer_one_seen_while_catching_up() 
     events = (await store.append("s", [NewEvent("message", b"x")] * 3)).events
     async with hub.open_subscription("s", Start("start")) as sub:
         assert not sub.live
-        sub.on_appended([EncodedEvent(events[2])])
-        sub.on_appended([EncodedEvent(events[0])])  # an older notice, arriving late
+        sub.on_appended(EventBatch([EncodedEvent(events[2])]))
+        sub.on_appended(EventBatch([EncodedEvent(events[0])]))  # an older notice, arriving late
         sub.on_hint(events[1].epoch, 2)
         assert sub._live_mark == (events[2].epoch, 3)

@@ -21,6 +21,7 @@ from server.core.sse import encode_control, encode_event
 
 __all__ = [
     "EncodedEvent",
+    "EventBatch",
     "WireFormat",
     "sse_end",
     "sse_reset",
@@ -203,3 +204,58 @@ class EncodedEvent:
                 f"{_B64_TAIL if ev.binary else '}'}"
             ).encode()
         return b
+
+
+class EventBatch:
+    """Consecutive events of one stream and epoch, fanned out together, each encoded once.
+
+    A subscriber that takes the whole batch gets its wire forms joined into one payload (one
+    socket write, one HTTP/1.1 chunk, one HTTP/2 DATA frame), built on first use and shared like
+    the single-event forms. ``encs`` are the events in order; ``first_seq``/``last_seq`` their
+    first and last ``seq`` (consecutive).
+    """
+
+    __slots__ = ("_sse", "_ws_json", "_ws_msgpack", "encs", "epoch", "first_seq", "last_seq")
+
+    def __init__(self, encs: list[EncodedEvent]) -> None:
+        """Wrap ``encs`` (non-empty; one stream and epoch; consecutive ``seq``)."""
+        self.encs = encs
+        first = encs[0].event
+        self.epoch = first.epoch
+        self.first_seq = first.seq
+        self.last_seq = encs[-1].event.seq
+        self._sse: Frame | None = None
+        self._ws_json: Frame | None = None
+        self._ws_msgpack: Frame | None = None
+
+    def __len__(self) -> int:
+        return len(self.encs)
+
+    @property
+    def sse(self) -> Frame:
+        """Every event's SSE form, joined."""
+        f = self._sse
+        if f is None:
+            encs = self.encs
+            f = self._sse = encs[0].sse if len(encs) == 1 else Frame(b"".join([e.sse.raw for e in encs]))
+        return f
+
+    @property
+    def ws_json(self) -> Frame:
+        """Every event's text WebSocket frame (``EncodedEvent.ws_json``), joined."""
+        f = self._ws_json
+        if f is None:
+            encs = self.encs
+            f = self._ws_json = encs[0].ws_json if len(encs) == 1 else Frame(b"".join([e.ws_json.raw for e in encs]))
+        return f
+
+    @property
+    def ws_msgpack(self) -> Frame:
+        """Every event's binary WebSocket frame (``EncodedEvent.ws_msgpack``), joined."""
+        f = self._ws_msgpack
+        if f is None:
+            encs = self.encs
+            f = self._ws_msgpack = (
+                encs[0].ws_msgpack if len(encs) == 1 else Frame(b"".join([e.ws_msgpack.raw for e in encs]))
+            )
+        return f

@@ -1,359 +1,38 @@
-"""Per-worker fan-out: exact replay from the store, then live delivery with no task switch.
+"""Per-worker fan-out: each committed event is encoded once and handed to every live subscriber
+of its stream in one synchronous loop, with no task switch per subscriber.
 
-A :class:`Subscription` belongs to one task (the SSE response, the WebSocket subscription, the
-long-poll request). It registers with the :class:`Hub` *before* it reads anything, then catches up
-from the store page by page, then goes live. The store's listener calls :meth:`Hub.on_notice`
-synchronously, in commit order; the hub encodes each event once and walks the stream's
-subscriptions in one synchronous loop, each handing the shared bytes to its connection
-(:meth:`Sink.deliver`). A subscription's own task only wakes to catch up again (a gap, an epoch
-change), to send a heartbeat, or to finish.
-
-Exactness: while catching up, a subscription ignores live events but remembers the newest one it
-saw; after a read it reads again while the live stream has moved past what it delivered. Live, it
-checks every event is the next ``seq`` of its epoch; anything else sends it back to the store.
-Every id is therefore delivered once, in order, or preceded by an explicit reset.
+The store's listener calls :meth:`Hub.on_notice` synchronously, in commit order; the hub wraps
+each event in an :class:`EncodedEvent` and walks the stream's watchers (subscriptions, see
+:mod:`server.core.subscription`, and long-poll nudges). :meth:`Hub.run`, one task per worker,
+sends the heartbeats of every subscription that asked for them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Protocol
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
 
 import trio
 
-from server.core.encoding import EncodedEvent
+from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import Event
-from server.core.ids import format_id
-from server.core.replay import Reset, Start, plan_replay
+from server.core.replay import Start
+from server.core.subscription import Sink, Subscription, Watcher
 from server.observability.stats import HubStats
 from server.store.base import Appended, Closed, Deleted, Notice, Store
 
+__all__ = ["Hub", "Sink", "Subscription", "Watcher", "heartbeat_or_none"]
 
-class Sink(Protocol):
-    """Where a subscription's output goes: one transport's view of one subscription.
-
-    The synchronous methods never block; they return ``False`` once the connection can take no
-    more (gone, or its bounded buffer overflowed), which ends the subscription.
-    """
-
-    def deliver(self, enc: EncodedEvent) -> bool:
-        """Send one event."""
-
-    def reset(self, reset: Reset) -> bool:
-        """Tell the client its position could not be honoured exactly."""
-
-    def end(self) -> None:
-        """The stream is closed and everything was delivered."""
-
-    def idle(self) -> bool:
-        """Nothing was sent for a heartbeat interval (SSE sends a comment)."""
-
-    async def drain(self) -> None:
-        """Wait until the connection has room again (backpressure during replay)."""
+FANOUT_SLICE = 0.005  # seconds of fan-out after which the fan-out task lets other tasks run
+MAX_QUEUED = 100_000  # events queued for the fan-out task past which they are fanned out at once
 
 
-class Watcher(Protocol):
-    """Anything the hub calls when a stream changes."""
-
-    def on_appended(self, encs: list[EncodedEvent]) -> None:
-        """Events were committed (one stream, consecutive, in order)."""
-
-    def on_closed(self, notice: Closed) -> None:
-        """The stream was closed."""
-
-    def on_hint(self, epoch: str, last_seq: int) -> bool:
-        """The stream's history now reaches ``last_seq`` of ``epoch``; the events came by another way.
-
-        Returns whether the watcher was behind and acts on it."""
-
-
-class Subscription:
-    """One reader of one stream: replay from ``start``, then live, until the end or cancellation.
-
-    Use it through :meth:`Hub.open_subscription`: registering and planning (which fixes what
-    ``from=now`` means) happen there, before the caller tells its client it is subscribed; then
-    :meth:`run` produces the output.
-    """
-
-    __slots__ = (
-        "_closed_seen",
-        "_heartbeat",
-        "_hub",
-        "_live_mark",
-        "_pending_reset",
-        "_sent",
-        "_wake",
-        "done",
-        "ended",
-        "epoch",
-        "last_seq",
-        "live",
-        "sink",
-        "start",
-        "stopped",
-        "stream",
-    )
-
-    def __init__(self, hub: Hub, stream: str, start: Start, *, heartbeat: float | None = None) -> None:
-        self._hub = hub
-        self.stream = stream
-        self.start = start
-        self.sink: Sink = _NO_SINK
-        self._heartbeat = heartbeat
-        self.epoch: str | None = None
-        self.last_seq = 0  # the last seq delivered (or the position it resumes after)
-        self.live = False
-        self.done = False  # no more output: ended, dead, or finished
-        self.ended = False  # the stream's end was delivered
-        self.stopped = False  # ended from outside by stop()
-        self._wake: trio.Event | None = None
-        self._live_mark: tuple[str, int] | None = None  # newest live event seen while catching up
-        self._closed_seen = False
-        self._sent = 0  # outputs since the last heartbeat check
-        self._pending_reset: Reset | None = None
-
-    @property
-    def pending_reset(self) -> Reset | None:
-        """A reset planned but not yet handed to the sink (``run`` sends it first)."""
-        return self._pending_reset
-
-    @property
-    def position(self) -> str | None:
-        """The id to resume after, or ``None`` if nothing of any epoch has been passed yet."""
-        return format_id(self.epoch, self.last_seq) if self.epoch is not None and self.last_seq else None
-
-    # -- called synchronously by the hub, on the trio thread ---------------------------------
-
-    def on_appended(self, encs: list[EncodedEvent]) -> None:
-        """Deliver live events, or note them while catching up."""
-        if not self.live:
-            last = encs[-1].event
-            self._note(last.epoch, last.seq)
-            return
-        sink = self.sink
-        epoch = self.epoch
-        last_seq = self.last_seq
-        n = 0
-        for enc in encs:
-            ev = enc.event
-            seq = ev.seq
-            if ev.epoch != epoch or seq > last_seq + 1:
-                # A gap or a new history (another worker's notice was missed or overtaken): the
-                # store decides what to send.
-                self.last_seq = last_seq
-                self._back_to_store(ev)
-                self._hub.stats.delivered += n
-                return
-            if seq <= last_seq:
-                continue
-            if not sink.deliver(enc):
-                self.last_seq = last_seq
-                self._hub.stats.delivered += n
-                self._die()
-                return
-            last_seq = seq
-            n += 1
-        self.last_seq = last_seq
-        self._sent += n
-        self._hub.stats.delivered += n
-
-    def on_closed(self, notice: Closed) -> None:
-        """End now if everything was delivered, else let the catch-up find the end."""
-        if not self.live:
-            self._closed_seen = True
-            return
-        if notice.epoch == self.epoch and self.last_seq >= notice.last_seq:
-            self._finish()
-        else:
-            self.live = False
-            self._closed_seen = True
-            self._poke()
-
-    def on_hint(self, epoch: str, last_seq: int) -> bool:
-        """The stream reached ``last_seq`` of ``epoch`` without this worker seeing the events.
-
-        Live and behind (another epoch, or an older seq): go back to the store, which delivers
-        what is missing, and return True. Catching up: note it, so the catch-up reads again
-        before going live.
-        """
-        if self.done:
-            return False
-        if not self.live:
-            self._note(epoch, last_seq)
-            return False
-        if epoch == self.epoch and last_seq <= self.last_seq:
-            return False
-        self.live = False
-        self._live_mark = (epoch, last_seq)
-        self._poke()
-        return True
-
-    def stop(self) -> None:
-        """End the subscription from outside (the connection is winding down), synchronously.
-
-        Nothing more is handed to the sink; :meth:`run` returns soon (at once when live, after
-        the store read in progress while catching up) with ``ended`` False and ``stopped`` True,
-        and :attr:`position` is the exact id to resume after. A no-op once the subscription is
-        done (ended, dead or already stopped); may be called before ``run``."""
-        if self.done:
-            return
-        self.stopped = True
-        self.done = True
-        self.live = False
-        self._poke()
-
-    # -- internals ---------------------------------------------------------------------------
-
-    def _note(self, epoch: str, seq: int) -> None:
-        """Remember the newest position seen live while catching up (notices may come out of order)."""
-        mark = self._live_mark
-        if mark is None or mark[0] != epoch or mark[1] < seq:
-            self._live_mark = (epoch, seq)
-
-    def _back_to_store(self, ev: Event) -> None:
-        self.live = False
-        self._live_mark = (ev.epoch, ev.seq)
-        self._poke()
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _finish(self) -> None:
-        if not self.done:
-            self.sink.end()
-            self.ended = True
-        self.done = True
-        self._poke()
-
-    def _die(self) -> None:
-        if not self.done:
-            self._hub.stats.dropped += 1
-        self.done = True
-        self._poke()
-
-    def _reset(self, reset: Reset) -> None:
-        self._hub.stats.resets[reset.reason] += 1
-        self._sent += 1
-        if not self.sink.reset(reset):
-            self._die()
-
-    async def _plan(self) -> None:
-        info = await self._hub.store.info(self.stream)
-        plan = plan_replay(self.start, info)
-        self.epoch = plan.epoch
-        self.last_seq = plan.after_seq
-        if plan.reset is not None:
-            self._pending_reset = plan.reset
-            if info is not None and info.length == 0:
-                # Nothing retained: the next event to come is the earliest; resume exactly there.
-                self.last_seq = info.last_seq
-
-    async def _catch_up(self) -> None:
-        """Read from the store until caught up with the live stream, then go live (or finish)."""
-        hub = self._hub
-        page_size = hub.replay_page
-        while not self.done:
-            self._live_mark = None
-            self._closed_seen = False
-            page = await hub.store.read(self.stream, self.last_seq, page_size)
-            info = page.info
-            if info is None:  # no such stream (yet, or any more): the first event comes live
-                await self.sink.drain()  # a page (an empty one) was read: sinks may act on it
-                if self._live_mark is None and not self._closed_seen:
-                    self.live = True
-                    return
-                continue
-            if self.epoch is None:
-                self.epoch = info.epoch
-            elif info.epoch != self.epoch:
-                requested = self.position
-                self.epoch = info.epoch
-                self.last_seq = 0
-                self._reset(Reset("epoch", info.first_id, requested))
-                if info.length == 0:
-                    self.last_seq = info.last_seq
-                continue
-            delivered = 0
-            for ev in page.events:
-                if self.last_seq and ev.seq != self.last_seq + 1:
-                    self._reset(Reset("gone", ev.id, self.position))
-                if self.done or not self.sink.deliver(EncodedEvent(ev)):
-                    self._die()
-                    break
-                self.last_seq = ev.seq
-                delivered += 1
-            self._sent += delivered
-            hub.stats.replayed += delivered
-            hub.stats.delivered += delivered
-            if self.done:
-                return
-            await self.sink.drain()
-            if self.done:  # stopped (or died) while the connection drained
-                return
-            if len(page.events) >= page_size:
-                continue
-            mark = self._live_mark
-            if mark is not None and (mark[0] != self.epoch or mark[1] > self.last_seq):
-                continue
-            if self._closed_seen:
-                continue
-            if info.closed and self.last_seq >= info.last_seq:
-                self._finish()
-                return
-            self.live = True
-            return
-
-    async def run(self, sink: Sink) -> None:
-        """Send output to ``sink`` until the stream ends or the connection dies; cancel to stop.
-
-        Call once, inside :meth:`Hub.open_subscription`.
-        """
-        self.sink = sink
-        if self._pending_reset is not None:
-            reset, self._pending_reset = self._pending_reset, None
-            self._reset(reset)
-        try:
-            while not self.done:
-                if not self.live:
-                    await self._catch_up()
-                    continue
-                self._wake = trio.Event()
-                if self._heartbeat is None:
-                    await self._wake.wait()
-                    continue
-                with trio.move_on_after(self._heartbeat):
-                    await self._wake.wait()
-                if not self._wake.is_set():
-                    if self._sent == 0 and not self.sink.idle():
-                        self._die()
-                    self._sent = 0
-        finally:
-            self._wake = None
-
-
-class _NoSink:
-    """The sink of a subscription that is not running yet: accepts nothing."""
-
-    def deliver(self, enc: EncodedEvent) -> bool:
-        return False
-
-    def reset(self, reset: Reset) -> bool:
-        return False
-
-    def end(self) -> None:
-        pass
-
-    def idle(self) -> bool:
-        return False
-
-    async def drain(self) -> None:
-        pass
-
-
-_NO_SINK = _NoSink()
+def _batch(events: list[Event]) -> EventBatch:
+    return EventBatch([EncodedEvent(e) for e in events])
 
 
 class _Nudge:
@@ -364,8 +43,9 @@ class _Nudge:
     def __init__(self) -> None:
         self.event = trio.Event()
 
-    def on_appended(self, encs: list[EncodedEvent]) -> None:
+    def on_appended(self, batch: EventBatch) -> int:
         self.event.set()
+        return 0
 
     def on_closed(self, notice: Closed) -> None:
         self.event.set()
@@ -387,6 +67,15 @@ class Hub:
         self._watchers: dict[str, dict[Watcher, None]] = {}
         # The newest (epoch, last_seq, closed) every watcher of a stream has been told of.
         self._heads: dict[str, tuple[str, int, bool]] = {}
+        # Heartbeats: per interval, subscriptions in the order of their next check (FIFO, as every
+        # entry of one queue is due ``interval`` after it was queued).
+        self._beats: dict[float, deque[tuple[float, Subscription]]] = {}
+        self._beat_scope: trio.CancelScope | None = None  # the ticker's sleep, while it sleeps
+        # Fan-out: notices queued per stream for the fan-out task while run() runs.
+        self._fanning = False
+        self._queued: dict[str, list[Appended | Closed]] = {}
+        self._queued_size = 0  # events (and closes) queued
+        self._fanout_parked: trio.lowlevel.Task | None = None
 
     def add(self, stream: str, watcher: Watcher) -> None:
         """Register ``watcher`` for ``stream`` (synchronous; no await before the caller reads)."""
@@ -414,6 +103,9 @@ class Hub:
     def on_notice(self, notice: Notice, *, remote: bool = False) -> None:
         """The store's listener: fan a committed change out to the stream's watchers.
 
+        While :meth:`run` runs, the fan-out is queued for its task (in order, per stream), so the
+        committer (and the publisher waiting for its answer) goes on at once, and notices that
+        pile up meanwhile go out together; without it, the fan-out happens here and now.
         ``remote``: the change was committed by another worker (it is not counted as published
         here). Notices may then arrive late, twice or not at all; watchers cope (a gap or an
         unexpected epoch sends a subscription back to the store, old events are skipped).
@@ -425,24 +117,127 @@ class Hub:
             if not remote:
                 self.stats.published += len(events)
             stream = events[0].stream
-            watchers = self._watchers.get(stream)
-            if not watchers:
+            if stream not in self._watchers:
                 return
             last = events[-1]
             self._newer(stream, (last.epoch, last.seq, False))
-            encs = [EncodedEvent(e) for e in events]
-            for w in tuple(watchers):
-                w.on_appended(encs)
+            if self._defer(stream, notice, len(events)):
+                return
+            self._fan_out(stream, EventBatch([EncodedEvent(e) for e in events]))
         elif isinstance(notice, Closed):
-            watchers = self._watchers.get(notice.stream)
-            if not watchers:
+            if notice.stream not in self._watchers:
                 return
             self._newer(notice.stream, (notice.epoch, notice.last_seq, True))
-            for w in tuple(watchers):
-                w.on_closed(notice)
+            if not self._defer(notice.stream, notice, 1):
+                self._close(notice)
         elif isinstance(notice, Deleted):
             # The next event has a new epoch; subscriptions reset when it arrives.
             self._heads.pop(notice.stream, None)
+
+    def _fan_out(self, stream: str, batch: EventBatch) -> None:
+        """Hand ``batch`` to every watcher of ``stream`` now, in one synchronous loop."""
+        watchers = self._watchers.get(stream)
+        if watchers:
+            delivered = 0
+            for w in tuple(watchers):
+                delivered += w.on_appended(batch)
+            self.stats.delivered += delivered
+
+    def _close(self, notice: Closed) -> None:
+        watchers = self._watchers.get(notice.stream)
+        if watchers:
+            for w in tuple(watchers):
+                w.on_closed(notice)
+
+    # -- the fan-out task ----------------------------------------------------------------------
+
+    def _defer(self, stream: str, notice: Appended | Closed, size: int) -> bool:
+        """Queue ``notice`` for the fan-out task; False when there is none (fan out now instead).
+
+        Past ``MAX_QUEUED`` queued events everything queued is fanned out at once, here: the
+        queue stays bounded, and only its latency suffers."""
+        if not self._fanning:
+            return False
+        queue = self._queued.get(stream)
+        if queue is None:
+            self._queued[stream] = [notice]
+        else:
+            queue.append(notice)
+        self._queued_size += size
+        task = self._fanout_parked
+        if task is not None:
+            self._fanout_parked = None
+            trio.lowlevel.reschedule(task)
+        if self._queued_size > MAX_QUEUED:
+            self._flush_queued()
+        return True
+
+    def _take_queued(self) -> list[tuple[str, EventBatch | Closed]]:
+        """Everything queued, as batches of consecutive events and closes, in order per stream."""
+        queued, self._queued = self._queued, {}
+        self._queued_size = 0
+        items: list[tuple[str, EventBatch | Closed]] = []
+        for stream, notices in queued.items():
+            run: list[Event] = []
+            for notice in notices:
+                if isinstance(notice, Closed):
+                    if run:
+                        items.append((stream, _batch(run)))
+                        run = []
+                    items.append((stream, notice))
+                    continue
+                events = notice.events
+                if run and (events[0].epoch != run[-1].epoch or events[0].seq != run[-1].seq + 1):
+                    items.append((stream, _batch(run)))
+                    run = []
+                run.extend(events)
+            if run:
+                items.append((stream, _batch(run)))
+        return items
+
+    def _flush_queued(self) -> None:
+        """Fan out everything queued now, synchronously."""
+        for stream, item in self._take_queued():
+            if isinstance(item, Closed):
+                self._close(item)
+            else:
+                self._fan_out(stream, item)
+
+    def _abort_fanout_park(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        self._fanout_parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _fanout_loop(self) -> NoReturn:
+        """Fan out queued notices: one pass per wake-up, yielding every ``FANOUT_SLICE`` seconds."""
+        perf = time.perf_counter
+        while True:
+            if not self._queued:
+                self._fanout_parked = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_fanout_park)
+            # Woken with the committers' callers: let them answer first (a publisher's 201 does
+            # not wait for the fan-out), and let what they commit meanwhile join this pass.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            stats = self.stats
+            for stream, item in self._take_queued():
+                if isinstance(item, Closed):
+                    self._close(item)
+                    continue
+                watchers = self._watchers.get(stream)
+                if not watchers:
+                    continue
+                snapshot = tuple(watchers)
+                delivered = 0
+                deadline = perf() + FANOUT_SLICE
+                for i, w in enumerate(snapshot):
+                    if not i & 63 and i and perf() > deadline:
+                        stats.delivered += delivered
+                        delivered = 0
+                        await trio.lowlevel.checkpoint()
+                        deadline = perf() + FANOUT_SLICE
+                        watchers = self._watchers.get(stream) or {}
+                    if w in watchers:  # not gone while the pass yielded
+                        delivered += w.on_appended(item)
+                stats.delivered += delivered
 
     def on_hint(self, stream: str, epoch: str, last_seq: int, closed: bool = False) -> bool:
         """``stream`` reached ``last_seq`` of ``epoch`` (and is ``closed``), as another worker or
@@ -473,23 +268,65 @@ class Hub:
         self._heads[stream] = head
         return True
 
-    @asynccontextmanager
-    async def open_subscription(
-        self, stream: str, start: Start, *, heartbeat: float | None = None
-    ) -> AsyncIterator[Subscription]:
-        """Register a subscription and plan its start; yield it, ready for :meth:`Subscription.run`.
+    def open_subscription(self, stream: str, start: Start, *, heartbeat: float | None = None) -> Subscription:
+        """A subscription to use as ``async with hub.open_subscription(...) as sub``: entering
+        registers it and plans its start, then :meth:`Subscription.run` produces the output.
 
-        Every event committed after this returns is delivered by ``run`` (or is explained by a
-        reset), so a caller that tells its client "subscribed" only now never loses an event
-        published after the client heard it. Unregisters on exit.
+        Every event committed after the ``async with`` is entered is delivered by ``run`` (or is
+        explained by a reset), so a caller that tells its client "subscribed" only then never
+        loses an event published after the client heard it. Unregisters on exit. With
+        ``heartbeat``, a live subscription that sent nothing for that many seconds gets an idle
+        notice (:meth:`Sink.idle`) while :meth:`run` runs.
         """
-        sub = Subscription(self, stream, start, heartbeat=heartbeat)
-        self.add(stream, sub)
+        return Subscription(self, stream, start, heartbeat=heartbeat)
+
+    # -- heartbeats ----------------------------------------------------------------------------
+
+    def watch_heartbeat(self, sub: Subscription, interval: float) -> None:
+        """Check ``sub`` every ``interval`` seconds (see :meth:`Subscription.beat`) from now on."""
+        due = trio.current_time() + interval
+        queue = self._beats.get(interval)
+        if queue is None:
+            queue = self._beats[interval] = deque()
+        queue.append((due, sub))
+        scope = self._beat_scope
+        if scope is not None and due < scope.deadline:
+            scope.deadline = due
+
+    async def run(self) -> NoReturn:
+        """The hub's tasks (one per worker; cancel to stop): the fan-out of queued notices (see
+        :meth:`on_notice`) and the heartbeat ticker, which calls :meth:`Subscription.beat` of each
+        subscription every ``heartbeat`` seconds. Without it: fan-out inline, no heartbeats."""
         try:
-            await sub._plan()
-            yield sub
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats)
+                self._fanning = True
+                await self._fanout_loop()
         finally:
-            self.remove(stream, sub)
+            self._fanning = False
+            self._flush_queued()
+
+    async def _heartbeats(self) -> NoReturn:
+        beats = self._beats
+        try:
+            while True:
+                now = trio.current_time()
+                wake = math.inf
+                for interval, queue in list(beats.items()):
+                    while queue and queue[0][0] <= now:
+                        sub = queue.popleft()[1]
+                        if sub.beat():
+                            queue.append((now + interval, sub))
+                    if queue:
+                        wake = min(wake, queue[0][0])
+                    else:
+                        del beats[interval]
+                with trio.CancelScope(deadline=wake) as scope:
+                    self._beat_scope = scope
+                    await trio.sleep_forever()
+                self._beat_scope = None
+        finally:
+            self._beat_scope = None
 
     async def subscribe(self, stream: str, start: Start, sink: Sink, *, heartbeat: float | None = None) -> Subscription:
         """Open a subscription and run it to completion (end of stream or dead connection)."""

@@ -174,7 +174,8 @@ class Exchange(Protocol):
 
 
 Handler = Callable[[Exchange], Awaitable[None]]
-"""The application: called once per request, in its own task, inside a per-request cancel scope.
+"""The application: called once per request (HTTP/1.1: in the connection's task; HTTP/2: in the
+stream's own task), and cancelled when the client goes away or resets the request.
 
 A handler that raises :class:`HTTPError` before answering gets that JSON error; any other
 exception before answering is a 500 (logged); after answering, the connection is closed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -78,8 +79,10 @@ class EngineExchange(Exchange, Protocol):
         """True once a response head (or a 101) has been sent."""
 
     @property
-    def scope(self) -> trio.CancelScope:
-        """The handler's cancel scope (cancelled when the client goes away)."""
+    def scope(self) -> trio.CancelScope | None:
+        """The handler's own cancel scope (cancelled when the client resets the request), or
+        ``None`` when the connection's scope serves (HTTP/1.1: a client that goes away takes
+        the whole connection, and its task, with it)."""
 
     async def send_error(self, status: int, code: str, message: str, headers: list[tuple[str, str]]) -> None:
         """Answer with the JSON error body."""
@@ -95,6 +98,7 @@ class EngineExchange(Exchange, Protocol):
 
 
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+_NO_SCOPE = contextlib.nullcontext()
 
 
 def call_close_callbacks(callbacks: list[Callable[[], None]] | None) -> None:
@@ -116,8 +120,9 @@ async def run_handler(handler: Handler, ex: EngineExchange) -> None:
     is logged and becomes a 500; a handler that returns without answering gets a 500; a failure
     after answering tears the response down.
     """
+    scope = ex.scope
     try:
-        with ex.scope:
+        with _NO_SCOPE if scope is None else scope:
             try:
                 await handler(ex)
             except HTTPError as exc:

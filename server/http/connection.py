@@ -10,9 +10,11 @@ import struct
 from collections.abc import Callable
 
 import trio
+from trio.lowlevel import wait_readable
 
 from server.http.base import HttpLimits
 from server.http.outbox import SLOW_CONSUMER, Outbox
+from server.http.readwatch import ReadWatch
 from server.http.stats import HttpStats
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ class Connection:
         "_scope",
         "_sock",
         "_stream",
-        "_tsock",
+        "_watch",
+        "_watched",
         "accepted_at",
         "client",
         "close_requested",
@@ -51,14 +54,15 @@ class Connection:
 
     def __init__(
         self,
-        tsock: trio.socket.SocketType,
         sock: socket.socket,
         client: tuple[str, int],
         limits: HttpLimits,
         stats: HttpStats,
+        watch: ReadWatch | None = None,
     ) -> None:
-        self._tsock = tsock
-        self._sock = sock
+        self._sock = sock  # non-blocking; waited on with trio.lowlevel.wait_readable/writable
+        self._watch = watch
+        self._watched = False  # registered with ``watch`` (see watch_input)
         self._input_seen = False  # the peer has sent something (the first peek returned data)
         self.accepted_at = trio.current_time()
         self._stream: trio.SSLStream[trio.SocketStream] | None = None
@@ -78,16 +82,14 @@ class Connection:
 
     async def peek(self) -> bytes:
         """Return the first byte the peer sent without consuming it (``b""`` on EOF or error)."""
-        try:
-            data = await self._tsock.recv(1, socket.MSG_PEEK)
-        except OSError:
-            return b""
+        data = await self._recv(1, socket.MSG_PEEK)
         self._input_seen = bool(data)
         return data
 
     def start_tls(self, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
         """Read and write through a server-side TLS stream from now on (handshake not yet done)."""
-        stream = trio.SSLStream(trio.SocketStream(self._tsock), context, server_side=True, https_compatible=True)
+        tsock = trio.socket.from_stdlib_socket(self._sock)
+        stream = trio.SSLStream(trio.SocketStream(tsock), context, server_side=True, https_compatible=True)
         self._stream = stream
         self.tls = True
         self.outbox.use_stream(stream)
@@ -95,13 +97,62 @@ class Connection:
 
     async def receive(self) -> bytes:
         """Return the next bytes from the peer; ``b""`` on EOF, reset or a closed socket."""
-        try:
-            if self._stream is not None:
+        if self._stream is not None:
+            try:
                 data = await self._stream.receive_some(RECV_SIZE)
-                return data if isinstance(data, bytes) else bytes(data)
-            return await self._tsock.recv(RECV_SIZE)
-        except _TRANSPORT_ERRORS:
+            except _TRANSPORT_ERRORS:
+                return b""
+            return data if isinstance(data, bytes) else bytes(data)
+        return await self._recv(RECV_SIZE, 0)
+
+    async def _recv(self, size: int, flags: int) -> bytes:
+        """``recv`` on the non-blocking socket, waiting for readability as needed; a checkpoint.
+
+        EOF, a reset or a closed socket give ``b""``."""
+        sock = self._sock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            try:
+                data = sock.recv(size, flags)
+            except BlockingIOError:
+                try:
+                    await wait_readable(sock)
+                except (trio.ClosedResourceError, OSError):
+                    return b""
+                waited = True
+                continue
+            except OSError:
+                data = b""
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+    def receive_now(self) -> bytes | None:
+        """What the peer sent, without waiting (plain TCP only): ``None`` if nothing is there
+        yet, ``b""`` on EOF, reset or a closed socket."""
+        try:
+            return self._sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
             return b""
+
+    def watch_input(self, callback: Callable[[], None]) -> bool:
+        """Have the server's shared watcher call ``callback()`` when input (or EOF) arrives, until
+        :meth:`unwatch_input`; False (nothing watched) for TLS, a closed socket or no watcher.
+        The callback must consume the input (:meth:`receive_now`) or unwatch."""
+        if self._watch is None or self._stream is not None or self._closed:
+            return False
+        self._watched = self._watch.add(self._sock.fileno(), callback)
+        return self._watched
+
+    def unwatch_input(self) -> None:
+        """Stop the callbacks of :meth:`watch_input` (a no-op if none are registered)."""
+        if self._watched:
+            self._watched = False
+            assert self._watch is not None
+            self._watch.remove(self._sock.fileno())
 
     def on_close_request(self, hook: Callable[[], None] | None) -> None:
         """Set what :meth:`request_close` does for the protocol currently on this connection.
@@ -151,11 +202,14 @@ class Connection:
         if self._closed:
             return
         self._closed = True
+        self.unwatch_input()
+        sock = self._sock
         if reset:
             with contextlib.suppress(OSError):
-                self._tsock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.outbox.close()
-        self._tsock.close()
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
         if reason:
             log.debug("connection from %s closed: %s", self.client, reason)
 
@@ -174,7 +228,7 @@ class Connection:
                     await self._stream.aclose()
             else:
                 with contextlib.suppress(OSError):
-                    self._tsock.shutdown(socket.SHUT_WR)
+                    self._sock.shutdown(socket.SHUT_WR)
                     discarded = 0
                     while discarded < LINGER_BYTES:
                         data = await self.receive()

@@ -1,9 +1,12 @@
 """HTTP/1.1 on one connection, driven by h11: keep-alive, chunked streaming, WebSocket upgrade.
 
-One reader task (the connection's own) parses requests one at a time; each request's handler runs
-in its own task inside its own cancel scope. While a response is under way the reader keeps
-reading, so a client that goes away (EOF or reset) cancels its handler at once; bytes that arrive
-meanwhile (a pipelined request) are buffered up to ``max_header_bytes``, then reading pauses.
+The connection's own task parses requests one at a time and runs each request's handler itself,
+inside the request's cancel scope: an idle SSE response costs this one task. While a handler runs
+(once its request body is read), the connection's input is watched by the server's shared
+:class:`~server.http.readwatch.ReadWatch` (over TLS: by a watcher task), so a client that goes
+away (EOF or reset) cancels its handler at once; bytes that arrive meanwhile (a pipelined
+request) are buffered up to ``max_header_bytes``, then reading pauses. A WebSocket upgrade starts
+one reader task for the session's frames beside the handler.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class H1Driver:
     """
 
     __slots__ = (
+        "_budget",
         "_current",
         "_head_deadline",
         "_idle_scope",
@@ -75,6 +79,7 @@ class H1Driver:
         self._head_deadline = head_deadline
         self._idle_scope: trio.CancelScope | None = None
         self._current: H1Exchange | None = None  # the exchange being served
+        self._budget = 0  # bytes the input watch may still buffer for the exchange being served
         self.closing = False  # no further requests on this connection
 
     async def run(self) -> None:
@@ -89,23 +94,23 @@ class H1Driver:
             self.closing = True
         first = True
         while first or not self.closing:
-            event = await self._read_head(first)
-            if event is None:
+            ex = self._exchange(await self._read_head(first))
+            if ex is None:
                 return
             first = False
-            if len(event.headers) > self.limits.max_headers:
-                self.stats.protocol_errors += 1
-                self._reject(431, "headers_too_large", f"more than {self.limits.max_headers} header fields")
-                return
-            if _head_size(event) > self.limits.max_header_bytes:
-                # h11 only checks its buffer while a head is incomplete; one large read slips past
-                self.stats.protocol_errors += 1
-                self._reject(431, "headers_too_large", f"request head exceeds {self.limits.max_header_bytes} bytes")
-                return
-            ex = H1Exchange(self, event)
             self._current = ex
             try:
-                if not await self._serve(ex):
+                if ex.body_settled:
+                    self.watch(ex)
+                try:
+                    await run_handler(self.handler, ex)
+                finally:
+                    self.unwatch(ex)
+                await ex.watch_stopped()
+                if ex.ws is not None:
+                    await ex.ws.wait_finished()  # the session's reader task (run_ws) ends it
+                    return
+                if ex.broken:
                     return
             finally:
                 self._current = None
@@ -113,6 +118,23 @@ class H1Driver:
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 return
             h.start_next_cycle()
+
+    def _exchange(self, event: h11.Request | None) -> H1Exchange | None:
+        """The exchange for a request head, or ``None`` (answered with 431 if the head is too big).
+
+        The parsed head is not kept: the exchange holds what handlers need."""
+        if event is None:
+            return None
+        if len(event.headers) > self.limits.max_headers:
+            self.stats.protocol_errors += 1
+            self._reject(431, "headers_too_large", f"more than {self.limits.max_headers} header fields")
+            return None
+        if _head_size(event) > self.limits.max_header_bytes:
+            # h11 only checks its buffer while a head is incomplete; one large read slips past
+            self.stats.protocol_errors += 1
+            self._reject(431, "headers_too_large", f"request head exceeds {self.limits.max_header_bytes} bytes")
+            return None
+        return H1Exchange(self, event)
 
     def _close_requested(self) -> None:
         self.closing = True
@@ -186,34 +208,62 @@ class H1Driver:
 
     # -- one request ---------------------------------------------------------------------------
 
-    async def _serve(self, ex: H1Exchange) -> bool:
-        """Run one exchange to its end; False if the connection must close afterwards."""
-        self.nursery.start_soon(run_handler, self.handler, ex)
-        if not ex.body_settled:
-            await ex.wait_settled()
-        if not ex.finished and ex.ws is None:
-            await self._watch(ex)
-        if ex.ws is not None:
-            self.conn.protocol = "websocket"
-            if self.closing:
-                ex.ws.going_away()
-            trailing, closed = self.h.trailing_data
-            await ex.ws.run(trailing, closed)
-            return False
-        await ex.wait_finished()
-        return not ex.broken
+    def watch(self, ex: H1Exchange) -> None:
+        """Notice the client going away (and buffer a pipelined request) while ``ex``'s handler
+        runs: on plain TCP through the server's shared input watcher, no task involved; over TLS
+        in a watcher task. Called once the request body is settled."""
+        if ex.finished or ex.ws is not None or ex.watching:
+            return
+        ex.watching = True
+        self._budget = self.limits.max_header_bytes
+        if self.conn.watch_input(self._on_input):
+            return
+        if self.conn.tls:
+            ex.start_watch_task(self._watch_stream)
+        else:
+            ex.watching = False  # the server is shutting down: nothing to watch with
 
-    async def _watch(self, ex: H1Exchange) -> None:
-        """Read while the handler runs, to notice the client going away; returns when it is done."""
-        with ex.watch_scope:
-            budget = self.limits.max_header_bytes
-            while budget > 0:
-                data = await self.conn.receive()
-                if not data:
-                    ex.scope.cancel()
-                    self.conn.abort("client went away")
-                    await trio.lowlevel.checkpoint()
-                    return
-                self.h.receive_data(data)
-                budget -= len(data)
-            await trio.sleep_forever()
+    def unwatch(self, ex: H1Exchange) -> None:
+        """Stop watching the input for ``ex`` (its handler is done, or a WebSocket takes over)."""
+        if ex.watching:
+            ex.watching = False
+            self.conn.unwatch_input()
+            ex.stop_watch_task()
+
+    def _on_input(self) -> None:
+        """Input (or EOF) arrived while a handler runs: called by the shared watcher."""
+        conn = self.conn
+        data = conn.receive_now()
+        if data is None:
+            return
+        if not data:
+            conn.abort("client went away")  # cancels the connection's task: the handler with it
+            return
+        self.h.receive_data(data)
+        self._budget -= len(data)
+        if self._budget <= 0:  # a pipelined request is buffered in full: read no more for now
+            conn.unwatch_input()
+
+    async def _watch_stream(self, ex: H1Exchange) -> None:
+        """The TLS form of the input watch: read until EOF or the budget is spent."""
+        budget = self.limits.max_header_bytes
+        while budget > 0:
+            data = await self.conn.receive()
+            if not data:
+                self.conn.abort("client went away")
+                await trio.lowlevel.checkpoint()
+                return
+            self.h.receive_data(data)
+            budget -= len(data)
+        await trio.sleep_forever()
+
+    async def run_ws(self, ex: H1Exchange) -> None:
+        """Read the upgraded connection's WebSocket frames (a task, beside the handler)."""
+        ws = ex.ws
+        assert ws is not None
+        await ex.watch_stopped()
+        self.conn.protocol = "websocket"
+        if self.closing:
+            ws.going_away()
+        trailing, closed = self.h.trailing_data
+        await ws.run(trailing, closed)

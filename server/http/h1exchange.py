@@ -8,7 +8,7 @@ ends the body correctly).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import h11
@@ -50,17 +50,17 @@ class H1Exchange:
         "_close_after",
         "_close_callbacks",
         "_d",
-        "_finished_event",
         "_http11",
         "_outbox",
-        "_settled_event",
         "_streaming",
+        "_watch_done",
+        "_watch_scope",
         "body_settled",
         "broken",
         "finished",
         "request",
         "scope",
-        "watch_scope",
+        "watching",
         "ws",
     )
 
@@ -80,8 +80,10 @@ class H1Exchange:
             http_version=event.http_version.decode("latin-1"),
             body_reader=self._read_body,
         )
-        self.scope = trio.CancelScope()
-        self.watch_scope = trio.CancelScope()
+        self.scope: trio.CancelScope | None = None  # the handler runs in the connection's task and scope
+        self.watching = False  # the driver watches the input while the handler runs
+        self._watch_scope: trio.CancelScope | None = None  # TLS: the watcher task's scope
+        self._watch_done: trio.Event | None = None  # TLS: set when the watcher task has ended
         self.ws: WsSession | None = None
         self.finished = False  # the handler task is over
         self.broken = False  # the response was torn down mid-way
@@ -97,8 +99,6 @@ class H1Exchange:
         self._body_error: str | None = None
         self._body_reading = False
         self.body_settled = self._collect_buffered_body()
-        self._settled_event: trio.Event | None = None
-        self._finished_event: trio.Event | None = None
 
     # -- request body --------------------------------------------------------------------------
 
@@ -175,21 +175,38 @@ class H1Exchange:
         return body
 
     def _settle(self) -> None:
-        self.body_settled = True
-        if self._settled_event is not None:
-            self._settled_event.set()
-
-    async def wait_settled(self) -> None:
-        """Wait until the body is read, abandoned (the response started) or the handler is done."""
+        """The body is read, abandoned (the response started) or the handler is done: from now
+        on the driver watches the input while the handler runs."""
         if not self.body_settled:
-            self._settled_event = trio.Event()
-            await self._settled_event.wait()
+            self.body_settled = True
+            if not self.finished:
+                self._d.watch(self)
 
-    async def wait_finished(self) -> None:
-        """Wait until the handler task is over."""
-        if not self.finished:
-            self._finished_event = trio.Event()
-            await self._finished_event.wait()
+    # -- the TLS input watcher (plain TCP uses the server's shared watcher, no task) ------------
+
+    def start_watch_task(self, watch: Callable[[H1Exchange], Awaitable[None]]) -> None:
+        """Run ``watch(self)`` in a task of the connection until :meth:`stop_watch_task`."""
+        self._watch_scope = trio.CancelScope()
+        self._watch_done = trio.Event()
+        self._d.nursery.start_soon(self._run_watch, watch)
+
+    async def _run_watch(self, watch: Callable[[H1Exchange], Awaitable[None]]) -> None:
+        assert self._watch_scope is not None and self._watch_done is not None
+        try:
+            with self._watch_scope:
+                await watch(self)
+        finally:
+            self._watch_done.set()
+
+    def stop_watch_task(self) -> None:
+        """Cancel the watcher task, if one runs."""
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+
+    async def watch_stopped(self) -> None:
+        """Wait until the watcher task (if one was started) has ended; it must have been stopped."""
+        if self._watch_done is not None:
+            await self._watch_done.wait()
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -261,12 +278,10 @@ class H1Exchange:
             await self.finish()
 
     def handler_done(self) -> None:
-        """The handler task is over: release the reader."""
+        """The handler is over: stop watching the input."""
         self.finished = True
-        self.watch_scope.cancel()
-        self._settle()
-        if self._finished_event is not None:
-            self._finished_event.set()
+        self.body_settled = True
+        self._d.unwatch(self)
 
     # -- ResponseStream ------------------------------------------------------------------------
 
@@ -356,8 +371,9 @@ class H1Exchange:
         headers = accept_headers(self.request.headers["sec-websocket-key"], subprotocol)
         switch = h11.InformationalResponse(status_code=101, headers=headers, reason=b"Switching Protocols")
         self._outbox.write(d.h.send(switch))
+        d.unwatch(self)
         self.ws = WsSession(d.conn, d.limits, d.stats, subprotocol)
-        self.watch_scope.cancel()
-        self._settle()
+        self.body_settled = True
+        d.nursery.start_soon(d.run_ws, self)
         await trio.lowlevel.checkpoint()
         return self.ws

@@ -22,7 +22,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import trio
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.stream import StreamState
 
 from server.http.base import Handler, HttpLimits, Request
 from server.http.common import HOP_BY_HOP, encode_headers, header_dict, run_handler, split_target
@@ -33,6 +35,7 @@ from server.http.stats import HttpStats
 log = logging.getLogger(__name__)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_SENDABLE = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})  # states that may send DATA
 _HEADER_OVERHEAD = 32  # per header field, as HPACK counts a header list's size
 
 
@@ -292,7 +295,7 @@ class H2Driver:
             scheme=self.scheme,
             http_version="2",
         )
-        stream = H2Stream(self, sid, request)
+        stream = H2Stream(self, sid, request, self.h2.streams[sid])
         self.streams[sid] = stream
         if event.stream_ended is not None:
             stream.body_done = True
@@ -361,6 +364,26 @@ class H2Driver:
         if not self.outbox.room(self._unflushed + size):
             return False
         h = self.h2
+        hs = stream.h2s
+        if (
+            size <= h.outbound_flow_control_window
+            and size <= hs.outbound_flow_control_window
+            and size <= h.max_outbound_frame_size
+            and hs.state_machine.state in _SENDABLE
+            and h.state_machine.state is ConnectionState.SERVER_OPEN
+        ):
+            # What h2's send_data does for a plain DATA frame in these states, without its per-call
+            # frame objects and state-machine walk: charge both windows, frame the shared payload.
+            h.outbound_flow_control_window -= size
+            hs.outbound_flow_control_window -= size
+            out = h._data_to_send
+            out += (size << 48 | stream.sid).to_bytes(9, "big")  # length, type DATA, no flags, id
+            out += data
+            self._unflushed += size
+            if not self._dirty:
+                self._dirty = True
+                self.outbox.request_pull()
+            return True
         try:
             window = h.local_flow_control_window(stream.sid)
             if size <= window and size <= h.max_outbound_frame_size:

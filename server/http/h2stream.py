@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import h2.stream
 import trio
 
 from server.core.frame import Frame
@@ -44,6 +45,7 @@ class H2Stream:
         "dead",
         "end_after_pending",
         "ended",
+        "h2s",
         "handler_finished",
         "pending",
         "pending_bytes",
@@ -52,9 +54,10 @@ class H2Stream:
         "sid",
     )
 
-    def __init__(self, driver: H2Driver, sid: int, request: Request) -> None:
+    def __init__(self, driver: H2Driver, sid: int, request: Request, h2s: h2.stream.H2Stream) -> None:
         self._d = driver
         self.sid = sid
+        self.h2s = h2s  # h2's record of the stream (flow-control window, state)
         self.request = request
         request.body_reader = self._read_body
         self.scope = trio.CancelScope()

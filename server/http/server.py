@@ -33,6 +33,7 @@ from server.http.connection import Connection
 from server.http.h1 import H1Driver
 from server.http.h2conn import PREFACE, H2Driver
 from server.http.listener import accept_loop
+from server.http.readwatch import ReadWatch
 from server.http.stats import HttpStats
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class HttpServer:
         self.stats = HttpStats()
         self.connections: set[Connection] = set()
         self._nursery: trio.Nursery | None = None
+        self._watch: ReadWatch | None = None  # input of busy HTTP/1.1 connections (see readwatch)
         self._accept_scope = trio.CancelScope()
         self._draining = False
         self._drain_done: trio.Event | None = None
@@ -101,6 +103,8 @@ class HttpServer:
         try:
             async with trio.open_nursery() as connections:
                 self._nursery = connections
+                self._watch = ReadWatch()
+                connections.start_soon(self._watch.run)
                 if self.limits.max_connection_age > 0:
                     connections.start_soon(self._rotate)
                 with self._accept_scope:
@@ -113,6 +117,7 @@ class HttpServer:
                 await trio.sleep_forever()  # accepting stopped: keep serving what is open
         finally:
             self._nursery = None
+            self._watch = None
             for sock in owned:
                 sock.close()
         raise AssertionError("serve never returns")
@@ -215,7 +220,7 @@ class HttpServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) and len(addr) >= 2 else ("", 0)
         stats = self.stats
-        conn = Connection(trio.socket.from_stdlib_socket(sock), sock, client, self.limits, stats)
+        conn = Connection(sock, client, self.limits, stats, self._watch)
         self.connections.add(conn)
         stats.connections_open += 1
         stats.connections_total += 1
@@ -235,7 +240,9 @@ class HttpServer:
         try:
             async with trio.open_nursery() as nursery:
                 conn.attach(nursery)
-                await self._dispatch(conn, nursery)
+                driver = await self._dispatch(conn, nursery)
+                if driver is not None:  # awaited here, not in _dispatch: one frame less per connection
+                    await driver.run()
                 await conn.close_gracefully()
                 nursery.cancel_scope.cancel()
         except* Exception as group:
@@ -247,50 +254,48 @@ class HttpServer:
             if self._gone is not None and not self.connections:
                 self._gone.set()
 
-    async def _dispatch(self, conn: Connection, nursery: trio.Nursery) -> None:
+    async def _dispatch(self, conn: Connection, nursery: trio.Nursery) -> H1Driver | H2Driver | None:
+        """Detect the protocol (TLS handshake included) and return its driver; ``None``: close."""
         limits = self.limits
         deadline = trio.current_time() + limits.header_timeout
         first = b""
         with trio.move_on_at(deadline):
             first = await conn.peek()
         if not first:
-            return
+            return None
         if first[0] == TLS_RECORD_HANDSHAKE:
             if self.ssl_context is None:
                 self.stats.protocol_errors += 1
-                return
+                return None
             stream = conn.start_tls(self.ssl_context)
             with trio.move_on_at(deadline) as timer:
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
                     log.debug("TLS handshake with %s failed: %s", conn.client, exc.__cause__ or exc)
-                    return
+                    return None
             if timer.cancelled_caught:
-                return
+                return None
             if stream.selected_alpn_protocol() == "h2":
-                await H2Driver(conn, nursery, self.handler, limits, self.stats, scheme="https", initial=b"").run()
-            else:
-                await H1Driver(
-                    conn, nursery, self.handler, limits, self.stats, scheme="https", initial=b"", head_deadline=deadline
-                ).run()
-            return
+                return H2Driver(conn, nursery, self.handler, limits, self.stats, scheme="https", initial=b"")
+            return H1Driver(
+                conn, nursery, self.handler, limits, self.stats, scheme="https", initial=b"", head_deadline=deadline
+            )
         data = b""
         with trio.move_on_at(deadline):
             data = await conn.receive()
             while data and len(data) < len(PREFACE) and PREFACE.startswith(data):
                 more = await conn.receive()
                 if not more:
-                    return
+                    return None
                 data += more
         if not data:
-            return
+            return None
         if data.startswith(PREFACE):
-            await H2Driver(conn, nursery, self.handler, limits, self.stats, scheme="http", initial=data).run()
-        else:
-            await H1Driver(
-                conn, nursery, self.handler, limits, self.stats, scheme="http", initial=data, head_deadline=deadline
-            ).run()
+            return H2Driver(conn, nursery, self.handler, limits, self.stats, scheme="http", initial=data)
+        return H1Driver(
+            conn, nursery, self.handler, limits, self.stats, scheme="http", initial=data, head_deadline=deadline
+        )
 
 
 async def serve_http(

@@ -138,6 +138,10 @@ class WsSession:
 
     # -- engine side ---------------------------------------------------------------------------
 
+    async def wait_finished(self) -> None:
+        """Wait until :meth:`run` has ended."""
+        await self._finished.wait()
+
     def going_away(self) -> None:
         """Start closing with 1012 (service restart: reconnect and resume); the reader finishes it."""
         if self._open:

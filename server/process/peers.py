@@ -52,6 +52,7 @@ RECV_BATCH = 256
 """Datagrams handled per wake-up of the receiving task before other tasks run."""
 
 RECONCILE_MAX_STREAMS = 50_000
+RECONCILE_GRACE = 0.1  # seconds a head read waits for notices in flight before it counts as news
 """Streams checked per reconciliation pass; with more, successive passes take turns."""
 
 RETRY_MIN, RETRY_MAX = 0.005, 0.25
@@ -427,6 +428,10 @@ class PeerBus:
             streams = (streams[start:] + streams[:start])[:RECONCILE_MAX_STREAMS]
             self._cursor = start + RECONCILE_MAX_STREAMS
         heads = await self._store.heads(streams)
+        # The read may see commits whose notices are still on their way (a datagram in flight, the
+        # committing writer not yet back on its thread): give them a moment, so that a race does
+        # not send every subscriber of a busy stream back to the store for nothing.
+        await trio.sleep(RECONCILE_GRACE)
         self.stats.reconciles += 1
         behind = 0
         for stream, head in heads.items():

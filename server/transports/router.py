@@ -32,9 +32,13 @@ def _not_allowed(allowed: list[str]) -> HTTPError:
 
 
 def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Handler:
-    """The application handler for one worker."""
+    """The application handler for one worker.
 
-    async def handle(ex: Exchange) -> None:
+    A plain function that picks the transport and returns its coroutine (or raises the routing
+    error): the engine awaits the transport's coroutine directly, so a long-lived response holds
+    no routing frame."""
+
+    def handle(ex: Exchange) -> Awaitable[None]:
         req = ex.request
         path = req.path
         method = req.method
@@ -49,28 +53,25 @@ def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Ha
             handler = routes.get(method)
             if handler is None:
                 raise _not_allowed(list(routes))
-            await handler(ex, ctx, stream)
-            return
+            return handler(ex, ctx, stream)
         if path == "/v1/ws":
             if method != "GET":
                 raise _not_allowed(["GET"])
-            await handle_ws(ex, ctx)
-        elif path == "/healthz":
+            return handle_ws(ex, ctx)
+        if path == "/healthz":
             if method != "GET":
                 raise _not_allowed(["GET"])
-            await send_json(ex, 200, {"status": "ok", "pid": os.getpid()})  # pid: which worker answered
-        elif path == "/readyz":
+            return send_json(ex, 200, {"status": "ok", "pid": os.getpid()})  # pid: which worker answered
+        if path == "/readyz":
             if method != "GET":
                 raise _not_allowed(["GET"])
             if ctx.draining:
-                await send_json(ex, 503, {"status": "draining"})
-            else:
-                await send_json(ex, 200, {"status": "ready"})
-        elif path == "/metrics" and metrics is not None:
+                return send_json(ex, 503, {"status": "draining"})
+            return send_json(ex, 200, {"status": "ready"})
+        if path == "/metrics" and metrics is not None:
             if method != "GET":
                 raise _not_allowed(["GET"])
-            await ex.respond(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], metrics())
-        else:
-            raise HTTPError(404, "not_found", "no such endpoint")
+            return ex.respond(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], metrics())
+        raise HTTPError(404, "not_found", "no such endpoint")
 
     return handle

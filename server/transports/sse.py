@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.core.encoding import EncodedEvent, sse_end, sse_reset
+from server.core.encoding import EncodedEvent, EventBatch, sse_end, sse_reset
 from server.core.events import InvalidInput
 from server.core.hub import heartbeat_or_none
 from server.core.replay import Reset, Start, parse_start
@@ -30,6 +30,10 @@ class SSESink:
     def deliver(self, enc: EncodedEvent) -> bool:
         """Write the shared SSE encoding of the event."""
         return self._resp.send_frame(enc.sse)
+
+    def deliver_batch(self, batch: EventBatch) -> bool:
+        """Write the shared SSE encoding of every event of the batch, in one write."""
+        return self._resp.send_frame(batch.sse)
 
     def reset(self, reset: Reset) -> bool:
         """Write ``event: sluice.reset``."""

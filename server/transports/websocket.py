@@ -14,7 +14,7 @@ from typing import Any, Literal
 import msgpack
 import trio
 
-from server.core.encoding import EncodedEvent, ws_end, ws_message, ws_reset
+from server.core.encoding import EncodedEvent, EventBatch, ws_end, ws_message, ws_reset
 from server.core.events import InvalidInput, check_stream
 from server.core.replay import Reset, Start, parse_start
 from server.http.base import Exchange, HTTPError, WebSocket, WebSocketClosed
@@ -41,6 +41,10 @@ class WSSink:
     def deliver(self, enc: EncodedEvent) -> bool:
         """Write the shared pre-built frame for this subprotocol."""
         return self._ws.send_frame(enc.ws_json if self._json else enc.ws_msgpack)
+
+    def deliver_batch(self, batch: EventBatch) -> bool:
+        """Write the shared frames of every event of the batch, in one write."""
+        return self._ws.send_frame(batch.ws_json if self._json else batch.ws_msgpack)
 
     def reset(self, reset: Reset) -> bool:
         """Send ``{"op": "reset", ...}``."""

@@ -1,0 +1,156 @@
+"""The hub's fan-out task and heartbeat ticker (``Hub.run``): notices queued while it is busy go
+out together, in order, one write per subscriber; without it the fan-out is synchronous."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+import trio.testing
+
+from server.core.encoding import EncodedEvent, EventBatch
+from server.core.events import NewEvent
+from server.core.hub import Hub
+from server.core.replay import Reset, Start
+from server.store.base import Notice, Retention
+from server.store.memory import MemoryStore
+
+KEEP_ALL = Retention(max_events=0, max_bytes=0, max_age=0)
+
+
+@dataclass
+class BatchRecorder:
+    """A sink that records each write: one entry per ``deliver`` or ``deliver_batch`` call."""
+
+    writes: list[list[str]] = field(default_factory=list)
+    sse: list[bytes] = field(default_factory=list)
+    idles: int = 0
+    ended: bool = False
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for write in self.writes for i in write]
+
+    def deliver(self, enc: EncodedEvent) -> bool:
+        self.writes.append([enc.id])
+        self.sse.append(enc.sse.raw)
+        return True
+
+    def deliver_batch(self, batch: EventBatch) -> bool:
+        self.writes.append([e.id for e in batch.encs])
+        self.sse.append(batch.sse.raw)
+        return True
+
+    def reset(self, reset: Reset) -> bool:
+        return True
+
+    def end(self) -> None:
+        self.ended = True
+
+    def idle(self) -> bool:
+        self.idles += 1
+        return True
+
+    async def drain(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def _live(hub: Hub, nursery: trio.Nursery, rec: BatchRecorder, heartbeat: float | None = None) -> None:
+    ready = trio.Event()
+
+    async def sub() -> None:
+        async with hub.open_subscription("s", Start("now"), heartbeat=heartbeat) as s:
+            ready.set()
+            await s.run(rec)
+
+    nursery.start_soon(sub)
+    await ready.wait()
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_notices_queued_meanwhile_go_out_in_one_write_in_order() -> None:
+    store = MemoryStore(KEEP_ALL)
+    hub = Hub(store)
+    await store.append("s", [NewEvent("message", b"before")])
+    notices: list[Notice] = []
+    store.set_listener(notices.append)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            recs = [BatchRecorder() for _ in range(3)]
+            for rec in recs:
+                await _live(hub, nursery, rec)
+            events = []
+            for k in range(4):
+                events += (await store.append("s", [NewEvent("message", b"%d" % k)])).events
+            await store.close_stream("s")
+            for notice in notices:  # committed one by one, before the fan-out task gets to run
+                hub.on_notice(notice)
+            ids = [e.id for e in events]
+            await trio.testing.wait_all_tasks_blocked()
+            for rec in recs:
+                assert rec.ids == ids
+                assert rec.ended
+                assert len(rec.writes) == 1  # coalesced
+                assert b"".join(rec.sse) == b"".join(EncodedEvent(e).sse.raw for e in events)
+            assert hub.stats.delivered == 3 * len(ids)
+            nursery.cancel_scope.cancel()
+
+
+async def test_without_the_task_the_fan_out_is_synchronous() -> None:
+    store = MemoryStore(KEEP_ALL)
+    hub = Hub(store)
+    store.set_listener(hub.on_notice)
+    await store.append("s", [NewEvent("message", b"before")])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            rec = BatchRecorder()
+            await _live(hub, nursery, rec)
+            ids = (await store.append("s", [NewEvent("message", b"a"), NewEvent("message", b"b")])).ids
+            assert rec.writes == [ids]  # one batch of two, delivered before append returned
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_overlapping_batch_delivers_nothing_twice() -> None:
+    store = MemoryStore(KEEP_ALL)
+    hub = Hub(store)
+    store.set_listener(hub.on_notice)
+    await store.append("s", [NewEvent("message", b"before")])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            rec = BatchRecorder()
+            await _live(hub, nursery, rec)
+            first = (await store.append("s", [NewEvent("message", b"a")])).events
+            both = first + (await store.append("s", [NewEvent("message", b"b")])).events
+            # the first event again, with the next one (a remote notice overtaken by a local one)
+            batch = EventBatch([EncodedEvent(e) for e in both])
+            sub = next(iter(hub._watchers["s"]))
+            assert sub.on_appended(batch) == 0  # both already delivered: nothing twice
+            assert rec.ids == [e.id for e in both]
+            nursery.cancel_scope.cancel()
+
+
+async def test_heartbeats_come_from_the_ticker(autojump_clock: trio.abc.Clock) -> None:
+    store = MemoryStore(KEEP_ALL)
+    hub = Hub(store)
+    store.set_listener(hub.on_notice)
+    await store.append("s", [NewEvent("message", b"before")])
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            rec = BatchRecorder()
+            quiet = BatchRecorder()
+            await _live(hub, nursery, rec, heartbeat=10.0)
+            start = trio.current_time()
+            await _live(hub, nursery, quiet)  # no heartbeat asked: never idle
+            while not rec.idles:
+                await trio.sleep(0.5)
+            assert 10.0 <= trio.current_time() - start <= 20.5
+            await trio.sleep(100)
+            assert 9 <= rec.idles <= 11  # one per interval of silence
+            await store.append("s", [NewEvent("message", b"x")])
+            idles = rec.idles
+            await trio.sleep(10.0)
+            assert rec.idles <= idles + 1  # the event counted as output for that interval
+            assert quiet.idles == 0
+            nursery.cancel_scope.cancel()
