@@ -124,6 +124,10 @@ def _goal_idle(r: dict[str, Result]) -> tuple[str, bool | None]:
     n = _get(r, "idle-100k/nchan", "server_rss_kib_per_conn")
     held = _get(r, "idle-100k/sluice", "connections", "held")
     if not v:
+        small = _get(r, "idle-15k/sluice", "server_rss_kib_per_conn")
+        if small:
+            nchan = _get(r, "idle-15k/nchan", "server_rss_kib_per_conn")
+            return f"not run at 100,000; at 15,000: {small} KiB/conn (nchan {nchan})", None
         return NOT_RUN
     return f"{v} KiB/conn at {held:,} held (nchan {n})", v <= 10 and held >= 100_000
 
@@ -141,7 +145,7 @@ def _goal_f200(r: dict[str, Result]) -> tuple[str, bool | None]:
     lost = _get(r, "fanout-200/sluice", "verdict", "lost")
     if s is None or u is None or ps is None or pu is None or pn is None:
         return NOT_RUN
-    text = f"lost {lost}; {s} µs vs uvicorn {u} µs; p99 {ps} ms vs uvicorn {pu}, nchan {pn}"
+    text = f"lost {lost}; {s} µs vs uvicorn {u} µs; p99 {ps:,.0f} ms vs uvicorn {pu:,.0f}, nchan {pn:,.0f}"
     return text, lost == 0 and s <= u and ps < pu and ps < pn
 
 
@@ -156,7 +160,7 @@ def _goal_f10k(r: dict[str, Result]) -> tuple[str, bool | None]:
     p = _p99(r, "fanout-10k/sluice")
     if p is None:
         return NOT_RUN
-    return f"p99 {p} ms", p <= 50
+    return f"p99 {p:,.1f} ms", p <= 50
 
 
 def _goal_deploy(r: dict[str, Result]) -> tuple[str, bool | None]:
@@ -225,6 +229,19 @@ def _cell(value: Any, digits: int = 2) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _clean(r: Result) -> str:
+    if r["ok"]:
+        return "yes"
+    why = []
+    if not (r.get("publisher") or {}).get("complete", True):
+        why.append("publisher stopped behind its plan")
+    if r["connections"]["held"] < r["connections"]["planned"]:
+        why.append("connections not all held")
+    if not r["verdict"].get("lost") == r["verdict"].get("duplicated") == r["verdict"].get("disorder") == 0:
+        why.append("transcripts differ")
+    return "no: " + (", ".join(why) or "see JSON")
+
+
 def render(results: dict[str, Result], out: Path, doc: Path) -> str:
     """The generated part of the page."""
     any_result = next(iter(results.values()), None)
@@ -245,8 +262,8 @@ def render(results: dict[str, Result], out: Path, doc: Path) -> str:
         lines += ["", f"### {entry.title}", "",
                   "| server | procs | conns held | published | delivered | lost / dup / disorder "
                   "| latency p50 / p99 / max ms | server CPU µs/event | RSS KiB/conn "
-                  "| reconnects (slowest resume s) | load cores |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| reconnects (slowest resume s) | load cores | run clean |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for kind, r in rows:
             v, lat = r["verdict"], r["latency_ms"]
             latency = "-"
@@ -257,7 +274,7 @@ def render(results: dict[str, Result], out: Path, doc: Path) -> str:
                 f"| {kind} | {r.get('server_workers', '-')} | {r['connections']['held']:,} | {r['published']:,} | "
                 f"{r['delivered']:,} | {v['lost']} / {v['duplicated']} / {v['disorder']} | {latency} | "
                 f"{_cell(r.get('server_cpu_us_per_event'))} | {_cell(r.get('server_rss_kib_per_conn'))} | {resume} | "
-                f"{_cell((r.get('load_cpu') or {}).get('cores_used'))} |")
+                f"{_cell((r.get('load_cpu') or {}).get('cores_used'))} | {_clean(r)} |")
         spec = rows[0][1]["spec"]
         command = (f"sluice-loadtest run {spec['scenario']} --start <server> --subs {spec['subs']} "
                    f"--transport {spec['transport']} --rate {spec['rate']:g} --duration {spec['duration']:g}")
@@ -282,7 +299,7 @@ def bench(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"no bench entries named {', '.join(sorted(unknown))}")
     started = time.monotonic()
-    for entry in ENTRIES:
+    for entry in ENTRIES if not args.render_only else ():
         for kind in entry.targets:
             if wanted and entry.name not in wanted and f"{entry.name}/{kind}" not in wanted:
                 continue

@@ -81,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--only", action="append", default=[], help="run only these bench entries (repeatable)")
     b.add_argument("--scale", type=float, default=1.0, help="multiply every connection count (e.g. 0.1 to try)")
     b.add_argument("--time-scale", type=float, default=1.0, help="multiply every duration (e.g. 0.2 to try)")
+    b.add_argument("--render-only", action="store_true", help="rewrite the page from the saved results, run nothing")
     return p
 
 

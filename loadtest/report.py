@@ -51,7 +51,8 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     pub = result.get("publisher") or {}
     if pub:
         out.append(("publisher", f"{pub.get('requests', 0):,} requests, {pub.get('retries', 0)} retries, "
-                                 f"behind plan at most {pub.get('lag_max', 0):.2f} s"))
+                                 f"behind plan at most {pub.get('lag_max', 0):.2f} s"
+                                 + ("" if pub.get("complete") else "; STOPPED before the end of its plan")))
     for mark in result.get("marks", []):
         what = f"{mark['kind']} {mark.get('command', '')} {mark.get('exit', '')}".strip()
         out.append((f"at {mark['t']:.1f} s", what))

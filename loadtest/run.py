@@ -277,6 +277,9 @@ class Run:
             pub.send("go")
             last_at = self.schedule.entries[-1][0] if self.schedule.entries else 0.0
             self._wait(last_at + spec.settle_timeout + 30, "publish", lambda: pub.result is not None)
+            if pub.result is None:  # behind its plan past the deadline: stop it, check what it did publish
+                pub.send("stop")
+                self._wait(10, "publish", lambda: pub.result is not None)
             published = (pub.result or {}).get("published", {})
             for p in self.subs:
                 p.send("finish", published, spec.settle_timeout)
@@ -345,7 +348,7 @@ class Run:
                                "saturated": busiest > SATURATED,
                                "us_per_event": round(window["load_cpu_s"] / events * 1e6, 2) if events else None}
         out["ok"] = verdict.clean and not out["crashes"] and held == spec.conn_count and (
-            spec.kind == "idle" or published > 0)
+            spec.kind == "idle" or (published > 0 and pub.get("complete", False)))
         return out
 
 

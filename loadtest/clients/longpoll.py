@@ -24,12 +24,13 @@ RECV = 65_536
 POLL_TIMEOUT = 20  # seconds the server may hold a poll open (its ?timeout=)
 
 
-def request(load: Load, track: Track) -> bytes:
-    """The poll for ``track``: from the start, or after its last id."""
+def request(load: Load, track: Track, wait: int = POLL_TIMEOUT) -> bytes:
+    """The poll for ``track``: from the start, or after its last id; the server may hold it
+    ``wait`` seconds."""
     ep = load.endpoint
     start = "from=start" if track.last_id is None else "last_event_id=" + quote(track.last_id, safe="")
     return (
-        f"GET {ep.stream_path(track.stream)}/poll?timeout={POLL_TIMEOUT}&{start} HTTP/1.1\r\n"
+        f"GET {ep.stream_path(track.stream)}/poll?timeout={wait}&{start} HTTP/1.1\r\n"
         f"Host: {ep.host}:{ep.port}\r\n\r\n"
     ).encode()
 
@@ -101,7 +102,8 @@ async def session(load: Load, conn: Conn) -> None:
         while active:
             for track in list(active):
                 with trio.fail_after(load.timeout + POLL_TIMEOUT):
-                    await send_all(sock, request(load, track))
+                    # the first poll answers at once, so the client knows it is subscribed
+                    await send_all(sock, request(load, track, POLL_TIMEOUT if conn.is_up else 0))
                     response = await read_response(sock, buf)
                 if response is None:
                     if conn.is_up:
