@@ -24,13 +24,10 @@ def request(load: Load, track: Track) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def dispatch(load: Load, track: Track, events: list[tuple[str | None, str, bytes]]) -> None:
-    """Hand decoded SSE events to the load's counters."""
-    now = time.monotonic_ns()
+def dispatch(load: Load, track: Track, events: list[tuple[str | None, str, bytes]], now: int) -> None:
+    """Hand decoded SSE events, received at ``now`` (monotonic ns), to the load's counters."""
     for event_id, etype, data in events:
-        if etype == "message":
-            load.deliver(track, event_id, data, now)
-        elif etype == "sluice.end":
+        if etype == "sluice.end":
             load.end(track)
         elif etype == "sluice.reset":
             load.reset(track)
@@ -62,7 +59,7 @@ async def session(load: Load, conn: Conn) -> None:
             if body:
                 events = sse.feed(chunked.feed(body) if chunked else body)
                 if events:
-                    dispatch(load, track, events)
+                    dispatch(load, track, events, time.monotonic_ns())
                 if sse.last_id is not None:  # also from an id-only block (a position sent on drain)
                     track.last_id = sse.last_id
                 if sse.comments:

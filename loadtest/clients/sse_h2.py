@@ -21,6 +21,7 @@ import h2.settings
 import trio
 
 from loadtest.clients.common import Conn, Endpoint, Load, open_socket, send_all
+from loadtest.clients.sse_h1 import dispatch
 from loadtest.track import Track
 from loadtest.wire import ProtocolError, SSEDecoder
 
@@ -62,17 +63,6 @@ def request_headers(endpoint: Endpoint, track: Track) -> list[tuple[str, str]]:
     if track.last_id is not None:
         headers.append(("last-event-id", track.last_id))
     return headers
-
-
-def dispatch(load: Load, track: Track, events: list[tuple[str | None, str, bytes]], now: int) -> None:
-    """Hand decoded SSE events to the load's counters."""
-    for event_id, etype, data in events:
-        if etype == "sluice.end":
-            load.end(track)
-        elif etype == "sluice.reset":
-            load.reset(track)
-        else:
-            load.deliver(track, event_id, data, now)
 
 
 def _status(headers: Iterable[tuple[bytes | str, bytes | str]]) -> int:
