@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import trio
 
 from loadtest import payload
-from loadtest.clients.common import CLIENT_ERRORS, IP_BIND_ADDRESS_NO_PORT, Endpoint, send_all
-from loadtest.wire import ChunkedDecoder, ProtocolError, parse_head
+from loadtest.clients.common import CLIENT_ERRORS, Endpoint, connect_tcp, read_response, send_all
+from loadtest.wire import ProtocolError
 
 # failures after which a request is sent again
 RETRIED: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, ProtocolError)
@@ -52,13 +52,6 @@ class PubStats:
     latencies: list[int] = field(default_factory=list)  # request round trips (ns) since the last tick
 
 
-async def _recv(sock: trio.socket.SocketType) -> bytes:
-    data = await sock.recv(65_536)
-    if not data:
-        raise EOFError("connection closed")
-    return data
-
-
 class HttpConn:
     """One keep-alive HTTP/1.1 connection, reopened when it breaks."""
 
@@ -68,20 +61,6 @@ class HttpConn:
         self.timeout = timeout
         self.sock: trio.socket.SocketType | None = None
         self.buf = b""
-
-    async def _open(self) -> trio.socket.SocketType:
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-            if self.source:
-                sock.setsockopt(trio.socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                await sock.bind((self.source, 0))
-            await sock.connect((self.endpoint.host, self.endpoint.port))
-        except BaseException:
-            sock.close()
-            raise
-        self.buf = b""
-        return sock
 
     def close(self) -> None:
         """Close the connection (the next request opens a new one)."""
@@ -94,7 +73,8 @@ class HttpConn:
         """Send one request and read its response: ``(status, body)``."""
         with trio.fail_after(self.timeout):
             if self.sock is None:
-                self.sock = await self._open()
+                self.sock = await connect_tcp(self.endpoint.host, self.endpoint.port, self.source, self.timeout)
+                self.buf = b""
             sock = self.sock
             ep = self.endpoint
             head = f"{method} {path} HTTP/1.1\r\nHost: {ep.host}:{ep.port}\r\nContent-Length: {len(body)}\r\n"
@@ -102,27 +82,17 @@ class HttpConn:
                 head += f"{name}: {value}\r\n"
             try:
                 await send_all(sock, head.encode() + b"\r\n" + body)
-                while (parsed := parse_head(self.buf)) is None:
-                    self.buf += await _recv(sock)
-                resp, used = parsed
-                rest = self.buf[used:]
-                if resp.chunked:
-                    dec = ChunkedDecoder()
-                    out = dec.feed(rest)
-                    while not dec.done:
-                        out += dec.feed(await _recv(sock))
-                    self.buf = b""
-                else:
-                    n = resp.length or 0
-                    while len(rest) < n:
-                        rest += await _recv(sock)
-                    out, self.buf = rest[:n], rest[n:]
-                if resp.headers.get("connection", "").lower() == "close":
-                    self.close()
-                return resp.status, out
+                response = await read_response(sock, self.buf)
             except BaseException:
                 self.close()
                 raise
+        if response is None:
+            self.close()
+            raise EOFError("connection closed")
+        resp, out, self.buf = response
+        if resp.headers.get("connection", "").lower() == "close":
+            self.close()
+        return resp.status, out
 
 
 class Publisher:

@@ -15,9 +15,11 @@ import trio
 
 from loadtest import payload
 from loadtest.track import Track
+from loadtest.wire import ChunkedDecoder, Head, parse_head
 
 MAX_ERRORS_KEPT = 20
 IP_BIND_ADDRESS_NO_PORT = 24  # Linux <netinet/in.h>; not exported by the socket module
+RECV = 65_536
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,9 @@ class Load:
         return random.uniform(0.05, self.limits.get("reconnect_jitter", 1.0))
 
 
-async def open_socket(load: Load, source: str) -> trio.socket.SocketType:
-    """A TCP connection to the endpoint from ``source`` (a 127.x.y.z address), under the
-    process's limit on connects in progress and the load's deadline."""
+async def connect_tcp(host: str, port: int, source: str, timeout: float) -> trio.socket.SocketType:
+    """A TCP connection to ``host:port`` from ``source`` (a 127.x.y.z address, or "" for any)
+    within ``timeout`` seconds."""
     sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     try:
         sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
@@ -155,13 +157,19 @@ async def open_socket(load: Load, source: str) -> trio.socket.SocketType:
             # for a port free for every destination, which gets slow with thousands of sockets
             sock.setsockopt(trio.socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             await sock.bind((source, 0))
-        async with load.connect_limiter:
-            with trio.fail_after(load.timeout):
-                await sock.connect((load.endpoint.host, load.endpoint.port))
+        with trio.fail_after(timeout):
+            await sock.connect((host, port))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def open_socket(load: Load, source: str) -> trio.socket.SocketType:
+    """A TCP connection to the load's endpoint from ``source``, under the process's limit on
+    connects in progress and the load's deadline."""
+    async with load.connect_limiter:
+        return await connect_tcp(load.endpoint.host, load.endpoint.port, source, load.timeout)
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
@@ -170,6 +178,43 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
     while view:
         sent = await sock.send(view)
         view = view[sent:]
+
+
+async def read_response(sock: trio.socket.SocketType, buf: bytes) -> tuple[Head, bytes, bytes] | None:
+    """``(head, body, bytes after it)`` of the next response, whose first bytes may already be in
+    ``buf``; None when the connection closed before any byte of it."""
+    # After a chunked body the final CRLF may come late; no trailers are expected.
+    buf = buf.lstrip(b"\r\n")
+    while (parsed := parse_head(buf)) is None:
+        data = await sock.recv(RECV)
+        if not data:
+            if not buf:
+                return None
+            raise EOFError("connection closed in a response head")
+        buf = (buf + data).lstrip(b"\r\n") if not buf else buf + data
+    head, used = parsed
+    body = bytearray(buf[used:])
+    length = 0 if head.status in (204, 304) or head.status < 200 else head.length
+    if length is not None:
+        while len(body) < length:
+            data = await sock.recv(max(RECV, length - len(body)))
+            if not data:
+                raise EOFError("connection closed in a response body")
+            body += data
+        return head, bytes(body[:length]), bytes(body[length:])
+    if head.chunked:
+        chunked = ChunkedDecoder()
+        out = bytearray(chunked.feed(bytes(body)))
+        while not chunked.done:
+            data = await sock.recv(RECV)
+            if not data:
+                raise EOFError("connection closed in a chunked body")
+            out += chunked.feed(data)
+        return head, bytes(out), chunked.tail
+    while data := await sock.recv(RECV):  # no length: the body runs to the end of the connection
+        body += data
+    return head, bytes(body), b""
+
 
 
 Session = Callable[[Load, Conn], Awaitable[None]]

@@ -16,11 +16,10 @@ from urllib.parse import quote
 
 import trio
 
-from loadtest.clients.common import Conn, Load, open_socket, send_all
+from loadtest.clients.common import Conn, Load, open_socket, read_response, send_all
 from loadtest.track import Track
-from loadtest.wire import ChunkedDecoder, Head, ProtocolError, parse_head
+from loadtest.wire import ProtocolError
 
-RECV = 65_536
 POLL_TIMEOUT = 20  # seconds the server may hold a poll open (its ?timeout=)
 
 
@@ -33,42 +32,6 @@ def request(load: Load, track: Track, wait: int = POLL_TIMEOUT) -> bytes:
         f"GET {ep.stream_path(track.stream)}/poll?timeout={wait}&{start} HTTP/1.1\r\n"
         f"Host: {ep.host}:{ep.port}\r\n\r\n"
     ).encode()
-
-
-async def read_response(sock: trio.socket.SocketType, buf: bytes) -> tuple[Head, bytes, bytes] | None:
-    """``(head, body, bytes after it)`` of the next response, whose first bytes may already be in
-    ``buf``; None when the connection closed before any byte of it."""
-    # After a chunked body the final CRLF may come late; no trailers are expected.
-    buf = buf.lstrip(b"\r\n")
-    while (parsed := parse_head(buf)) is None:
-        data = await sock.recv(RECV)
-        if not data:
-            if not buf:
-                return None
-            raise EOFError("connection closed in a response head")
-        buf = (buf + data).lstrip(b"\r\n") if not buf else buf + data
-    head, used = parsed
-    body = bytearray(buf[used:])
-    length = head.length
-    if length is not None:
-        while len(body) < length:
-            data = await sock.recv(max(RECV, length - len(body)))
-            if not data:
-                raise EOFError("connection closed in a response body")
-            body += data
-        return head, bytes(body[:length]), bytes(body[length:])
-    if head.chunked:
-        chunked = ChunkedDecoder()
-        out = bytearray(chunked.feed(bytes(body)))
-        while not chunked.done:
-            data = await sock.recv(RECV)
-            if not data:
-                raise EOFError("connection closed in a chunked body")
-            out += chunked.feed(data)
-        return head, bytes(out), b""
-    while data := await sock.recv(RECV):  # no length: the body runs to the end of the connection
-        body += data
-    return head, bytes(body), b""
 
 
 def handle(load: Load, track: Track, body: bytes, now: int) -> bool:
