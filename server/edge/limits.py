@@ -1,0 +1,507 @@
+"""Connection caps and rate limits: pure and synchronous, no I/O and no clock of its own (every
+time-dependent call takes ``now``, seconds on a monotonic clock such as ``trio.current_time()``).
+
+:class:`TokenBucket` is one rate/burst budget (also per connection: HTTP/2 resets and stream opens,
+WebSocket pings); :class:`KeyedLimiter` keeps buckets by key in a bounded LRU table;
+:class:`ConnectionCounter` caps connections per address and in total (over a cap: 503 +
+Retry-After, or WebSocket close 1013); :class:`RateLimits` evaluates :class:`RateRule` s from
+:class:`LimitsConfig` (``[limits]``): ``0.0`` allows a request, anything else is the Retry-After in
+seconds for a 429 (:func:`retry_after_header`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, cast
+
+Route = Literal["connect", "subscribe", "publish", "publish_bytes"]
+ROUTES: tuple[Route, ...] = ("connect", "subscribe", "publish", "publish_bytes")
+KeyKind = Literal["address", "header", "query", "cookie", "claim"]
+PatternCompiler = Callable[[str], Callable[[str], bool]]
+
+CLOCK_SLACK = 1e-6  # seconds of refill granted early, so waiting exactly the returned time succeeds
+MAX_RETRY_AFTER = 3600  # Retry-After is clamped to this many seconds (also for ``math.inf``)
+MAX_KEY_CHARS = 128  # longer client-chosen keys are stored as a 32-hex-digit digest
+_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")  # header token; also query/cookie/claim
+_PATTERN_RE = re.compile(r"[A-Za-z0-9._~:@*-]{1,200}\Z")
+
+
+def _positive(name: str, value: object) -> float:
+    if value is None:
+        raise ValueError(f"{name}: required")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
+        raise ValueError(f"{name}: must be a positive number, got {value!r}")
+    return float(value)
+
+
+class TokenBucket:
+    """A budget of ``burst`` tokens refilled continuously at ``rate`` tokens per second.
+
+    Starts full. Over any interval of length ``T`` it grants at most ``burst + rate * T`` tokens
+    (plus ``rate * CLOCK_SLACK``). A clock that goes backwards is treated as standing still."""
+
+    __slots__ = ("_slack", "_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = _positive("rate", rate)
+        self.burst = _positive("burst", burst)
+        self._tokens = self.burst
+        self._stamp = -math.inf
+        self._slack = self.rate * CLOCK_SLACK
+
+    def take(self, now: float, cost: float = 1.0) -> float:
+        """Spend ``cost`` (>= 0) tokens if available and return ``0.0``; otherwise spend nothing and
+        return the seconds until it would be allowed (> 0). A ``cost`` above ``burst`` can never
+        be allowed: it returns ``math.inf`` (callers map that to 413, or clamp it)."""
+        elapsed = now - self._stamp
+        if elapsed > 0.0:
+            tokens = min(self._tokens + elapsed * self.rate, self.burst)
+            self._stamp = now
+        else:
+            tokens = self._tokens
+        if tokens + self._slack >= cost:
+            self._tokens = tokens - cost  # may dip below zero by at most the slack
+            return 0.0
+        self._tokens = tokens
+        if cost > self.burst:
+            return math.inf
+        return (cost - tokens) / self.rate
+
+    def refund(self, cost: float = 1.0) -> None:
+        """Give back ``cost`` tokens taken earlier (never beyond ``burst``)."""
+        self._tokens = min(self.burst, self._tokens + cost)
+
+    def available(self, now: float) -> float:
+        """The tokens that a :meth:`take` at ``now`` would find, without changing anything."""
+        elapsed = now - self._stamp
+        return min(self.burst, self._tokens + elapsed * self.rate) if elapsed > 0.0 else self._tokens
+
+    def full_at(self) -> float:
+        """The earliest time at which the bucket is full again if nothing more is taken."""
+        return self._stamp + (self.burst - self._tokens) / self.rate
+
+
+class KeyedLimiter:
+    """One :class:`TokenBucket` per key, in a table that never holds more than ``max_keys`` keys.
+
+    A new key in a full table evicts the least recently used key (which then starts over with a
+    full bucket). Each new key also drops the oldest entry if its bucket has refilled, so idle
+    keys give way without a timer; :meth:`prune` sweeps them all."""
+
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 10_000) -> None:
+        self.rate = _positive("rate", rate)
+        self.burst = _positive("burst", burst)
+        if max_keys < 1:
+            raise ValueError(f"max_keys: must be at least 1, got {max_keys!r}")
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, key: str, now: float, cost: float = 1.0) -> float:
+        """:meth:`TokenBucket.take` on ``key``'s bucket: ``0.0`` if allowed, else seconds to wait."""
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is not None:
+            buckets.move_to_end(key)
+            return bucket.take(now, cost)
+        if buckets and (len(buckets) >= self.max_keys or next(iter(buckets.values())).full_at() <= now):
+            buckets.popitem(last=False)
+        bucket = buckets[key] = TokenBucket(self.rate, self.burst)
+        return bucket.take(now, cost)
+
+    def refund(self, key: str, cost: float = 1.0) -> None:
+        """Give back ``cost`` tokens to ``key`` (no-op if the key is no longer in the table)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.refund(cost)
+
+    def prune(self, now: float) -> int:
+        """Drop least-recently-used entries whose buckets are full at ``now``; return how many."""
+        dropped = 0
+        buckets = self._buckets
+        while buckets and next(iter(buckets.values())).full_at() <= now:
+            buckets.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buckets
+
+
+class Ticket:
+    """One admitted connection. :meth:`release` is idempotent (a second call does nothing), and
+    the ticket is a context manager that releases on exit."""
+
+    __slots__ = ("_counter", "address")
+
+    def __init__(self, counter: ConnectionCounter, address: str) -> None:
+        self._counter: ConnectionCounter | None = counter
+        self.address = address
+
+    def release(self) -> None:
+        """Return the connection slot, exactly once however often it is called."""
+        counter, self._counter = self._counter, None
+        if counter is not None:
+            counter.release(self.address)
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` has run."""
+        return self._counter is None
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class ConnectionCounter:
+    """Exact counts of open connections, capped per address and in total (0 disables a cap).
+
+    Addresses with no open connection have no entry, so memory follows the open connections."""
+
+    __slots__ = ("_active", "_by_address", "max_per_address", "max_total")
+
+    def __init__(self, per_address: int, total: int) -> None:
+        if per_address < 0 or total < 0:
+            raise ValueError("connection caps must be >= 0 (0: unlimited)")
+        self.max_per_address = per_address
+        self.max_total = total
+        self._by_address: dict[str, int] = {}
+        self._active = 0
+
+    def acquire(self, address: str) -> bool:
+        """Count one more connection from ``address`` and return True, or return False (counting
+        nothing) if either cap is reached. Pair every True with exactly one :meth:`release`."""
+        if self.max_total and self._active >= self.max_total:
+            return False
+        count = self._by_address.get(address, 0)
+        if self.max_per_address and count >= self.max_per_address:
+            return False
+        self._by_address[address] = count + 1
+        self._active += 1
+        return True
+
+    def try_acquire(self, address: str) -> Ticket | None:
+        """:meth:`acquire` returning a :class:`Ticket` (idempotent release), or None when refused."""
+        return Ticket(self, address) if self.acquire(address) else None
+
+    def release(self, address: str) -> None:
+        """Count one connection from ``address`` as closed; never goes below zero."""
+        count = self._by_address.pop(address, 0)
+        if count > 1:
+            self._by_address[address] = count - 1
+        if count:
+            self._active -= 1
+
+    @property
+    def active(self) -> int:
+        """Open connections in total."""
+        return self._active
+
+    def count(self, address: str) -> int:
+        """Open connections from ``address``."""
+        return self._by_address.get(address, 0)
+
+    def __len__(self) -> int:
+        """Addresses with at least one open connection."""
+        return len(self._by_address)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """Where a rate-limit key comes from: ``address`` (the client address, after PROXY protocol),
+    ``header:<name>`` (lower-cased), ``query:<name>``, ``cookie:<name>`` or ``claim:<name>`` (a
+    top-level claim of the verified JWT). Only ``address`` and ``claim`` cannot be chosen freely by
+    the client; a header/query/cookie key should be combined with an address rule."""
+
+    kind: KeyKind
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "address":
+            if self.name:
+                raise ValueError("'address' takes no name")
+        elif self.kind in ("header", "query", "cookie", "claim"):
+            if not _NAME_RE.match(self.name):
+                raise ValueError(f"{self.kind} name must be 1-128 token characters, got {self.name!r}")
+            if self.kind == "header":
+                object.__setattr__(self, "name", self.name.lower())
+        else:
+            raise ValueError(f"unknown key kind {self.kind!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> KeySource:
+        """Parse ``address`` or ``<kind>:<name>``; raise ValueError on anything else."""
+        if text == "address":
+            return ADDRESS
+        kind, sep, name = text.partition(":")
+        if not sep or kind not in ("header", "query", "cookie", "claim"):
+            raise ValueError(f"expected 'address' or header:/query:/cookie:/claim:<name>, got {text!r}")
+        return cls(cast(KeyKind, kind), name)
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "address" else f"{self.kind}:{self.name}"
+
+
+ADDRESS = KeySource("address")
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """One rate limit: ``rate`` per second with ``burst``, per key, on one route, for streams
+    matching ``streams`` (``*`` one ``:``-segment, ``**`` any number). Routes: ``connect`` (a new
+    connection or request, before any stream is known, so ``streams`` must be ``**``),
+    ``subscribe``, ``publish`` (per message) and ``publish_bytes`` (cost = payload bytes; a
+    payload larger than ``burst`` is never allowed). ``max_keys`` bounds the key table."""
+
+    route: Route
+    rate: float
+    burst: float
+    key: KeySource = ADDRESS
+    streams: str = "**"
+    max_keys: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.route not in ROUTES:
+            raise ValueError(f"route: must be one of {', '.join(ROUTES)}, got {self.route!r}")
+        _positive("rate", self.rate)
+        _positive("burst", self.burst)
+        if not isinstance(self.streams, str) or not _PATTERN_RE.match(self.streams):
+            raise ValueError(f"streams: must be a stream pattern, got {self.streams!r}")
+        if self.route == "connect" and self.streams != "**":
+            raise ValueError("streams: a connect rule applies before any stream is known; use '**'")
+        if isinstance(self.max_keys, bool) or not isinstance(self.max_keys, int) or self.max_keys < 1:
+            raise ValueError(f"max_keys: must be a positive integer, got {self.max_keys!r}")
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, object]) -> RateRule:
+        """Build a rule from a TOML table (``[[limits.rules]]``): ``route`` and ``rate`` required;
+        ``burst`` (default ``max(rate, 1)``), ``key`` (default ``"address"``), ``streams``
+        (default ``"**"``), ``max_keys`` (default 10000). ValueError names the offending field."""
+        unknown = sorted(set(d) - {"route", "rate", "burst", "key", "streams", "max_keys"})
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key (expected route, rate, burst, key, streams, max_keys)")
+        route = d.get("route")
+        if route not in ROUTES:
+            raise ValueError(f"route: must be one of {', '.join(ROUTES)}, got {route!r}")
+        rate = _positive("rate", d.get("rate"))
+        burst = _positive("burst", d.get("burst", max(rate, 1.0)))
+        key = d.get("key", "address")
+        text = key if isinstance(key, str) else None
+        if text is None:
+            raise ValueError(f"key: must be a string, got {key!r}")
+        try:
+            source = KeySource.parse(text)
+        except ValueError as exc:
+            raise ValueError(f"key: {exc}") from None
+        streams = d.get("streams", "**")
+        max_keys = d.get("max_keys", 10_000)
+        return cls(route, rate, burst, source, cast(str, streams), cast(int, max_keys))
+
+
+def parse_rules(items: Sequence[object]) -> tuple[RateRule, ...]:
+    """Parse a TOML array of tables; errors read ``rules[<i>].<field>: ...``."""
+    rules = []
+    for i, item in enumerate(items):
+        table = item if isinstance(item, Mapping) else None
+        if table is None:
+            raise ValueError(f"rules[{i}]: must be a table, got {item!r}")
+        try:
+            rules.append(RateRule.from_mapping(table))
+        except ValueError as exc:
+            raise ValueError(f"rules[{i}].{exc}") from None
+    return tuple(rules)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """The ``[limits]`` section. Connection caps are per worker (0: unlimited) and checked at
+    accept; per-connection rates bound HTTP/2 resets and stream opens (rapid reset) and WebSocket
+    pings. ``rules`` is empty by default: no request is rate limited unless configured, because
+    clients behind one NAT or proxy share an address and a default would throttle them."""
+
+    max_connections: int = 20_000  # per worker; ~15 KiB each when idle
+    max_connections_per_address: int = 1_000  # generous: NATs and proxies share one address
+    retry_after_seconds: int = 5  # Retry-After on the 503 when a connection cap is reached
+    h2_max_resets_per_second: float = 100.0
+    h2_reset_burst: float = 200.0
+    h2_max_streams_per_second: float = 200.0
+    h2_stream_burst: float = 400.0
+    ws_max_pings_per_second: float = 5.0
+    ws_ping_burst: float = 20.0
+    rules: tuple[RateRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_connections_per_address", "retry_after_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
+        for name in ("h2_max_resets_per_second", "h2_reset_burst", "h2_max_streams_per_second", "h2_stream_burst"):
+            _positive(name, getattr(self, name))
+        for name in ("ws_max_pings_per_second", "ws_ping_burst"):
+            _positive(name, getattr(self, name))
+        if not all(isinstance(rule, RateRule) for rule in self.rules):
+            raise ValueError("rules: must be RateRule objects")
+
+    def connection_counter(self) -> ConnectionCounter:
+        """A fresh counter with this config's caps (one per worker)."""
+        return ConnectionCounter(self.max_connections_per_address, self.max_connections)
+
+    def h2_reset_bucket(self) -> TokenBucket:
+        """A fresh per-connection bucket for HTTP/2 stream resets (RST_STREAM either way)."""
+        return TokenBucket(self.h2_max_resets_per_second, self.h2_reset_burst)
+
+    def h2_stream_bucket(self) -> TokenBucket:
+        """A fresh per-connection bucket for HTTP/2 streams opened."""
+        return TokenBucket(self.h2_max_streams_per_second, self.h2_stream_burst)
+
+    def ws_ping_bucket(self) -> TokenBucket:
+        """A fresh per-connection bucket for WebSocket pings (protocol and ``{"op": "ping"}``)."""
+        return TokenBucket(self.ws_max_pings_per_second, self.ws_ping_burst)
+
+    def rate_limits(self, compile_pattern: PatternCompiler | None = None) -> RateLimits:
+        """A :class:`RateLimits` for ``rules`` (see there for ``compile_pattern``)."""
+        return RateLimits(self.rules, compile_pattern)
+
+
+def glob_matcher(pattern: str) -> Callable[[str], bool]:
+    """A minimal stream-pattern matcher (``*`` one non-empty segment, ``**`` zero or more
+    segments, anything else literal). The server passes the full pattern compiler instead."""
+    parts = tuple(pattern.split(":"))
+    if parts == ("**",):
+        return lambda stream: True
+
+    def match(i: int, names: list[str], j: int) -> bool:
+        while i < len(parts):
+            part = parts[i]
+            if part == "**":
+                return any(match(i + 1, names, k) for k in range(j, len(names) + 1))
+            if j >= len(names) or not names[j] or (part != "*" and part != names[j]):
+                return False
+            i += 1
+            j += 1
+        return j == len(names)
+
+    return lambda stream: match(0, stream.split(":"), 0)
+
+
+class _Active:
+    __slots__ = ("by_address", "catch_all", "key", "limiter", "matches")
+
+    def __init__(self, rule: RateRule, compile_pattern: PatternCompiler) -> None:
+        self.key = rule.key
+        self.by_address = rule.key.kind == "address"
+        self.catch_all = rule.streams == "**"
+        self.matches = compile_pattern(rule.streams)
+        self.limiter = KeyedLimiter(rule.rate, rule.burst, rule.max_keys)
+
+
+class RateLimits:
+    """Evaluates :class:`RateRule` s. A request must pass every rule for its route whose pattern
+    matches its stream (a ``None`` stream matches only ``**`` rules); a refused request spends
+    nothing. ``compile_pattern`` turns pattern text into a predicate (default :func:`glob_matcher`;
+    the server passes ``lambda text: patterns.compile_pattern(text).matches``).
+
+    Keys: ``key_of(source)`` returns the request's key for a :class:`KeySource` or None if absent.
+    When a header/query/cookie/claim key is absent or empty, the rule still applies, keyed by the
+    client address (in a separate namespace, so a client cannot aim at another's bucket): omitting
+    a header never escapes a limit. Keys over ``MAX_KEY_CHARS`` are stored as a digest."""
+
+    __slots__ = ("_by_route", "rules")
+
+    def __init__(self, rules: Iterable[RateRule] = (), compile_pattern: PatternCompiler | None = None) -> None:
+        self.rules = tuple(rules)
+        compile_ = compile_pattern or glob_matcher
+        by_route: dict[str, list[_Active]] = {}
+        for rule in self.rules:
+            by_route.setdefault(rule.route, []).append(_Active(rule, compile_))
+        self._by_route = {route: tuple(active) for route, active in by_route.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def check(
+        self, route: Route, stream: str | None, key_of: Callable[[KeySource], str | None], now: float, cost: float = 1.0
+    ) -> float:
+        """``0.0`` if allowed (and spent), else the seconds to wait (``math.inf``: ``cost`` exceeds
+        a matching rule's burst). Returns at once when no rule covers ``route``."""
+        active = self._by_route.get(route)
+        if active is None:
+            return 0.0
+        spent: list[tuple[KeyedLimiter, str]] | None = None
+        for rule in active:
+            if not rule.catch_all and (stream is None or not rule.matches(stream)):
+                continue
+            key = _key(rule, key_of)
+            wait = rule.limiter.take(key, now, cost)
+            if wait:
+                for limiter, taken in spent or ():
+                    limiter.refund(taken, cost)
+                return wait
+            if spent is None:
+                spent = []
+            spent.append((rule.limiter, key))
+        return 0.0
+
+
+def _key(rule: _Active, key_of: Callable[[KeySource], str | None]) -> str:
+    if rule.by_address:
+        return key_of(ADDRESS) or ""
+    value = key_of(rule.key)
+    if not value:
+        return "@" + (key_of(ADDRESS) or "")
+    if len(value) > MAX_KEY_CHARS:
+        value = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return "=" + value
+
+
+def request_key_of(
+    address: str,
+    headers: Mapping[str, str] | None = None,
+    query: Mapping[str, str] | None = None,
+    claims: Mapping[str, object] | None = None,
+) -> Callable[[KeySource], str | None]:
+    """A ``key_of`` for :meth:`RateLimits.check` over plain request parts: lower-case header names,
+    decoded query, the verified JWT claims. Cookies come from the ``cookie`` header. Claims that
+    are not strings or integers count as absent."""
+
+    def key_of(source: KeySource) -> str | None:
+        kind = source.kind
+        if kind == "address":
+            return address
+        if kind == "header":
+            return headers.get(source.name) if headers else None
+        if kind == "query":
+            return query.get(source.name) if query else None
+        if kind == "cookie":
+            for part in (headers or {}).get("cookie", "").split(";"):
+                name, sep, value = part.strip().partition("=")
+                if sep and name == source.name:
+                    return value
+            return None
+        claim = claims.get(source.name) if claims else None
+        return str(claim) if isinstance(claim, str | int) and not isinstance(claim, bool) else None
+
+    return key_of
+
+
+def retry_after(seconds: float) -> int:
+    """Whole seconds for Retry-After: rounded up, at least 1, at most ``MAX_RETRY_AFTER``
+    (``math.inf`` and NaN give the maximum)."""
+    return max(1, math.ceil(seconds)) if seconds < MAX_RETRY_AFTER else MAX_RETRY_AFTER
+
+
+def retry_after_header(seconds: float) -> bytes:
+    """The ``Retry-After`` header value for ``seconds`` (see :func:`retry_after`), as ASCII bytes."""
+    return str(retry_after(seconds)).encode("ascii")
