@@ -13,7 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from server.config import Config, ConfigError, Override, Resolved, render_toml, resolve_config
+from server.config import Config, ConfigError, Override, Resolved, resolve_config
+from server.config_render import render_toml
 
 EXIT_CONFIG = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -22,15 +22,30 @@ import os
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
+from server.config_meta import (
+    ANY_PATH,
+    META,
+    NON_EMPTY,
+    POSITIVE_INT,
+    POSITIVE_SECONDS,
+    Meta,
+    Rule,
+)
+from server.edge.auth import AuthConfig
+from server.edge.compress import CompressionConfig
+from server.edge.cors import CorsConfig
+from server.edge.limits import LimitsConfig
+from server.edge.proxy_protocol import ProxyConfig
 from server.http.base import HttpLimits
 from server.store.base import Retention
 
 ENV_PREFIX = "SLUICE_"
 CONFIG_ENV = "SLUICE_CONFIG"
 
+Kind = Literal["int", "float", "str", "path", "choice", "bool", "list", "optlist", "tables"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 Backend = Literal["sqlite", "memory"]
 
@@ -46,24 +61,6 @@ class ConfigError(Exception):
         if source:
             text += f" (from {source})"
         super().__init__(text)
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A constraint on a value; ``what`` completes "must be ..." in error messages."""
-
-    what: str
-    test: Callable[[Any], bool]
-
-
-POSITIVE_INT = Rule("a positive integer", lambda v: v >= 1)
-NON_NEGATIVE_INT = Rule("a non-negative integer", lambda v: v >= 0)
-PORT = Rule("an integer in 0..65535", lambda v: 0 <= v <= 65535)
-H2_FRAME = Rule("an integer in 16384..16777215", lambda v: 16384 <= v <= 16777215)
-POSITIVE_SECONDS = Rule("a positive number (seconds)", lambda v: v > 0)
-NON_NEGATIVE_SECONDS = Rule("a non-negative number (seconds)", lambda v: v >= 0)
-NON_EMPTY = Rule("a non-empty string", lambda v: bool(v.strip()))
-ANY_PATH = Rule("a file path", lambda v: True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,85 +148,6 @@ class DrainConfig:
     deadline: float = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class _Meta:
-    doc: str
-    rule: Rule | None = None  # None: the default rule for the key's type
-    example: str | None = None  # shown for an unset optional key in the example file
-
-
-# The meaning (and any non-default constraint) of every key. [http] is HttpLimits itself.
-_META: dict[str, _Meta] = {
-    "server.host": _Meta("Address to listen on (IPv4, IPv6 or host name)", NON_EMPTY),
-    "server.port": _Meta("TCP port to listen on (0: any free port)", PORT),
-    "server.workers": _Meta(
-        "Worker processes, each with its own event loop and listening socket (0: one per CPU; 1 with the memory store)",
-        NON_NEGATIVE_INT,
-    ),
-    "server.tls_cert": _Meta(
-        "PEM certificate chain; enables TLS and HTTP/2 over ALPN (needs tls_key)", ANY_PATH, "/etc/sluice/cert.pem"
-    ),
-    "server.tls_key": _Meta("PEM private key for tls_cert", ANY_PATH, "/etc/sluice/key.pem"),
-    "server.log_level": _Meta("Logging threshold: critical, error, warning, info or debug"),
-    "server.max_event_bytes": _Meta("Largest data of one event in bytes (larger: 413)"),
-    "server.max_body_bytes": _Meta("Largest publish request body in bytes, batches included (larger: 413)"),
-    "server.max_batch_events": _Meta("Most events in one batch publish"),
-    "store.backend": _Meta("sqlite (durable, shared by the host's workers) or memory (one worker, not durable)"),
-    "store.path": _Meta("SQLite database file; a relative path is relative to the working directory", NON_EMPTY),
-    "store.max_events": _Meta("Events kept per stream (0: no limit)", NON_NEGATIVE_INT),
-    "store.max_bytes": _Meta("Bytes of event data kept per stream (0: no limit)", NON_NEGATIVE_INT),
-    "store.max_age": _Meta("Seconds an event is kept (0: no limit)", NON_NEGATIVE_SECONDS),
-    "store.idempotency_window": _Meta("Seconds an Idempotency-Key is remembered (0: no limit)", NON_NEGATIVE_SECONDS),
-    "http.max_header_bytes": _Meta("Largest request line plus headers in bytes (larger: 431)"),
-    "http.max_headers": _Meta("Most header fields in one request (more: 431)"),
-    "http.header_timeout": _Meta("Seconds to receive a complete request head"),
-    "http.body_timeout": _Meta("Seconds to receive a complete request body (expiry: 408)"),
-    "http.idle_timeout": _Meta("Seconds a keep-alive connection may stay open with no request in flight"),
-    "http.send_timeout": _Meta("Seconds a pending write may make no progress before the connection is dropped"),
-    "http.send_buffer": _Meta("Bytes queued per connection before it counts as a slow consumer and is closed"),
-    "http.send_low_water": _Meta("Queued bytes at or below which a waiting writer resumes"),
-    "http.h2_max_concurrent_streams": _Meta("HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection"),
-    "http.h2_max_inbound_frame": _Meta("HTTP/2 SETTINGS_MAX_FRAME_SIZE in bytes (16384..16777215)", H2_FRAME),
-    "http.ws_max_message": _Meta("Largest inbound WebSocket message in bytes (larger: close 1009)"),
-    "http.ws_ping_interval": _Meta(
-        "Seconds between server pings on an idle WebSocket (0: never)", NON_NEGATIVE_SECONDS
-    ),
-    "sse.retry_ms": _Meta("Reconnect delay sent in the SSE retry: field, in milliseconds"),
-    "sse.retry_jitter_ms": _Meta("Random 0..N milliseconds added to retry_ms per connection", NON_NEGATIVE_INT),
-    "sse.heartbeat": _Meta("Seconds without events before a comment line keeps the stream alive"),
-    "longpoll.default_timeout": _Meta(
-        "Seconds a poll waits for events when it gives no ?timeout= (0: answer at once)", NON_NEGATIVE_SECONDS
-    ),
-    "longpoll.max_timeout": _Meta("Upper bound in seconds for a poll's ?timeout="),
-    "longpoll.max_events": _Meta("Most events in one poll response"),
-    "websocket.max_subscriptions": _Meta("Most streams one WebSocket may subscribe to at once"),
-    "hub.replay_page": _Meta("Events read from the store per page while replaying history"),
-    "bus.max_datagram": _Meta(
-        "Largest notice datagram in bytes sent to the other workers; larger events go as a hint to read the store",
-        Rule("an integer in 1024..4194304", lambda v: 1024 <= v <= 4 * 1024 * 1024),
-    ),
-    "bus.reconcile_interval": _Meta(
-        "Seconds between checks of the store for changes whose notice was missed (0: never)", NON_NEGATIVE_SECONDS
-    ),
-    "bus.rescan_interval": _Meta("Seconds between scans of the runtime directory for workers that came or went"),
-    "bus.max_peers": _Meta("Most other workers one worker sends notices to"),
-    "http.max_connection_age": _Meta(
-        "Seconds after which a connection is asked to close gracefully, so clients rebalance (0: never)",
-        NON_NEGATIVE_SECONDS,
-    ),
-    "http.max_connection_age_jitter": _Meta(
-        "Each connection's age limit is max_connection_age times a random factor in 1 +/- this (0..0.9)",
-        Rule("a number in 0..0.9", lambda v: 0 <= v <= 0.9),
-    ),
-    "drain.window": _Meta(
-        "Seconds over which a stopping worker asks its connections to close, evenly spread (0: all at once)",
-        NON_NEGATIVE_SECONDS,
-    ),
-    "drain.deadline": _Meta(
-        "Seconds after a drain starts when connections still open are cut (more than window; below systemd's"
-        " TimeoutStopSec)"
-    ),
-}
 UNDOCUMENTED = "(see server.http.base.HttpLimits)"
 
 
@@ -246,6 +164,11 @@ class Config:
     hub: HubConfig = field(default_factory=HubConfig)
     bus: BusConfig = field(default_factory=BusConfig)
     drain: DrainConfig = field(default_factory=DrainConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def retention(self) -> Retention:
         """The store's retention limits (``[store]`` max_events, max_bytes, max_age, idempotency_window)."""
@@ -259,8 +182,21 @@ class Config:
         return self.http
 
     def as_dict(self) -> dict[str, dict[str, object]]:
-        """``{section: {key: value}}`` for every key (``None`` for unset optional values)."""
-        return {section: {key: getattr(getattr(self, section), key) for key in keys} for section, keys in KEYS.items()}
+        """``{section: {key: value}}`` for every key (``None`` for unset optional values), as plain
+        TOML/JSON values: lists for tuples, tables for entries."""
+        return {
+            section: {key: _plain_value(getattr(getattr(self, section), key)) for key in keys}
+            for section, keys in KEYS.items()
+        }
+
+
+def _plain_value(value: object) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain_value(v) for v in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name)) for f in fields(value))
+        return {k: v if isinstance(v, str | int | float) else str(v) for k, v in items if v is not None}
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +205,12 @@ class KeySpec:
 
     section: str
     key: str
-    kind: Literal["int", "float", "str", "path", "choice"]
+    kind: Kind
     default: object
     doc: str
     rule: Rule
     example: str | None = None
+    entry: Any = None  # "tables": the entry class, built by its ``from_config(raw)``
 
     @property
     def name(self) -> str:
@@ -292,33 +229,71 @@ def _toml(value: object) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if is_dataclass(value) and not isinstance(value, type):  # a table entry: an inline table of its set fields
+        items = [(f.name, getattr(value, f.name)) for f in fields(value)]
+        return "{" + ", ".join(f"{k} = {_toml(v if _plain(v) else str(v))}" for k, v in items if v is not None) + "}"
     return repr(value)
 
 
-_DEFAULT_RULES: dict[str, Rule] = {"int": POSITIVE_INT, "float": POSITIVE_SECONDS, "str": NON_EMPTY, "path": ANY_PATH}
+def _plain(value: object) -> bool:
+    return isinstance(value, str | int | float | tuple | list)
+
+
+def _kind(tp: Any) -> Kind:
+    args = set(typing.get_args(tp))
+    if tp is bool:
+        return "bool"
+    if tp in (int, float, str):
+        return typing.cast(Kind, tp.__name__)
+    if typing.get_origin(tp) is Literal:
+        return "choice"
+    if args == {str, type(None)}:
+        return "path"
+    if tp == tuple[str, ...]:
+        return "list"
+    if args == {tuple[str, ...], type(None)}:
+        return "optlist"
+    if typing.get_origin(tp) is tuple and hasattr(_entry_type(tp), "from_config"):
+        return "tables"
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _entry_type(tp: Any) -> Any:
+    return typing.get_args(tp)[0]
+
+
+_DEFAULT_RULES: dict[str, Rule] = {
+    "int": POSITIVE_INT,
+    "float": POSITIVE_SECONDS,
+    "str": NON_EMPTY,
+    "path": ANY_PATH,
+    "bool": Rule("true or false", lambda v: True),
+    "list": Rule("a list of strings", lambda v: True),
+    "optlist": Rule("a list of strings", lambda v: True),
+    "tables": Rule("a list of tables", lambda v: True),
+}
 
 
 def _spec(section: str, f: Field[Any], tp: Any) -> KeySpec:
-    kind: Literal["int", "float", "str", "path", "choice"]
-    if tp in (int, float, str):
-        kind = tp.__name__
-    elif typing.get_origin(tp) is Literal:
-        kind = "choice"
-    elif set(typing.get_args(tp)) == {str, type(None)}:
-        kind = "path"
-    else:
-        raise TypeError(f"{section}.{f.name}: unsupported config type {tp!r}")
-    meta = _META.get(f"{section}.{f.name}")
+    try:
+        kind = _kind(tp)
+    except TypeError as exc:
+        raise TypeError(f"{section}.{f.name}: {exc}") from None
+    meta = META.get(f"{section}.{f.name}")
     if meta is None:  # a new HttpLimits field works at once, with the default rule for its type
         if section != "http":
-            raise TypeError(f"{section}.{f.name}: describe the key in _META")
-        meta = _Meta(UNDOCUMENTED)
+            raise TypeError(f"{section}.{f.name}: describe the key in server.config_meta.META")
+        meta = Meta(UNDOCUMENTED)
     if kind == "choice":
         choices = tuple(typing.get_args(tp))
         rule = Rule("one of " + ", ".join(_toml(c) for c in choices), lambda v: v in choices)
     else:
         rule = meta.rule or _DEFAULT_RULES[kind]
-    return KeySpec(section, f.name, kind, f.default, meta.doc, rule, meta.example)
+    default = f.default if f.default is not MISSING else typing.cast(Callable[[], object], f.default_factory)()
+    entry = _entry_type(tp) if kind == "tables" else None
+    return KeySpec(section, f.name, kind, default, meta.doc, rule, meta.example, entry)
 
 
 _SECTION_CLASSES: dict[str, type[Any]] = typing.get_type_hints(Config)
@@ -407,7 +382,14 @@ def resolve_config(
             value, source = (raw.value, raw.source) if isinstance(raw, Override) else (raw, "overrides")
             put(section, key, value, source, text=isinstance(value, str))
 
-    config = Config(**{section: _SECTION_CLASSES[section](**vals) for section, vals in values.items()})
+    built: dict[str, Any] = {}
+    for section, vals in values.items():
+        try:
+            built[section] = _SECTION_CLASSES[section](**vals)
+        except ValueError as exc:  # the edge sections check their keys together
+            given = [sources[f"{section}.{k}"] for k in vals if f"{section}.{k}" in sources]
+            raise ConfigError(str(exc), key=f"[{section}]", source=given[0] if given else None) from None
+    config = Config(**built)
     _cross_check(config, sources)
     return Resolved(config, dict(sources), path)
 
@@ -454,6 +436,15 @@ def _coerce(spec: KeySpec, raw: object, text: bool) -> object:
         if not math.isfinite(number):
             raise ValueError
         return number
+    if spec.kind == "bool":
+        return _coerce_bool(raw, text)
+    if spec.kind in ("list", "optlist"):
+        return _coerce_list(spec, raw, text)
+    if spec.kind == "tables":
+        items = json.loads(str(raw)) if text else raw
+        if not isinstance(items, list):
+            raise TypeError
+        return tuple(spec.entry.from_config(item) for item in items)
     if not isinstance(raw, str):
         raise TypeError
     if spec.kind == "path":
@@ -461,11 +452,37 @@ def _coerce(spec: KeySpec, raw: object, text: bool) -> object:
     return raw.strip().lower() if spec.kind == "choice" else raw
 
 
+def _coerce_bool(raw: object, text: bool) -> bool:
+    if text:
+        word = str(raw).strip().lower()
+        if word in ("true", "1", "yes", "on"):
+            return True
+        if word in ("false", "0", "no", "off"):
+            return False
+        raise ValueError
+    if not isinstance(raw, bool):
+        raise TypeError
+    return raw
+
+
+def _coerce_list(spec: KeySpec, raw: object, text: bool) -> tuple[str, ...] | None:
+    """A list of strings; from the environment, comma-separated ("" is the empty list, or unset for optlist)."""
+    if text:
+        words = [w.strip() for w in str(raw).split(",")]
+        if words == [""]:
+            return None if spec.kind == "optlist" else ()
+        return tuple(words)
+    if not isinstance(raw, list) or not all(isinstance(w, str) for w in raw):
+        raise TypeError
+    return tuple(raw)
+
+
 def _convert(spec: KeySpec, raw: object, source: str, text: bool) -> object:
     try:
         value = _coerce(spec, raw, text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"must be {spec.rule.what}, got {_toml(raw)}", key=spec.name, source=source) from None
+    except (TypeError, ValueError) as exc:
+        detail = f" ({exc})" if spec.kind == "tables" and str(exc) else ""
+        raise ConfigError(f"must be {spec.rule.what}{detail}, got {_toml(raw)}", key=spec.name, source=source) from None
     if value is not None and not spec.rule.test(value):
         raise ConfigError(f"must be {spec.rule.what}, got {_toml(value)}", key=spec.name, source=source)
     return value
@@ -520,49 +537,3 @@ def _cross_check(config: Config, sources: Mapping[str, str]) -> None:
 def _get(config: Config, name: str) -> Any:
     section, _, key = name.partition(".")
     return getattr(getattr(config, section), key)
-
-
-def render_toml(config: Config, *, notes: Mapping[str, str] | None = None, example: bool = False) -> str:
-    """Render ``config`` as TOML; ``notes`` (by ``section.key``) become comments.
-
-    With ``example``, each note is a comment line above its key and unset optional keys are shown
-    commented out with an example value; otherwise notes trail the value.
-    """
-    notes = notes or {}
-    out: list[str] = []
-    for section, keys in KEYS.items():
-        out.append(f"[{section}]")
-        for key, spec in keys.items():
-            value = getattr(getattr(config, section), key)
-            note = notes.get(spec.name)
-            if example and note:
-                out.append(f"# {note}")
-            if value is None:
-                line = f"# {key} = {_toml(spec.example or '')}" if example else f"# {key} is not set"
-            else:
-                line = f"{key} = {_toml(value)}"
-            out.append(f"{line}  # {note}" if note and not example else line)
-        out.append("")
-    return "\n".join(out)
-
-
-def render_example() -> str:
-    """The text of ``sluice.example.toml``: every key with its default and meaning."""
-    header = (
-        "# Sluice configuration: every key with its default.\n"
-        "# Load with `sluice serve --config FILE` or SLUICE_CONFIG=FILE. Precedence, lowest first:\n"
-        "# defaults < this file < environment (SLUICE_<SECTION>_<KEY>) < command-line flags.\n"
-        "# Relative paths are relative to the working directory of the server process.\n\n"
-    )
-    docs = {spec.name: spec.doc for keys in KEYS.values() for spec in keys.values()}
-    return header + render_toml(Config(), notes=docs, example=True).rstrip("\n") + "\n"
-
-
-def render_reference() -> str:
-    """The reference table of ``docs/CONFIG.md`` (Markdown)."""
-    rows = ["| Section | Key | Default | Environment variable | Meaning |", "|---|---|---|---|---|"]
-    for keys in KEYS.values():
-        for spec in keys.values():
-            default = "(not set)" if spec.default is None else f"`{_toml(spec.default)}`"
-            rows.append(f"| `{spec.section}` | `{spec.key}` | {default} | `{spec.env_var}` | {spec.doc} |")
-    return "\n".join(rows) + "\n"

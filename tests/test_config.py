@@ -18,11 +18,9 @@ from server.config import (
     KeySpec,
     Override,
     load_config,
-    render_example,
-    render_reference,
-    render_toml,
     resolve_config,
 )
+from server.config_render import render_example, render_reference, render_toml
 from server.http.base import HttpLimits
 from server.store.base import Retention
 

@@ -99,6 +99,11 @@ class KeySpec:
                 return cls(alg, file, kid)
         raise ValueError(f'auth key must be {{alg = "...", file = "...", kid = "..."}} or "ALG:FILE", got {value!r}')
 
+    @classmethod
+    def from_config(cls, value: object) -> KeySpec:
+        """A ``[auth] keys`` entry (see :meth:`parse`)."""
+        return cls.parse(value)
+
     def __post_init__(self) -> None:
         if self.alg not in ALGORITHMS:
             raise ValueError(f"auth key {self.file!r}: alg must be one of {', '.join(ALGORITHMS)}, got {self.alg!r}")

@@ -19,8 +19,20 @@ events the defaults compress to 24.5% of the original at ~5.6 µs per event, aga
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
-__all__ = ["GzipStream", "accepts_gzip"]
+__all__ = ["CompressionConfig", "GzipStream", "accepts_gzip"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionConfig:
+    """``[compression]``: gzip for SSE (``sse_gzip``, ``gzip_level``) and permessage-deflate for
+    WebSocket (``ws_deflate``, ``ws_window_bits``: the largest window the server keeps)."""
+
+    sse_gzip: bool = True
+    gzip_level: int = 6
+    ws_deflate: bool = True
+    ws_window_bits: int = 12
 
 _GZIP_NAMES = frozenset({b"gzip", b"x-gzip"})
 

@@ -285,6 +285,13 @@ class RateRule:
             raise ValueError(f"max_keys: must be a positive integer, got {self.max_keys!r}")
 
     @classmethod
+    def from_config(cls, value: object) -> RateRule:
+        """A ``[limits] rules`` entry: a table (see :meth:`from_mapping`)."""
+        if not isinstance(value, Mapping):
+            raise TypeError(f"a rate rule must be a table, got {value!r}")
+        return cls.from_mapping(value)
+
+    @classmethod
     def from_mapping(cls, d: Mapping[str, object]) -> RateRule:
         """Build a rule from a TOML table (``[[limits.rules]]``): ``route`` and ``rate`` required;
         ``burst`` (default ``max(rate, 1)``), ``key`` (default ``"address"``), ``streams``

@@ -43,6 +43,22 @@ _ADDRESS_CHARS = {"TCP4": (frozenset("0123456789."), 15), "TCP6": (frozenset("01
 Address = tuple[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """``[proxy]``: which peers are load balancers that must open with a PROXY header.
+
+    ``trusted``: CIDRs (a bare address is one host); empty turns the PROXY protocol off.
+    ``max_v2_bytes``: the largest v2 header accepted, TLVs included.
+    """
+
+    trusted: tuple[str, ...] = ()
+    max_v2_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trusted", tuple(self.trusted))
+        TrustedProxies(self.trusted)  # raises ValueError naming a bad entry
+
+
 class ProxyProtocolError(ValueError):
     """The bytes are not a valid PROXY header; the message is a short reason fit for a log line."""
 
