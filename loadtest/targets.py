@@ -128,6 +128,8 @@ def sluice_env(config: Config) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("SLUICE_", "LISTEN_", "WATCHDOG_")) and k not in ("NOTIFY_SOCKET", "SLUICE_CONFIG")
     }
+    # The load comes from a few loopback addresses (8,000 connections each): no per-address cap.
+    env["SLUICE_LIMITS_MAX_CONNECTIONS_PER_ADDRESS"] = "0"
     for section, keys in config.items():
         if section in BASELINE_SECTIONS:
             continue

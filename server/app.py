@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from server.app_edge import edge_hooks
 from server.config import Config
 from server.core.hub import Hub
 from server.http.listener import bind_tcp_listener
@@ -182,7 +183,14 @@ async def _serve(
             ctx = Context(store=store, hub=hub, settings=settings_from(config))
             handler = make_handler(ctx, metrics=lambda: render_metrics(hub.stats))
             http: HttpServer = await nursery.start(
-                partial(serve_http, listeners, handler, limits=config.http_limits(), ssl_context=ssl_context)
+                partial(
+                    serve_http,
+                    listeners,
+                    handler,
+                    limits=config.http_limits(),
+                    ssl_context=ssl_context,
+                    hooks=edge_hooks(config),
+                )
             )
             nursery.start_soon(hub.run)  # heartbeats
             nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))

@@ -13,6 +13,7 @@ import trio
 from trio.lowlevel import wait_readable
 
 from server.http.base import HttpLimits
+from server.http.hooks import NO_HOOKS, EdgeHooks
 from server.http.outbox import SLOW_CONSUMER, Outbox
 from server.http.readwatch import ReadWatch
 from server.http.stats import HttpStats
@@ -47,6 +48,7 @@ class Connection:
         "accepted_at",
         "client",
         "close_requested",
+        "hooks",
         "outbox",
         "protocol",
         "tls",
@@ -59,6 +61,8 @@ class Connection:
         limits: HttpLimits,
         stats: HttpStats,
         watch: ReadWatch | None = None,
+        *,
+        hooks: EdgeHooks = NO_HOOKS,
     ) -> None:
         self._sock = sock  # non-blocking; waited on with trio.lowlevel.wait_readable/writable
         self._watch = watch
@@ -70,7 +74,8 @@ class Connection:
         self._closed = False
         self._on_close_request: Callable[[], None] | None = None
         self.close_requested = False  # request_close was called (drivers check it when they start)
-        self.client = client
+        self.client = client  # the real client: a trusted load balancer's PROXY header replaces the peer
+        self.hooks = hooks  # the edge's say (PROXY protocol, caps, per-connection buckets)
         self.protocol = "new"  # "http/1.1", "h2" or "websocket" once known
         self.tls = False
         self.outbox = Outbox(sock, limits, stats, self._outbox_died)

@@ -32,6 +32,7 @@ from server.http.base import Handler, HttpLimits
 from server.http.connection import Connection
 from server.http.h1 import H1Driver
 from server.http.h2conn import PREFACE, H2Driver
+from server.http.hooks import NO_HOOKS, EdgeHooks
 from server.http.listener import accept_loop
 from server.http.readwatch import ReadWatch
 from server.http.stats import HttpStats
@@ -52,9 +53,15 @@ class HttpServer:
     """
 
     def __init__(
-        self, handler: Handler, *, limits: HttpLimits = DEFAULT_LIMITS, ssl_context: ssl.SSLContext | None = None
+        self,
+        handler: Handler,
+        *,
+        limits: HttpLimits = DEFAULT_LIMITS,
+        ssl_context: ssl.SSLContext | None = None,
+        hooks: EdgeHooks = NO_HOOKS,
     ) -> None:
         self.handler = handler
+        self.hooks = hooks
         self.limits = limits
         self.ssl_context = ssl_context
         self.stats = HttpStats()
@@ -220,7 +227,7 @@ class HttpServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = (str(addr[0]), int(addr[1])) if isinstance(addr, tuple) and len(addr) >= 2 else ("", 0)
         stats = self.stats
-        conn = Connection(sock, client, self.limits, stats, self._watch)
+        conn = Connection(sock, client, self.limits, stats, self._watch, hooks=self.hooks)
         self.connections.add(conn)
         stats.connections_open += 1
         stats.connections_total += 1
@@ -304,11 +311,13 @@ async def serve_http(
     *,
     limits: HttpLimits = DEFAULT_LIMITS,
     ssl_context: ssl.SSLContext | None = None,
+    hooks: EdgeHooks = NO_HOOKS,
     task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve ``handler`` on ``listeners`` forever (HTTP/1.1, h2c, and with ``ssl_context`` TLS
     with ALPN h2/http/1.1, all on each port). ``task_status.started(server)`` hands back the
     :class:`HttpServer` (stats, live connections) once accepting. Cancel to stop: every
-    connection and handler is cancelled with it."""
-    server = HttpServer(handler, limits=limits, ssl_context=ssl_context)
+    connection and handler is cancelled with it. ``hooks``: the edge's say (see
+    :mod:`server.http.hooks`)."""
+    server = HttpServer(handler, limits=limits, ssl_context=ssl_context, hooks=hooks)
     await server.serve(listeners, task_status=task_status)
