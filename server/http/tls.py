@@ -18,3 +18,13 @@ def make_server_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SS
     context.set_alpn_protocols(ALPN_PROTOCOLS)
     context.load_cert_chain(certfile, keyfile)
     return context
+
+
+def reload_certificate(context: ssl.SSLContext, certfile: str, keyfile: str | None = None) -> None:
+    """Load a new certificate and key into a live ``context``: handshakes from now on present the
+    new certificate, connections already established keep theirs (nothing is dropped).
+
+    The pair is first checked in a throwaway context, so a bad or mismatched pair raises
+    (``OSError``/``ssl.SSLError``) and leaves ``context`` as it was."""
+    make_server_ssl_context(certfile, keyfile)
+    context.load_cert_chain(certfile, keyfile)

@@ -93,7 +93,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (then 0) or until every slot has failed (then 1)."""
-        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -129,6 +129,8 @@ class Supervisor:
         elif signum == signal.SIGHUP:
             log.info("received SIGHUP: reload queued")
             self._reload_wanted.set()
+        elif signum == signal.SIGUSR1:
+            self._reload_certificates()
         else:
             log.info("received %s: stopping", name)
             self._stop.set()
@@ -315,6 +317,23 @@ class Supervisor:
 
     # ---- reload ---------------------------------------------------------------------------
 
+    def _reload_certificates(self) -> None:
+        """SIGUSR1: every worker loads the certificate and key again, in place (no restart, no
+        connection closed); a pair that does not load is refused here, once, for all of them."""
+        problem = None
+        try:
+            check_tls(self.config)
+        except ConfigError as exc:
+            problem = exc
+        if problem is not None:
+            log.error("certificate reload: %s; the workers keep the current one", problem)
+            return
+        workers = [slot.current for slot in self.slots if slot.current is not None]
+        log.info("certificate reload: telling %d worker(s)", len(workers))
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGUSR1)
+
     async def _reloader(self) -> None:
         await self._started.wait()
         while True:
@@ -487,7 +506,7 @@ def run_supervisor(config: Config, config_source: ConfigSource) -> int:
     ``config_source`` re-reads the configuration on SIGHUP. Returns the exit status: 0 after a
     signal, 1 when every worker slot failed or systemd's sockets are unusable. Raises
     :class:`ConfigError` for a configuration that cannot be served (address, TLS files)."""
-    held = hold_signals(signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    held = hold_signals(signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     slots = resolve_workers(config)
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=slots))
     check_tls(config)

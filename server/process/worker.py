@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -110,6 +111,27 @@ async def _stop_on_signal(signals: Any, stop: trio.Event) -> None:
             stop.set()
 
 
+async def _reload_certificates(signals: Any, running: list[Worker], config: Config) -> None:
+    """On SIGUSR1 (sent by the supervisor), load the configured certificate and key again into the
+    live TLS context: new handshakes get the new certificate, open connections are untouched."""
+    from server.http.tls import reload_certificate
+
+    async for _ in signals:
+        server = config.server
+        context = running[0].http.ssl_context if running else None
+        if context is None or not (server.tls_cert and server.tls_key):
+            continue
+        problem = None
+        try:
+            reload_certificate(context, server.tls_cert, server.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            problem = exc
+        if problem is None:
+            log.info("certificate reloaded from %s", server.tls_cert)
+        else:
+            log.error("certificate reload failed, keeping the current one: %s", problem)
+
+
 async def _stop_on_hangup(status: trio.socket.SocketType, stop: trio.Event) -> None:
     while True:
         try:
@@ -140,7 +162,10 @@ async def run_worker(
 
     tstatus = trio.socket.from_stdlib_socket(status)
     stop = trio.Event()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+        trio.open_signal_receiver(signal.SIGUSR1) as usr1,
+    ):
         if held_signals:
             log.info("received %s while starting: stopping", signal.Signals(held_signals[0]).name)
             stop.set()
@@ -148,6 +173,7 @@ async def run_worker(
             nursery.start_soon(_stop_on_signal, signals, stop)
             nursery.start_soon(_stop_on_hangup, tstatus, stop)
             running: list[Worker] = []
+            nursery.start_soon(_reload_certificates, usr1, running, config)
 
             async def start(serving: trio.Nursery) -> None:
                 running.append(await serving.start(partial(serve, config, listeners=listeners, peers_dir=peers_dir)))
@@ -178,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one worker; the exit status is 0 after a drain, 2 for a bad configuration, 1 on failure."""
     held = hold_signals(signal.SIGTERM, signal.SIGINT)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the supervisor's business
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a certificate reload before serving: nothing to do
     args = _parser().parse_args(argv)
     try:
         config = config_from_env(os.environ.get(CONFIG_ENV, "{}"))
