@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-import zlib
 
 import pytest
 from wsproto import ConnectionType, WSConnection
@@ -21,7 +20,7 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
-from server.edge.compress import GzipStream, accepts_gzip
+from server.edge.compress import accepts_gzip
 from server.edge.cors import CorsConfig, CorsPolicy
 from server.edge.deflate import BoundedPerMessageDeflate
 
@@ -154,35 +153,6 @@ def test_websocket_origin() -> None:
 )
 def test_accepts_gzip(value: bytes | None, expected: bool) -> None:
     assert accepts_gzip(value) is expected
-
-
-def test_gzip_stream_nothing_held_back() -> None:
-    gz = GzipStream()
-    d = zlib.decompressobj(31)
-    events = [b"retry: 3000\n\n"] + [f"id: {i}\ndata: {{'n': {i}, 'x': 'abc'}}\n\n".encode() for i in range(200)]
-    seen = b""
-    for i, event in enumerate(events):
-        chunk = gz.compress(event)
-        assert chunk
-        seen += d.decompress(chunk)
-        assert seen == b"".join(events[: i + 1])
-    assert gz.compress(b"") == b""
-    tail = gz.finish()
-    assert d.decompress(tail) == b""
-    assert d.eof and d.unused_data == b""
-    assert gz.finished and gz.finish() == b""
-    with pytest.raises(RuntimeError):
-        gz.compress(b"x")
-
-
-def test_gzip_stream_is_standard_gzip() -> None:
-    import gzip
-
-    gz = GzipStream(level=1, window_bits=15, mem_level=8)
-    body = gz.compress(b"data: a\n\n") + gz.compress(b"data: b\n\n") + gz.finish()
-    assert gzip.decompress(body) == b"data: a\n\ndata: b\n\n"
-    with pytest.raises(ValueError):
-        GzipStream(window_bits=8)
 
 
 # --------------------------------------------------------------------------- permessage-deflate

@@ -84,7 +84,9 @@ async def test_sigusr1_reloads_the_certificate_in_every_worker_and_keeps_connect
             port = sup.port
             # an open SSE response over TLS, on whichever worker took it
             sse = await _handshake(port, old_ca)
-            await sse.send_all(b"GET /v1/streams/tls?from=start HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+            await sse.send_all(
+                b"GET /v1/streams/tls?from=start HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n"
+            )
             await _read_until(sse, b"retry:")
 
             new_pem = tmp_path / "new.pem"

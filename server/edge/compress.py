@@ -1,27 +1,15 @@
-"""gzip for streamed responses (SSE), flushed after every event. Pure: bytes in, bytes out.
-
-Each :meth:`GzipStream.compress` call ends with ``Z_SYNC_FLUSH``, so everything handed in so far
-is decodable by the receiver at once: a browser's EventSource sees each event when it is sent,
-not when a compression block happens to fill up.
-
-Defaults are chosen for many long-lived connections rather than the best ratio. Measured with
-``tracemalloc`` (CPython 3.11, system zlib), one compressor costs:
-
-- level 4, window_bits 12, mem_level 5 (the defaults here): 38,920 bytes (~38 KiB);
-- zlib's defaults (window 15, memLevel 8, as the ``gzip`` module uses): 268,296 bytes (~262 KiB);
-- window_bits 10, mem_level 3 (smallest sensible): 14,344 bytes (~14 KiB).
-
-The level does not change memory; window bits and memLevel do. On a stream of ~150-byte JSON chat
-events the defaults compress to 24.5% of the original at ~5.6 µs per event, against 21.2% at
-~10.5 µs with level 6 / window 15 / memLevel 8: most of the gain, a seventh of the memory.
+"""Compression negotiation for streamed responses: whether a client takes gzip
+(:func:`accepts_gzip`) and the ``[compression]`` section. The gzip bytes of SSE are built once
+per event and shared by every subscriber (:mod:`server.core.gzipsse`); a per-response
+compressor would cost each connection 40-260 KiB (measured with tracemalloc: 38,920 bytes at
+window 12 / memLevel 5, 268,296 at zlib's defaults).
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
-__all__ = ["CompressionConfig", "GzipStream", "accepts_gzip"]
+__all__ = ["CompressionConfig", "accepts_gzip"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,54 +67,3 @@ def accepts_gzip(accept_encoding: bytes | None) -> bool:
     if explicit is not None:
         return explicit > 0.0
     return star is not None and star > 0.0
-
-
-class GzipStream:
-    """One gzip member produced incrementally for one response body.
-
-    ``level`` (0-9, default 4), ``window_bits`` (9-15, default 12: a 4 KiB history window) and
-    ``mem_level`` (1-9, default 5) go to :func:`zlib.compressobj`; see the module docstring for
-    the memory each costs. Output is a standard gzip stream (RFC 1952); any window size decodes
-    with an ordinary gzip decoder. Not thread-safe; one instance per response.
-    """
-
-    content_encoding = b"gzip"
-
-    def __init__(self, level: int = 4, window_bits: int = 12, mem_level: int = 5) -> None:
-        if not 0 <= level <= 9:
-            raise ValueError("level must be 0..9")
-        if not 9 <= window_bits <= 15:
-            raise ValueError("window_bits must be 9..15")
-        if not 1 <= mem_level <= 9:
-            raise ValueError("mem_level must be 1..9")
-        self._z: zlib._Compress | None = zlib.compressobj(level, zlib.DEFLATED, 16 + window_bits, mem_level)
-
-    @property
-    def finished(self) -> bool:
-        """True once :meth:`finish` has been called."""
-        return self._z is None
-
-    def compress(self, chunk: bytes) -> bytes:
-        """Compress ``chunk`` (one whole SSE event, comment or ``retry:`` line) and flush it.
-
-        The returned bytes (the gzip header comes with the first non-empty call) are ready to send
-        as they are: appended to everything returned before, they decode to exactly all chunks
-        given so far, with nothing held back. An empty ``chunk`` returns ``b""``. Raises
-        :class:`RuntimeError` after :meth:`finish`.
-        """
-        if self._z is None:
-            raise RuntimeError("GzipStream already finished")
-        if not chunk:
-            return b""
-        return self._z.compress(chunk) + self._z.flush(zlib.Z_SYNC_FLUSH)
-
-    def finish(self) -> bytes:
-        """End the gzip member (``Z_FINISH``): returns the final block and the CRC/length trailer.
-
-        Call once, when the response ends; the compressor's memory is released. A second call
-        returns ``b""``.
-        """
-        if self._z is None:
-            return b""
-        z, self._z = self._z, None
-        return z.flush(zlib.Z_FINISH)
