@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ END = "<!-- bench:end -->"
 
 Result = dict[str, Any]
 NOT_RUN: tuple[str, bool | None] = ("not run", None)
+EDGE = "sluice-edge"  # Sluice with auth, rate limits and CORS on: what the edge costs
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("idle-15k", "idle: 15,000 SSE connections", ("sluice", "nchan", "uvicorn"), "idle", 15_000, duration=15),
     Entry("fanout-20", "fanout: 2,000 subscribers x 20 events/s", ("sluice", "nchan", "uvicorn"), "fanout", 2000,
           rate=20, duration=30),
+    Entry("fanout-20-edge", "fanout: 2,000 subscribers x 20 events/s, without and with auth + rate limits + CORS",
+          ("sluice", EDGE), "fanout", 2000, rate=20, duration=30),
     Entry("fanout-20-h2", "fanout: 2,000 subscribers x 20 events/s over HTTP/2 (100 streams per connection)",
           ("sluice",), "fanout", 2000, rate=20, duration=30, transport="sse-h2", per_conn=100),
     Entry("fanout-200", "fanout: 2,000 subscribers x 200 events/s", ("sluice", "uvicorn", "nchan"), "fanout", 2000,
@@ -191,16 +195,42 @@ GOALS: tuple[Goal, ...] = (
 )
 
 
+def edge_setup(workdir: Path) -> tuple[dict[str, dict[str, object]], str]:
+    """The config of the ``sluice-edge`` target and a token for its clients: JWT auth (HS256),
+    a subscribe rule per address and a publish rule per token subject (both far above the run's
+    rates: evaluated on every request, never refusing), and CORS for one origin."""
+    import jwt
+
+    secret = workdir / "hs256.key"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    rights = {"subscribe": ["**"], "publish": ["**"]}
+    claims = {"sub": "loadtest", "exp": int(time.time()) + 24 * 3600, "sluice": rights}
+    token = jwt.encode(claims, secret.read_bytes(), algorithm="HS256")
+    config: dict[str, dict[str, object]] = {
+        "auth": {"enabled": True, "keys": [{"alg": "HS256", "file": str(secret)}]},
+        "limits": {
+            "rules": [
+                {"route": "subscribe", "rate": 1_000_000, "key": "address"},
+                {"route": "publish", "rate": 1_000_000, "key": "claim:sub"},
+            ]
+        },
+        "cors": {"allow_origins": ["https://app.example"]},
+    }
+    return config, token
+
+
 def run_entry(entry: Entry, kind: str, out: Path, scale: float, time_scale: float = 1.0) -> Result:
     """Run one entry against one target kind; the result, also saved as JSON (and plotted)."""
     from loadtest.targets import open_target
 
     workers = entry.workers.get(kind, 1 if kind == "uvicorn" else 2)
     print(f"== {entry.name} / {kind} ({workers} server processes)", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp, \
-            open_target(kind, workdir=Path(tmp), workers=workers) as target:
-        spec = entry.spec(Endpoint(target.host, target.port, kind), target.pid, scale, time_scale)
-        result = Run(spec, progress=True).execute()
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        config, token = edge_setup(Path(tmp)) if kind == EDGE else ({}, None)
+        server_kind = "sluice" if kind == EDGE else kind
+        with open_target(server_kind, workdir=Path(tmp), workers=workers, config=config) as target:
+            endpoint = Endpoint(target.host, target.port, server_kind, token=token)
+            result = Run(entry.spec(endpoint, target.pid, scale, time_scale), progress=True).execute()
     result["server_workers"] = workers
     name = f"{entry.name}-{kind}"
     report.write_json(result, out / f"{name}.json")

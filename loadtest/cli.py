@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import sys
 import tempfile
@@ -47,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     where = r.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="the server, e.g. http://127.0.0.1:8080")
     where.add_argument("--start", choices=("sluice", "uvicorn", "nchan"), help="start this server for the run")
+    r.add_argument("--token", help="a JWT sent as Authorization: Bearer by every client and the publisher")
     r.add_argument("--kind", default="sluice", choices=("sluice", "uvicorn", "nchan"), help="what --url runs")
     r.add_argument("--workers", type=int, default=2, help="with --start: server worker processes")
     r.add_argument("--server-pid", type=int, help="with --url: the server's PID, to sample RSS and CPU")
@@ -100,13 +102,13 @@ def actions(args: argparse.Namespace) -> list[Action]:
 @contextlib.contextmanager
 def _target(args: argparse.Namespace) -> Iterator[tuple[Endpoint, int | None]]:
     if args.url:
-        yield endpoint_of(args.url, args.kind), args.server_pid
+        yield dataclasses.replace(endpoint_of(args.url, args.kind), token=args.token), args.server_pid
         return
     from loadtest.targets import open_target
 
     with tempfile.TemporaryDirectory(prefix="sluice-loadtest-") as tmp, \
             open_target(args.start, workdir=Path(tmp), workers=args.workers) as target:
-        yield Endpoint(target.host, target.port, target.kind), target.pid
+        yield Endpoint(target.host, target.port, target.kind, token=args.token), target.pid
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -78,7 +78,7 @@ class HttpConn:
             sock = self.sock
             ep = self.endpoint
             head = f"{method} {path} HTTP/1.1\r\nHost: {ep.host}:{ep.port}\r\nContent-Length: {len(body)}\r\n"
-            for name, value in (headers or {}).items():
+            for name, value in [*ep.auth_headers(), *(headers or {}).items()]:
                 head += f"{name}: {value}\r\n"
             try:
                 await send_all(sock, head.encode() + b"\r\n" + body)

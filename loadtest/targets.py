@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import re
 import resource
@@ -344,6 +345,12 @@ def _flag(value: object) -> bool:
 
 
 def _text(value: object) -> str:
+    """A config value as its SLUICE_* environment text: lists of strings comma-separated, lists
+    of tables as JSON."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        if all(isinstance(v, str) for v in value):
+            return ",".join(str(v) for v in value)
+        return json.dumps(list(value))
     return str(value)

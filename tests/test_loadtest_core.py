@@ -139,3 +139,18 @@ def test_histogram_encoding_round_trip() -> None:
     assert s["count"] == 100
     assert s["p50"] == pytest.approx(1.0, rel=0.01)
     assert s["max"] == pytest.approx(50.0, rel=0.01)
+
+
+def test_a_token_goes_on_every_subscribe_request() -> None:
+    from loadtest.clients import longpoll, sse_h1, sse_h2
+    from loadtest.clients.common import Endpoint, Load
+
+    track = Track("s")
+    plain, signed = Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 1, token="t.k.n")
+    for module in (sse_h1, longpoll):
+        assert b"authorization" not in module.request(Load(plain), track).lower()
+        head = module.request(Load(signed), track)
+        assert b"\r\nauthorization: Bearer t.k.n\r\n" in head
+        assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
+    assert ("authorization", "Bearer t.k.n") in sse_h2.request_headers(signed, track)
+    assert not any(name == "authorization" for name, _ in sse_h2.request_headers(plain, track))

@@ -30,10 +30,15 @@ class Endpoint:
     port: int
     kind: str = "sluice"  # sluice | uvicorn | nchan
     path_prefix: str = "/v1/streams/"
+    token: str | None = None  # sent as Authorization: Bearer on every request and handshake
 
     def stream_path(self, stream: str) -> str:
         """The path of a stream's resource."""
         return self.path_prefix + stream
+
+    def auth_headers(self) -> list[tuple[str, str]]:
+        """``[("authorization", "Bearer <token>")]`` with a token, else ``[]``."""
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
 
 
 class Conn:

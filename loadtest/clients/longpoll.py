@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import trio
 
-from loadtest.clients.common import Conn, Load, open_socket, read_response, send_all
+from loadtest.clients.common import Conn, Endpoint, Load, open_socket, read_response, send_all
 from loadtest.track import Track
 from loadtest.wire import ProtocolError
 
@@ -30,8 +30,12 @@ def request(load: Load, track: Track, wait: int = POLL_TIMEOUT) -> bytes:
     start = "from=start" if track.last_id is None else "last_event_id=" + quote(track.last_id, safe="")
     return (
         f"GET {ep.stream_path(track.stream)}/poll?timeout={wait}&{start} HTTP/1.1\r\n"
-        f"Host: {ep.host}:{ep.port}\r\n\r\n"
+        f"Host: {ep.host}:{ep.port}\r\n{_extra(ep)}\r\n"
     ).encode()
+
+
+def _extra(ep: Endpoint) -> str:
+    return "".join(f"{name}: {value}\r\n" for name, value in ep.auth_headers())
 
 
 def handle(load: Load, track: Track, body: bytes, now: int) -> bool:

@@ -21,6 +21,7 @@ def request(load: Load, track: Track) -> bytes:
              f"Host: {ep.host}:{ep.port}", "Accept: text/event-stream"]
     if track.last_id:
         lines.append(f"Last-Event-ID: {track.last_id}")
+    lines += [f"{name}: {value}" for name, value in ep.auth_headers()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 

@@ -62,7 +62,7 @@ def request_headers(endpoint: Endpoint, track: Track) -> list[tuple[str, str]]:
     ]
     if track.last_id is not None:
         headers.append(("last-event-id", track.last_id))
-    return headers
+    return headers + endpoint.auth_headers()
 
 
 def _status(headers: Iterable[tuple[bytes | str, bytes | str]]) -> int:

@@ -105,6 +105,7 @@ async def _open(load: Load, nursery: trio.Nursery, stream: trio.SocketStream, pr
         ws = await wrap_client_stream(
             nursery, stream, f"{ep.host}:{ep.port}", PATH, subprotocols=[protocol], message_queue_size=QUEUE,
             max_message_size=MAX_MESSAGE, receive_buffer_size=RECV,
+            extra_headers=[(n.encode(), v.encode()) for n, v in ep.auth_headers()],
         )
     if ws.subprotocol != protocol:
         raise ProtocolError(f"server chose subprotocol {ws.subprotocol!r}, not {protocol}")
