@@ -34,12 +34,18 @@ from server.store.base import Listener, Notice, Store
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from server.transports.context import Context, Settings
+from server.transports.guard import Guard
 from server.transports.router import make_handler
 
 log = logging.getLogger(__name__)
 
 TRIM_INTERVAL = 60.0  # seconds between retention sweeps for age limits
 GC_FREEZE_INTERVAL = 300.0  # seconds between moves of long-lived objects out of the GC's way
+
+
+def guard_from(config: Config) -> Guard | None:
+    """The worker's auth / rate-limit / CORS guard for the streams API (``None``: nothing to guard)."""
+    return Guard.from_config(config.auth, config.limits, config.cors)
 
 
 def settings_from(config: Config) -> Settings:
@@ -56,6 +62,8 @@ def settings_from(config: Config) -> Settings:
         poll_max_timeout=config.longpoll.max_timeout,
         poll_max_events=config.longpoll.max_events,
         ws_max_subscriptions=config.websocket.max_subscriptions,
+        sse_gzip=config.compression.sse_gzip,
+        gzip_level=config.compression.gzip_level,
     )
 
 
@@ -180,7 +188,7 @@ async def _serve(
         store.set_listener(hub.on_notice)
         async with _open_bus(config, peers_dir, hub, store) as bus, trio.open_nursery() as nursery:
             store.set_listener(store_listener(hub, bus))
-            ctx = Context(store=store, hub=hub, settings=settings_from(config))
+            ctx = Context(store=store, hub=hub, settings=settings_from(config), guard=guard_from(config))
             handler = make_handler(ctx, metrics=lambda: render_metrics(hub.stats))
             http: HttpServer = await nursery.start(
                 partial(

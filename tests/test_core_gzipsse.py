@@ -41,3 +41,14 @@ def test_a_connection_own_bytes_are_counted() -> None:
     g = GzipFraming()
     body = g.start(b"retry: 2000\n\n") + g.data(b": heartbeat\n\n") + g.trailer()
     assert gzip.decompress(body) == b"retry: 2000\n\n: heartbeat\n\n"
+
+
+def test_small_or_incompressible_payloads_are_stored_not_grown() -> None:
+    import os
+
+    from server.core.gzipsse import deflate_run
+
+    for data in (b"", b"data: 1\n\n", os.urandom(5000), os.urandom(70_000)):
+        run = deflate_run(data)
+        assert len(run) <= len(data) + 5 * (len(data) // 0xFFFF + 1)
+        assert zlib.decompressobj(-15).decompress(run) == data

@@ -10,8 +10,9 @@ runs, then :meth:`GzipFraming.trailer` (an empty final block, the CRC-32 and the
 it sent). Per connection that is two integers; per delivery one CRC-32 update. Each run is
 decodable as soon as it arrives: nothing waits for a compression block to fill.
 
-The price is ratio: no history is shared between events, so a small event compresses little;
-a run of events (a batch) or one large event compresses well.
+The price is ratio: no history is shared between events, so a small event compresses little
+(under 128 bytes it is sent stored, 5 bytes of framing, no compression work); a run of events
+(a batch) or one large event compresses well.
 """
 
 from __future__ import annotations
@@ -25,12 +26,28 @@ GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name/mt
 _FINAL_EMPTY_BLOCK = b"\x03\x00"  # BFINAL=1, fixed Huffman, end-of-block
 _WINDOW_BITS = -12  # raw deflate; a 4 KiB window bounds the (short-lived) compressor's memory
 _MEM_LEVEL = 5
+MIN_COMPRESS = 128  # smaller payloads are sent as stored blocks
 
 
 def deflate_run(data: bytes, level: int = 6) -> bytes:
-    """``data`` as a self-contained, byte-aligned run of non-final deflate blocks (see module)."""
-    c = zlib.compressobj(level, zlib.DEFLATED, _WINDOW_BITS, _MEM_LEVEL)
-    return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    """``data`` as a self-contained, byte-aligned run of non-final deflate blocks (see module):
+    compressed when that is smaller, else as stored blocks (5 bytes per 64 KiB of overhead; data
+    under ``MIN_COMPRESS`` bytes is always stored: it cannot gain)."""
+    if len(data) >= MIN_COMPRESS:
+        c = zlib.compressobj(level, zlib.DEFLATED, _WINDOW_BITS, _MEM_LEVEL)
+        packed = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+        if len(packed) < len(data):
+            return packed
+    return _stored(data)
+
+
+def _stored(data: bytes) -> bytes:
+    """``data`` as non-final stored blocks (header byte, LEN, NLEN, bytes), byte-aligned."""
+    out = []
+    for i in range(0, len(data), 0xFFFF):
+        part = data[i : i + 0xFFFF]
+        out.append(struct.pack("<BHH", 0, len(part), len(part) ^ 0xFFFF) + part)
+    return b"".join(out)
 
 
 def deflated(frame: Frame, level: int = 6) -> Frame:

@@ -8,12 +8,13 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from trio.lowlevel import wait_readable
 
 from server.http.base import HttpLimits
-from server.http.hooks import NO_HOOKS, EdgeHooks
+from server.http.hooks import NO_HOOKS, EdgeHooks, ProxyParserLike
 from server.http.outbox import SLOW_CONSUMER, Outbox
 from server.http.readwatch import ReadWatch
 from server.http.stats import HttpStats
@@ -24,6 +25,7 @@ RECV_SIZE = 64 * 1024
 LINGER_SECONDS = 2.0  # after a graceful close, how long to read and discard what the peer still sends
 LINGER_BYTES = 256 * 1024
 FRESH_GRACE = 1.0  # a connection younger than this that sent nothing yet may still have a request on the way
+PROXY_PEEK = 512  # bytes looked at per step while reading a PROXY header (haproxy's v2 headers: 28-100)
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -51,6 +53,7 @@ class Connection:
         "hooks",
         "outbox",
         "protocol",
+        "release",
         "tls",
     )
 
@@ -76,6 +79,7 @@ class Connection:
         self.close_requested = False  # request_close was called (drivers check it when they start)
         self.client = client  # the real client: a trusted load balancer's PROXY header replaces the peer
         self.hooks = hooks  # the edge's say (PROXY protocol, caps, per-connection buckets)
+        self.release: Callable[[], None] | None = None  # a connection cap's ticket, returned once at the end
         self.protocol = "new"  # "http/1.1", "h2" or "websocket" once known
         self.tls = False
         self.outbox = Outbox(sock, limits, stats, self._outbox_died)
@@ -90,6 +94,29 @@ class Connection:
         data = await self._recv(1, socket.MSG_PEEK)
         self._input_seen = bool(data)
         return data
+
+    async def read_proxy_header(self, parser: ProxyParserLike) -> Any:
+        """Read one PROXY header with ``parser`` and return its result; ``None`` on EOF.
+
+        Consumes exactly the header: each step peeks (``MSG_PEEK``) at what arrived, feeds it to
+        the parser and then takes off the socket only the bytes that belong to the header (all
+        of them while the header is incomplete), so what follows it (a TLS ClientHello, HTTP)
+        stays in the kernel for the next reader. ``ValueError`` from the parser propagates."""
+        sock = self._sock
+        while True:
+            data = await self._recv(PROXY_PEEK, socket.MSG_PEEK)
+            if not data:
+                return None
+            result = parser.feed(data)
+            used = len(data) if result is None else len(data) - len(parser.remainder)
+            try:  # the bytes are queued already: this never blocks and takes all of them
+                taken = len(sock.recv(used)) if used else 0
+            except OSError:
+                return None
+            if taken != used:
+                return None
+            if result is not None:
+                return result
 
     def start_tls(self, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
         """Read and write through a server-side TLS stream from now on (handshake not yet done)."""

@@ -25,7 +25,7 @@ from server.http.common import (
     reason_phrase,
     split_target,
 )
-from server.http.ws import WsSession, accept_headers
+from server.http.ws import WsSession, accept_headers, negotiate_extensions
 
 if TYPE_CHECKING:
     from server.http.h1 import H1Driver
@@ -359,7 +359,8 @@ class H1Exchange:
         return [p.strip() for p in raw.split(",") if p.strip()]
 
     async def accept_websocket(self, subprotocol: str | None) -> WebSocket:
-        """Send the 101 (no extensions: permessage-deflate is never negotiated) and return the socket."""
+        """Send the 101 and return the socket. Extensions (permessage-deflate) are negotiated only
+        with what ``EdgeHooks.ws_extensions`` provides (bounded inflation); without it, none."""
         if not self.websocket_requested or self._body is None:
             raise RuntimeError("this request is not a WebSocket upgrade")
         if subprotocol is not None and subprotocol not in self.offered_subprotocols():
@@ -368,11 +369,15 @@ class H1Exchange:
             raise RuntimeError("this request has already been answered")
         self._answered = True
         d = self._d
-        headers = accept_headers(self.request.headers["sec-websocket-key"], subprotocol)
+        factory = d.conn.hooks.ws_extensions
+        offered = self.request.headers.get("sec-websocket-extensions", "")
+        extensions = factory() if factory is not None and offered else []
+        agreed = negotiate_extensions(offered, extensions)
+        headers = accept_headers(self.request.headers["sec-websocket-key"], subprotocol, agreed)
         switch = h11.InformationalResponse(status_code=101, headers=headers, reason=b"Switching Protocols")
         self._outbox.write(d.h.send(switch))
         d.unwatch(self)
-        self.ws = WsSession(d.conn, d.limits, d.stats, subprotocol)
+        self.ws = WsSession(d.conn, d.limits, d.stats, subprotocol, extensions if agreed else None)
         self.body_settled = True
         d.nursery.start_soon(d.run_ws, self)
         await trio.lowlevel.checkpoint()

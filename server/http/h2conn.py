@@ -29,66 +29,16 @@ from h2.stream import StreamState
 from server.http.base import Handler, HttpLimits, Request
 from server.http.common import HOP_BY_HOP, encode_headers, header_dict, run_handler, split_target
 from server.http.connection import Connection
+from server.http.h2guard import FRAME_TOO_LARGE, PREFACE, FrameGuard, H2Caps, ServerH2Connection
 from server.http.h2stream import H2Stream
 from server.http.stats import HttpStats
 
 log = logging.getLogger(__name__)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _SENDABLE = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})  # states that may send DATA
 _HEADER_OVERHEAD = 32  # per header field, as HPACK counts a header list's size
-
-
-class _ServerH2Connection(h2.connection.H2Connection):
-    """h2's connection with its own stream-count check disabled.
-
-    h2 answers a HEADERS frame past SETTINGS_MAX_CONCURRENT_STREAMS with a connection error
-    (GOAWAY); RFC 9113 section 5.1.2 allows refusing just that stream, which is what the driver does
-    (RST_STREAM with REFUSED_STREAM), so a client that races our SETTINGS keeps its connection.
-    """
-
-    @property
-    def open_inbound_streams(self) -> int:
-        """Always 0 for h2's own check; reading the base property still prunes closed streams."""
-        _ = super().open_inbound_streams
-        return 0
-
-
-class _FrameSizeGuard:
-    """Rejects an overlong frame as soon as its 9-byte header arrives.
-
-    h2 checks a frame's length only once the whole frame is buffered, so a peer announcing a
-    16 MiB frame could make it buffer 16 MiB first; this walks the frame headers as bytes arrive.
-    """
-
-    __slots__ = ("_head", "_max", "_skip")
-
-    def __init__(self, max_size: int) -> None:
-        self._max = max_size
-        self._skip = len(PREFACE)
-        self._head = b""
-
-    def feed(self, data: bytes) -> bool:
-        """Account for ``data``; False if a frame header announces more than the maximum."""
-        pos = 0
-        end = len(data)
-        while pos < end:
-            if self._skip:
-                step = min(self._skip, end - pos)
-                self._skip -= step
-                pos += step
-                continue
-            need = 9 - len(self._head)
-            self._head += data[pos : pos + need]
-            pos += need
-            if len(self._head) < 9:
-                break
-            length = int.from_bytes(self._head[:3], "big")
-            if length > self._max:
-                return False
-            self._skip = length
-            self._head = b""
-        return True
+_ServerH2Connection = ServerH2Connection  # its former name, still in use
+__all__ = ["PREFACE", "H2Driver"]
 
 
 class H2Driver:
@@ -100,6 +50,8 @@ class H2Driver:
 
     __slots__ = (
         "_blocked",
+        "_calm",
+        "_caps",
         "_dirty",
         "_draining",
         "_guard",
@@ -144,9 +96,12 @@ class H2Driver:
         self._draining = False  # no new streams; GOAWAY once the last one is done
         self._peer_closed = False  # the peer sent GOAWAY
         self._recv_scope: trio.CancelScope | None = None
-        self._guard = _FrameSizeGuard(limits.h2_max_inbound_frame)
         header_list = limits.max_header_bytes + _HEADER_OVERHEAD * limits.max_headers
-        self.h2 = h = _ServerH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        # A header block past twice the advertised list size is hostile (as for the decoder below).
+        self._guard = FrameGuard(limits.h2_max_inbound_frame, 2 * header_list)
+        self._caps = H2Caps(conn.hooks)
+        self._calm: str | None = None  # why the peer gets GOAWAY ENHANCE_YOUR_CALM
+        self.h2 = h = ServerH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         h.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -174,18 +129,8 @@ class H2Driver:
         self._initial = b""
         try:
             while True:
-                if data:
-                    if not self._guard.feed(data):
-                        h.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)
-                        self._protocol_error("a frame larger than SETTINGS_MAX_FRAME_SIZE")
-                        return
-                    try:
-                        events = h.receive_data(data)
-                    except h2.exceptions.ProtocolError as exc:
-                        self._protocol_error(str(exc))  # h2 queued GOAWAY with the error code
-                        return
-                    for event in events:
-                        self._dispatch(event)
+                if data and not self._receive(data):
+                    return
                 if close_pending:
                     close_pending = False
                     self._close_requested()
@@ -209,6 +154,52 @@ class H2Driver:
         finally:
             for stream in list(self.streams.values()):
                 stream.on_dead()
+
+    def _receive(self, data: bytes) -> bool:
+        """Feed ``data`` to h2 and dispatch its events; False if the connection must end (GOAWAY
+        queued and flushed): a protocol error, or a bound of :mod:`server.http.h2guard` hit."""
+        h = self.h2
+        guard = self._guard
+        refused = guard.feed(data)
+        if refused is not None:
+            calm = refused != FRAME_TOO_LARGE  # else a header block too large (CONTINUATION flood)
+            self.stats.h2_calm += calm
+            self._goaway(ErrorCodes.ENHANCE_YOUR_CALM if calm else ErrorCodes.FRAME_SIZE_ERROR)
+            self._protocol_error(refused)
+            return False
+        caps = self._caps
+        if not caps.resets_allowed(trio.current_time(), guard.take_resets()):
+            self._enhance_your_calm("too many RST_STREAM frames")
+            return False
+        sent = h.resets_sent
+        try:
+            events = h.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            if exc.error_code == ErrorCodes.ENHANCE_YOUR_CALM:
+                self.stats.h2_calm += 1  # e.g. an HPACK bomb (a header list past the decoder's bound)
+            self._protocol_error(str(exc))  # h2 queued GOAWAY with the error code
+            return False
+        for event in events:
+            self._dispatch(event)
+            if self._calm is not None:
+                break
+        if self._calm is None and not caps.resets_allowed(trio.current_time(), h.resets_sent - sent):
+            self._calm = "too many streams reset by the server for the client's doing"
+        if self._calm is not None:
+            self._enhance_your_calm(self._calm)
+            return False
+        return True
+
+    def _goaway(self, code: ErrorCodes) -> None:
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(error_code=code)
+
+    def _enhance_your_calm(self, reason: str) -> None:
+        """GOAWAY with ENHANCE_YOUR_CALM; the caller returns and the connection closes after a flush."""
+        self.stats.h2_calm += 1
+        log.info("HTTP/2 GOAWAY ENHANCE_YOUR_CALM for %s: %s", self.conn.client, reason)
+        self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+        self.flush_now()
 
     def _protocol_error(self, message: str) -> None:
         self.stats.protocol_errors += 1
@@ -269,6 +260,12 @@ class H2Driver:
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
+        if not self._caps.stream_allowed(trio.current_time()):
+            self._calm = "too many streams opened"
+            return
+        h2s = self.h2.streams.get(sid)
+        if h2s is None or h2s.closed:
+            return  # reset in the same read as its HEADERS (rapid reset): h2 already closed it
         if self._draining or len(self.streams) >= self.limits.h2_max_concurrent_streams:
             self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
@@ -295,7 +292,7 @@ class H2Driver:
             scheme=self.scheme,
             http_version="2",
         )
-        stream = H2Stream(self, sid, request, self.h2.streams[sid])
+        stream = H2Stream(self, sid, request, h2s)
         self.streams[sid] = stream
         if event.stream_ended is not None:
             stream.body_done = True
@@ -303,7 +300,15 @@ class H2Driver:
             self.stats.protocol_errors += 1
             self.nursery.start_soon(self._refuse_headers, stream)
             return
-        self.nursery.start_soon(run_handler, self.handler, stream)
+        self.nursery.start_soon(self._serve, stream)
+
+    async def _serve(self, stream: H2Stream) -> None:
+        """Run the handler, unless the stream was reset before this task started (rapid reset:
+        HEADERS then RST_STREAM at once), in which case the handler is never called."""
+        if stream.dead:
+            stream.handler_done()
+            return
+        await run_handler(self.handler, stream)
 
     async def _refuse_headers(self, stream: H2Stream) -> None:
         try:

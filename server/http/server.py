@@ -4,6 +4,14 @@ One port serves everything: a first byte of 0x16 is a TLS ClientHello (HTTP/2 or
 ALPN; closed if no TLS context is configured); plaintext that starts with the HTTP/2 connection
 preface is h2c with prior knowledge; anything else is HTTP/1.1.
 
+Before that, the edge has its say (see :mod:`server.http.hooks`): a peer that is a trusted load
+balancer must open with a PROXY v1/v2 header, read without touching the bytes after it, which
+names the real client (``Connection.client``: logs, caps, rate limits and handlers see it); a
+connection over a cap is turned away before any request is read, with a fixed HTTP/1.1 ``503``
+on plaintext (h2c prior-knowledge clients get the same bytes: the refusal happens before the
+preface is read, and an HTTP/2 client fails such a connection as it would a GOAWAY) and closed
+without a handshake over TLS.
+
 Every connection runs in its own nursery, spawned into the server's connection nursery; the
 connection's tasks (reader, lazily started writer, handlers) all live in that nursery, so
 cancelling it ends everything the connection owns.
@@ -32,7 +40,7 @@ from server.http.base import Handler, HttpLimits
 from server.http.connection import Connection
 from server.http.h1 import H1Driver
 from server.http.h2conn import PREFACE, H2Driver
-from server.http.hooks import NO_HOOKS, EdgeHooks
+from server.http.hooks import NO_HOOKS, EdgeHooks, ProxyParserLike
 from server.http.listener import accept_loop
 from server.http.readwatch import ReadWatch
 from server.http.stats import HttpStats
@@ -43,6 +51,19 @@ DEFAULT_LIMITS = HttpLimits()
 TLS_RECORD_HANDSHAKE = 0x16
 ROTATION_TICK = 1.0  # the age sweeper looks for connections past their age at least this often
 ABORT_GRACE = 1.0  # seconds connections cut at a drain's deadline get to unwind before drain returns
+REFUSED_BODY = b'{"error":"overloaded","message":"too many connections"}'
+
+
+def refusal_response(retry_after: int) -> bytes:
+    """The fixed HTTP/1.1 ``503`` written to a plaintext connection over a connection cap."""
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        f"Retry-After: {retry_after}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(REFUSED_BODY)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + REFUSED_BODY
 
 
 class HttpServer:
@@ -65,6 +86,7 @@ class HttpServer:
         self.limits = limits
         self.ssl_context = ssl_context
         self.stats = HttpStats()
+        self._refusal = refusal_response(hooks.retry_after)
         self.connections: set[Connection] = set()
         self._nursery: trio.Nursery | None = None
         self._watch: ReadWatch | None = None  # input of busy HTTP/1.1 connections (see readwatch)
@@ -243,7 +265,6 @@ class HttpServer:
 
     async def _connection(self, conn: Connection) -> None:
         stats = self.stats
-        client = conn.client
         try:
             async with trio.open_nursery() as nursery:
                 conn.attach(nursery)
@@ -253,18 +274,37 @@ class HttpServer:
                 await conn.close_gracefully()
                 nursery.cancel_scope.cancel()
         except* Exception as group:
-            log.exception("connection from %s failed (%d errors)", client, len(group.exceptions))
+            log.exception("connection from %s failed (%d errors)", conn.client, len(group.exceptions))
         finally:
             conn.abort()
+            release = conn.release
+            if release is not None:  # the connection cap's ticket: returned exactly once, however it ended
+                conn.release = None
+                release()
             self.connections.discard(conn)
             stats.connections_open -= 1
             if self._gone is not None and not self.connections:
                 self._gone.set()
 
     async def _dispatch(self, conn: Connection, nursery: trio.Nursery) -> H1Driver | H2Driver | None:
-        """Detect the protocol (TLS handshake included) and return its driver; ``None``: close."""
+        """Read a PROXY header if the peer must send one, apply the connection caps, detect the
+        protocol (TLS handshake included) and return its driver; ``None``: close.
+
+        One deadline, ``header_timeout`` after the start, covers the PROXY header, the TLS
+        handshake and (in the driver) the first request head."""
         limits = self.limits
         deadline = trio.current_time() + limits.header_timeout
+        hooks = conn.hooks
+        if hooks.proxy_parser is not None:
+            parser = hooks.proxy_parser(conn.client[0])
+            if parser is not None and not await self._read_proxy(conn, parser, deadline):
+                return None
+        if hooks.admit is not None:
+            release = hooks.admit(conn.client[0])
+            if release is None:
+                await self._refuse(conn, deadline)
+                return None
+            conn.release = release  # no await since admit: _connection's finally returns it
         first = b""
         with trio.move_on_at(deadline):
             first = await conn.peek()
@@ -303,6 +343,47 @@ class HttpServer:
         return H1Driver(
             conn, nursery, self.handler, limits, self.stats, scheme="http", initial=data, head_deadline=deadline
         )
+
+    async def _read_proxy(self, conn: Connection, parser: ProxyParserLike, deadline: float) -> bool:
+        """Read the PROXY header a trusted peer must open with and take the client address from
+        it (the peer's own stays for LOCAL/UNKNOWN); False (connection aborted, counted as a
+        protocol error) if it is malformed or not complete by ``deadline``."""
+        peer = conn.client
+        result = None
+        reason = "no PROXY header in time"
+        with trio.move_on_at(deadline):
+            try:
+                result = await conn.read_proxy_header(parser)
+            except ValueError as exc:
+                reason = f"bad PROXY header: {exc}"
+            else:
+                reason = "connection ended before a complete PROXY header"
+        if result is None:
+            self.stats.protocol_errors += 1
+            conn.abort(reason)
+            return False
+        source = result.source
+        if source is not None:
+            conn.client = (str(source[0]), int(source[1]))
+        log.debug("PROXY v%s header from %s: client %s", result.version, peer, conn.client)
+        return True
+
+    async def _refuse(self, conn: Connection, deadline: float) -> None:
+        """Turn away a connection over a cap before reading any request: plaintext (HTTP/1.1 and
+        h2c alike) gets the fixed ``503`` with ``Retry-After`` (then the graceful close, which
+        discards the request); TLS is closed without a handshake, since the handshake is the
+        expensive work the cap exists to avoid."""
+        self.stats.connections_refused += 1
+        first = b""
+        with trio.move_on_at(deadline):
+            first = await conn.peek()
+        if not first:
+            conn.abort("over the connection cap (nothing sent)")
+        elif first[0] == TLS_RECORD_HANDSHAKE:
+            conn.abort("over the connection cap (TLS: closed before the handshake)")
+        else:
+            log.debug("connection from %s over the connection cap: 503", conn.client)
+            conn.outbox.write(self._refusal)
 
 
 async def serve_http(

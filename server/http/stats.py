@@ -17,3 +17,6 @@ class HttpStats:
     accept_errors: int = 0  # accept() failures such as EMFILE/ENFILE (the loop backs off, never dies)
     connections_rotated: int = 0  # connections asked to close for reaching http.max_connection_age
     drain_aborted: int = 0  # connections still open at a drain's deadline, cut
+    h2_calm: int = 0  # HTTP/2 connections ended with GOAWAY ENHANCE_YOUR_CALM (reset/stream floods, header floods)
+    connections_refused: int = 0  # turned away at accept by a connection cap (503, or closed before TLS)
+    ws_ping_floods: int = 0  # WebSockets closed 1008 for sending pings faster than the ping bucket allows

@@ -1,9 +1,12 @@
 """WebSocket sessions over an upgraded HTTP/1.1 connection, driven by wsproto's frame layer.
 
-No extension is ever negotiated (no permessage-deflate), so inbound frames are never inflated and
-their size is exactly what arrives. Inbound messages are reassembled under ``ws_max_message``
-(past it: close 1009); protocol violations close with wsproto's code (1002, or 1007 for bad
-UTF-8) and end the connection; pings are answered; an idle peer is pinged every
+Extensions come only from ``EdgeHooks.ws_extensions`` (the edge's bounded permessage-deflate,
+which inflates at most up to ``ws_max_message`` and fails the connection with 1009 past it);
+without that hook none is negotiated and inbound frames are never inflated. Inbound messages
+are reassembled under ``ws_max_message`` (past it: close 1009), counted as they arrive, so a
+message split into many fragments is bounded too; protocol violations close with wsproto's code
+(1002, or 1007 for bad UTF-8) and end the connection; pings are answered, each charged to the
+``EdgeHooks.ws_ping_bucket`` (empty: close 1008); an idle peer is pinged every
 ``ws_ping_interval`` and dropped if a whole further interval passes in silence.
 """
 
@@ -11,31 +14,49 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import cast
+from typing import Any, cast
 
 import trio
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import generate_accept_token
 
 from server.core.frame import Frame
 from server.http.base import HttpLimits, WebSocketClosed
 from server.http.connection import Connection
+from server.http.hooks import BucketLike
 from server.http.stats import HttpStats
 
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 5.0  # seconds to wait for the peer's close frame (or EOF) after ours
 INBOX_MESSAGES = 16  # inbound messages held for the handler before reading pauses
+POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 ABNORMAL = 1006
 SERVICE_RESTART = 1012
 PING_PAYLOAD = b"sluice"
 
 
-def accept_headers(key: str, subprotocol: str | None) -> list[tuple[bytes, bytes]]:
-    """The headers of a 101 answering ``Sec-WebSocket-Key: key`` (no extensions)."""
+def negotiate_extensions(offered: str, extensions: list[Any]) -> bytes | None:
+    """Let ``extensions`` (fresh wsproto extension objects) accept what the client offered in
+    ``Sec-WebSocket-Extensions``; return the response header's value, or ``None`` if none was
+    agreed. Each extension that accepted is enabled and takes part in the session."""
+    offers = [offer.strip() for offer in offered.split(",") if offer.strip()]
+    if not offers or not extensions:
+        return None
+    try:
+        value: bytes | None = server_extensions_handshake(offers, extensions)
+    except ValueError:  # an unusable offer (UnicodeError included): no extension
+        return None
+    return value
+
+
+def accept_headers(key: str, subprotocol: str | None, extensions: bytes | None = None) -> list[tuple[bytes, bytes]]:
+    """The headers of a 101 answering ``Sec-WebSocket-Key: key`` (``extensions``: the agreed
+    ``Sec-WebSocket-Extensions`` value, if any)."""
     headers = [
         (b"upgrade", b"websocket"),
         (b"connection", b"Upgrade"),
@@ -43,6 +64,8 @@ def accept_headers(key: str, subprotocol: str | None) -> list[tuple[bytes, bytes
     ]
     if subprotocol is not None:
         headers.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
+    if extensions:
+        headers.append((b"sec-websocket-extensions", extensions))
     return headers
 
 
@@ -64,6 +87,7 @@ class WsSession:
         "_open",
         "_outbox",
         "_parts",
+        "_ping_bucket",
         "_reader_scope",
         "_receiver",
         "_room",
@@ -73,13 +97,22 @@ class WsSession:
         "_ws",
     )
 
-    def __init__(self, conn: Connection, limits: HttpLimits, stats: HttpStats, subprotocol: str | None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        limits: HttpLimits,
+        stats: HttpStats,
+        subprotocol: str | None,
+        extensions: list[Any] | None = None,
+    ) -> None:
         self._conn = conn
         self._outbox = conn.outbox
         self._limits = limits
         self._stats = stats
         self._subprotocol = subprotocol
-        self._ws = WsConnection(ConnectionType.SERVER)
+        self._ws = WsConnection(ConnectionType.SERVER, extensions)  # wsproto keeps the enabled ones
+        factory = conn.hooks.ws_ping_bucket
+        self._ping_bucket: BucketLike | None = factory() if factory is not None else None
         self._open = True  # we may still send messages
         self._closed: tuple[int, str] | None = None
         self._inbox: deque[str | bytes] = deque()
@@ -210,6 +243,12 @@ class WsSession:
             if isinstance(event, (TextMessage, BytesMessage)):
                 self._on_message(event)
             elif isinstance(event, Ping):
+                bucket = self._ping_bucket
+                if bucket is not None and bucket.take(trio.current_time()) != 0:
+                    self._stats.ws_ping_floods += 1
+                    log.info("websocket peer %s sends pings too fast: closing 1008", self._conn.client)
+                    self._send_close(POLICY_VIOLATION, "too many pings")
+                    return False
                 if ws.state is ConnectionState.OPEN:
                     self._outbox.write(ws.send(event.response()))
             elif isinstance(event, CloseConnection):
@@ -220,10 +259,16 @@ class WsSession:
                     self._outbox.write(ws.send(event.response()))
                     self._open = False
                 elif state is not ConnectionState.CLOSED:
-                    # wsproto reports a protocol violation as a CloseConnection in state OPEN
-                    self._stats.protocol_errors += 1
-                    log.info("websocket protocol error from %s: %s", self._conn.client, event.reason)
-                    self._send_close(event.code, event.reason or "")
+                    # wsproto reports a protocol violation, and an extension's refusal (1009 from
+                    # the bounded permessage-deflate), as a CloseConnection in state OPEN: the
+                    # close frame is ours to send
+                    if event.code == MESSAGE_TOO_BIG:
+                        log.info("websocket message from %s too big after inflation", self._conn.client)
+                        self._send_close(MESSAGE_TOO_BIG, "message too big")
+                    else:
+                        self._stats.protocol_errors += 1
+                        log.info("websocket protocol error from %s: %s", self._conn.client, event.reason)
+                        self._send_close(event.code, event.reason or "")
                 return False
         return True
 

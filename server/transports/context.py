@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from server.core.hub import Hub
 from server.http.base import Exchange, HTTPError
 from server.store.base import Store
+from server.transports.guard import Guard
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,8 @@ class Settings:
     poll_max_timeout: float = 60.0
     poll_max_events: int = 1000
     ws_max_subscriptions: int = 256
+    sse_gzip: bool = False  # gzip SSE for clients that accept it (the server's config turns it on)
+    gzip_level: int = 6
 
     def retry_value(self) -> int:
         """A ``retry:`` value jittered per connection, so reconnects after a drain spread out."""
@@ -40,6 +43,7 @@ class Context:
     hub: Hub
     settings: Settings = field(default_factory=Settings)
     draining: bool = False  # set while the worker drains: /readyz answers 503
+    guard: Guard | None = None  # auth, rate rules, CORS for /v1/ (None: none configured)
 
 
 JSON_HEADERS = [("content-type", "application/json"), ("cache-control", "no-store")]

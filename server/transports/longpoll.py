@@ -15,6 +15,7 @@ from server.core.encoding import EncodedEvent
 from server.core.replay import Reset
 from server.http.base import Exchange, HTTPError
 from server.transports.context import Context, send_json
+from server.transports.guard import Access
 from server.transports.sse import start_of
 
 FIRST_READ_LIMIT = 10.0  # seconds a poll waits for its first store read before answering anyway
@@ -84,10 +85,11 @@ def _timeout(ex: Exchange, ctx: Context) -> float:
     return min(value, ctx.settings.poll_max_timeout)
 
 
-async def handle_poll(ex: Exchange, ctx: Context, stream: str) -> None:
-    """Answer one long-poll."""
+async def handle_poll(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
+    """Answer one long-poll, at the latest when the timeout is up or the token expires."""
     start = start_of(ex)
     timeout = _timeout(ex, ctx)
+    deadline = access.deadline
     sink = CollectSink(ctx.settings.poll_max_events)
     async with ctx.hub.open_subscription(stream, start) as sub, trio.open_nursery() as nursery:
 
@@ -99,10 +101,10 @@ async def handle_poll(ex: Exchange, ctx: Context, stream: str) -> None:
         nursery.start_soon(sub.run, sink)
         ex.on_close_request(wind_down)
         # "At once when events are available": the timeout only starts once the store was read.
-        with trio.move_on_after(FIRST_READ_LIMIT):
+        with trio.move_on_at(min(trio.current_time() + FIRST_READ_LIMIT, deadline)):
             await sink.checked.wait()
         if not sink.ready.is_set():
-            with trio.move_on_after(timeout):
+            with trio.move_on_at(min(trio.current_time() + timeout, deadline)):
                 await sink.ready.wait()
         if not sub.stopped:
             nursery.cancel_scope.cancel()  # stopped: run() returns by itself, its reset sent

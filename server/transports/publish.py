@@ -15,6 +15,7 @@ from server.transports.batch import (
     single_event,
 )
 from server.transports.context import Context, send_json
+from server.transports.guard import Access
 
 MAX_IDEMPOTENCY_KEY = 256
 
@@ -42,13 +43,16 @@ async def append(ctx: Context, stream: str, events: list[NewEvent], key: str | N
     return result.ids
 
 
-async def handle_publish(ex: Exchange, ctx: Context, stream: str) -> None:
-    """``POST /v1/streams/{stream}``: 201 ``{"id"}`` or, for a batch, ``{"ids"}``, once durable."""
+async def handle_publish(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
+    """``POST /v1/streams/{stream}``: 201 ``{"id"}`` or, for a batch, ``{"ids"}``, once durable.
+
+    The body's size is charged to the ``publish_bytes`` rate rules once it is read."""
     req = ex.request
     key = _idempotency_key(ex)
     s = ctx.settings
     mtype = media_type(req.headers.get("content-type"))
     body = await req.read_body(s.max_body_bytes)
+    access.charge("publish_bytes", stream, len(body))
     try:
         if mtype == NDJSON:
             events = ndjson_events(body, s.max_event_bytes, s.max_batch_events)
@@ -65,19 +69,19 @@ async def handle_publish(ex: Exchange, ctx: Context, stream: str) -> None:
     await send_json(ex, 201, {"ids": ids})
 
 
-async def handle_close(ex: Exchange, ctx: Context, stream: str) -> None:
+async def handle_close(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
     """``POST /v1/streams/{stream}/close``: 204, idempotent."""
     await ctx.store.close_stream(stream)
     await ex.respond(204, [])
 
 
-async def handle_delete(ex: Exchange, ctx: Context, stream: str) -> None:
+async def handle_delete(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
     """``DELETE /v1/streams/{stream}``: 204 whether or not it existed."""
     await ctx.store.delete(stream)
     await ex.respond(204, [])
 
 
-async def handle_info(ex: Exchange, ctx: Context, stream: str) -> None:
+async def handle_info(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
     """``GET /v1/streams/{stream}/info``: the stream's state, 404 if it does not exist."""
     info = await ctx.store.info(stream)
     if info is None:

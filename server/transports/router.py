@@ -1,28 +1,42 @@
-"""Routing: maps a request to its transport handler (the API.md surface), with 404/405/400."""
+"""Routing: maps a request to its transport handler (the API.md surface), with 404/405/400.
+
+With a :class:`~server.transports.guard.Guard` configured (auth, rate rules or CORS), every
+request under ``/v1/`` goes through it; ``/healthz``, ``/readyz`` and ``/metrics`` stay open.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from server.core.events import is_valid_stream
+from server.edge.auth import Action
+from server.edge.limits import Route
 from server.http.base import Exchange, Handler, HTTPError
 from server.transports.context import Context, send_json
+from server.transports.guard import OPEN, Access, Target
 from server.transports.longpoll import handle_poll
 from server.transports.publish import handle_close, handle_delete, handle_info, handle_publish
 from server.transports.sse import handle_sse
 from server.transports.websocket import handle_ws
 
-StreamHandler = Callable[[Exchange, Context, str], Awaitable[None]]
+StreamHandler = Callable[[Exchange, Context, str, Access], Awaitable[None]]
+Endpoint = tuple[StreamHandler, Action, "Route | None"]
+"""A stream endpoint: its handler, the right it needs, and the rate-limit route it is charged."""
 PREFIX = "/v1/streams/"
 STREAM_RULE = "stream names are 1-200 chars of [A-Za-z0-9._~:@-], no empty segment"
 
-# suffix after the stream name -> {method: handler}
-_STREAM_ROUTES: dict[str, dict[str, StreamHandler]] = {
-    "": {"GET": handle_sse, "POST": handle_publish, "DELETE": handle_delete},
-    "/close": {"POST": handle_close},
-    "/info": {"GET": handle_info},
-    "/poll": {"GET": handle_poll},
+# suffix after the stream name -> {method: endpoint}
+_STREAM_ROUTES: dict[str, dict[str, Endpoint]] = {
+    "": {
+        "GET": (handle_sse, "subscribe", "subscribe"),
+        "POST": (handle_publish, "publish", "publish"),
+        "DELETE": (handle_delete, "publish", None),
+    },
+    "/close": {"POST": (handle_close, "publish", None)},
+    "/info": {"GET": (handle_info, "subscribe", None)},
+    "/poll": {"GET": (handle_poll, "subscribe", "subscribe")},
 }
 
 
@@ -31,33 +45,55 @@ def _not_allowed(allowed: list[str]) -> HTTPError:
     return HTTPError(405, "method_not_allowed", f"allowed: {allow}", [("allow", allow)])
 
 
+def _stream_endpoint(path: str, method: str) -> tuple[Endpoint, str]:
+    """The endpoint and stream of a path under :data:`PREFIX`, or the routing error."""
+    stream, slash, tail = path[len(PREFIX) :].partition("/")
+    routes = _STREAM_ROUTES.get(slash + tail)
+    if routes is None:
+        raise HTTPError(404, "not_found", "no such endpoint")
+    if not is_valid_stream(stream):
+        raise HTTPError(400, "bad_stream", STREAM_RULE)
+    endpoint = routes.get(method)
+    if endpoint is None:
+        raise _not_allowed(list(routes))
+    return endpoint, stream
+
+
 def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Handler:
     """The application handler for one worker.
 
     A plain function that picks the transport and returns its coroutine (or raises the routing
     error): the engine awaits the transport's coroutine directly, so a long-lived response holds
-    no routing frame."""
+    no routing frame. With a guard, requests under ``/v1/`` run inside :meth:`Guard.serve`."""
+
+    def ws_call(ex: Exchange, access: Access) -> Awaitable[None]:
+        return handle_ws(ex, ctx, access)
+
+    def resolve(ex: Exchange) -> Target:
+        req = ex.request
+        if req.path.startswith(PREFIX):
+            (handler, action, rate), stream = _stream_endpoint(req.path, req.method)
+            return Target(partial(_call_stream, handler, ctx, stream), action, stream, rate)
+        if req.path == "/v1/ws":
+            if req.method != "GET":
+                raise _not_allowed(["GET"])
+            return Target(ws_call, None, None, None, websocket=True)
+        raise HTTPError(404, "not_found", "no such endpoint")
 
     def handle(ex: Exchange) -> Awaitable[None]:
         req = ex.request
         path = req.path
         method = req.method
+        guard = ctx.guard
+        if guard is not None and path.startswith("/v1/"):
+            return guard.serve(ex, partial(resolve, ex))
         if path.startswith(PREFIX):
-            rest = path[len(PREFIX) :]
-            stream, slash, tail = rest.partition("/")
-            routes = _STREAM_ROUTES.get(slash + tail)
-            if routes is None:
-                raise HTTPError(404, "not_found", "no such endpoint")
-            if not is_valid_stream(stream):
-                raise HTTPError(400, "bad_stream", STREAM_RULE)
-            handler = routes.get(method)
-            if handler is None:
-                raise _not_allowed(list(routes))
-            return handler(ex, ctx, stream)
+            (handler, _, _), stream = _stream_endpoint(path, method)
+            return handler(ex, ctx, stream, OPEN)
         if path == "/v1/ws":
             if method != "GET":
                 raise _not_allowed(["GET"])
-            return handle_ws(ex, ctx)
+            return handle_ws(ex, ctx, OPEN)
         if path == "/healthz":
             if method != "GET":
                 raise _not_allowed(["GET"])
@@ -75,3 +111,7 @@ def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Ha
         raise HTTPError(404, "not_found", "no such endpoint")
 
     return handle
+
+
+def _call_stream(handler: StreamHandler, ctx: Context, stream: str, ex: Exchange, access: Access) -> Awaitable[None]:
+    return handler(ex, ctx, stream, access)

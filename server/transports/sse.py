@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
+import trio
+
 from server.core.encoding import EncodedEvent, EventBatch, sse_end, sse_reset
 from server.core.events import InvalidInput
+from server.core.frame import Frame
+from server.core.gzipsse import GzipFraming
 from server.core.hub import heartbeat_or_none
 from server.core.replay import Reset, Start, parse_start
 from server.core.sse import encode_comment, encode_retry
+from server.edge.compress import accepts_gzip
 from server.http.base import Exchange, HTTPError, ResponseStream
 from server.transports.context import Context
+from server.transports.guard import Access
 
 SSE_HEADERS = [
     ("content-type", "text/event-stream"),
@@ -16,7 +24,9 @@ SSE_HEADERS = [
     ("x-accel-buffering", "no"),
     ("sluice-binary", "base64"),
 ]
+GZIP_HEADERS = [*SSE_HEADERS, ("content-encoding", "gzip"), ("vary", "accept-encoding")]
 _HEARTBEAT = encode_comment()
+_HEARTBEAT_FRAME = Frame(_HEARTBEAT)
 
 
 class SSESink:
@@ -52,6 +62,37 @@ class SSESink:
         await self._resp.drain()
 
 
+class GzipSSESink(SSESink):
+    """:class:`SSESink` for a gzip response: every payload goes out in its shared compressed form
+    (see :mod:`server.core.gzipsse`); the connection keeps only a CRC-32 and a length."""
+
+    __slots__ = ("gz",)
+
+    def __init__(self, resp: ResponseStream, gz: GzipFraming) -> None:
+        super().__init__(resp)
+        self.gz = gz
+
+    def deliver(self, enc: EncodedEvent) -> bool:
+        """Write the event's shared gzip form."""
+        return self._resp.send_frame(self.gz.frame(enc.sse))
+
+    def deliver_batch(self, batch: EventBatch) -> bool:
+        """Write the batch's shared gzip form, in one write."""
+        return self._resp.send_frame(self.gz.frame(batch.sse))
+
+    def reset(self, reset: Reset) -> bool:
+        """Write ``event: sluice.reset``, compressed."""
+        return self._resp.send_frame(self.gz.frame(sse_reset(reset)))
+
+    def end(self) -> None:
+        """Write ``event: sluice.end``, compressed."""
+        self._resp.send_frame(self.gz.frame(sse_end()))
+
+    def idle(self) -> bool:
+        """Write a heartbeat comment, compressed (shared)."""
+        return self._resp.send_frame(self.gz.frame(_HEARTBEAT_FRAME))
+
+
 def wants_sse(accept: str | None) -> bool:
     """True unless the client's ``Accept`` clearly excludes ``text/event-stream``."""
     if not accept:
@@ -69,24 +110,50 @@ def start_of(ex: Exchange) -> Start:
         raise HTTPError(400, exc.code, exc.message) from None
 
 
-async def handle_sse(ex: Exchange, ctx: Context, stream: str) -> None:
-    """Stream events as SSE until the stream ends, the client leaves or the worker drains."""
+async def handle_sse(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
+    """Stream events as SSE until the stream ends, the client leaves, the worker drains or the
+    token expires (``access.deadline``: ended like a drain, so the client reconnects, with a
+    fresh token, from its exact position)."""
     if not wants_sse(ex.request.headers.get("accept")):
         raise HTTPError(406, "not_acceptable", "this endpoint serves text/event-stream")
     start = start_of(ex)
     heartbeat = heartbeat_or_none(ctx.settings.heartbeat)
+    settings = ctx.settings
+    gz = GzipFraming(settings.gzip_level) if settings.sse_gzip and wants_gzip(ex) else None
     # Subscribe (and fix what "now" means) before the client hears 200: nothing published after
     # it has the response head can be missed.
     async with ctx.hub.open_subscription(stream, start, heartbeat=heartbeat) as sub:
-        resp = await ex.open_stream(200, SSE_HEADERS)
-        resp.send(encode_retry(ctx.settings.retry_value()))
+        retry = encode_retry(settings.retry_value())
+        if gz is None:
+            resp = await ex.open_stream(200, SSE_HEADERS)
+            resp.send(retry)
+            sink = SSESink(resp)
+        else:
+            resp = await ex.open_stream(200, GZIP_HEADERS)
+            resp.send(gz.start(retry))
+            sink = GzipSSESink(resp, gz)
         ex.on_close_request(sub.stop)  # drain or rotation: stop, then end cleanly below
-        await sub.run(SSESink(resp))
+        expired = False
+        if access.deadline == math.inf:  # no token to expire: no cancel scope per connection
+            await sub.run(sink)
+        else:
+            with trio.CancelScope(deadline=access.deadline) as expiry:
+                await sub.run(sink)
+            expired = expiry.cancelled_caught
     if sub.ended:
+        if gz is not None:
+            resp.send(gz.trailer())
         await resp.finish()
-    elif sub.stopped:
-        resp.send(wind_down_block(sub.position, ctx.settings.retry_value()))
+    elif sub.stopped or expired:  # cancelled at an await: the position is exact
+        block = wind_down_block(sub.position, settings.retry_value())
+        resp.send(block if gz is None else gz.data(block) + gz.trailer())
         await resp.finish()
+
+
+def wants_gzip(ex: Exchange) -> bool:
+    """The client takes gzip (``Accept-Encoding``)."""
+    accept = ex.request.headers.get("accept-encoding")
+    return accept is not None and accepts_gzip(accept.encode("latin-1"))
 
 
 def wind_down_block(position: str | None, retry_ms: int) -> bytes:

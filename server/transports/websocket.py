@@ -4,11 +4,17 @@ One socket carries any number of subscriptions, each a child task in the socket'
 publishes are handled in order, in the receive loop, so ``published`` acks come in send order.
 Client mistakes get ``{"op": "error", "ref"?, "code", "message"}`` and the socket stays open;
 a frame of the wrong kind for the subprotocol closes it with 1003.
+
+With a guard, the upgrade was checked already (origin, token); each ``subscribe`` and
+``publish`` op is authorised and rate limited on its own (a refusal is an ``error`` op with code
+``unauthorized``, ``forbidden``, ``rate_limited`` or ``too_large``; the socket stays open), and
+the socket closes with ``4401`` when the token it was opened with expires.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 import msgpack
@@ -17,11 +23,15 @@ import trio
 from server.core.encoding import EncodedEvent, EventBatch, ws_end, ws_message, ws_reset
 from server.core.events import InvalidInput, check_stream
 from server.core.replay import Reset, Start, parse_start
+from server.edge.auth import Action
+from server.edge.limits import retry_after
 from server.http.base import Exchange, HTTPError, WebSocket, WebSocketClosed
 from server.store.base import StreamClosed
 from server.transports.batch import item_event
 from server.transports.context import Context
+from server.transports.guard import Access
 
+TOKEN_EXPIRED = 4401
 JSON_PROTOCOL = "sluice.json.v1"
 MSGPACK_PROTOCOL = "sluice.msgpack.v1"
 Fmt = Literal["json", "msgpack"]
@@ -64,9 +74,10 @@ class WSSink:
 
 
 class _Session:
-    def __init__(self, ws: WebSocket, ctx: Context, fmt: Fmt, nursery: trio.Nursery) -> None:
+    def __init__(self, ws: WebSocket, ctx: Context, fmt: Fmt, nursery: trio.Nursery, access: Access) -> None:
         self.ws = ws
         self.ctx = ctx
+        self.access = access
         self.fmt: Fmt = fmt
         self.nursery = nursery
         self.subs: dict[str, trio.CancelScope] = {}
@@ -112,6 +123,18 @@ class _Session:
         except InvalidInput as exc:
             self.error(exc.code, exc.message, ref)
 
+    def admit(self, action: Action, stream: str, cost: float = 1.0, cost_bytes: int | None = None) -> None:
+        """Authorise ``action`` on ``stream`` and charge its rate rules; ``InvalidInput`` if refused."""
+        access = self.access
+        refusal = access.refusal(action, stream)
+        if refusal is not None:
+            raise InvalidInput(*refusal)
+        wait = access.wait(action, stream, cost)
+        if not wait and cost_bytes is not None:
+            wait = access.wait("publish_bytes", stream, cost_bytes)
+        if wait:
+            raise InvalidInput(*_rate_refusal(wait))
+
     def subscribe(self, msg: dict[str, Any]) -> None:
         stream = check_stream(_str(msg.get("stream")))
         if stream in self.subs:
@@ -125,6 +148,7 @@ class _Session:
         if start_from is not None and not isinstance(start_from, str):
             raise InvalidInput("bad_from", "from must be 'start' or 'now'")
         start = parse_start(None, last, start_from)
+        self.admit("subscribe", stream)
         scope = trio.CancelScope()
         self.subs[stream] = scope
         self.nursery.start_soon(self.run_subscription, stream, start, scope)
@@ -138,6 +162,7 @@ class _Session:
     async def publish(self, msg: dict[str, Any], ref: object) -> None:
         stream = check_stream(_str(msg.get("stream")))
         event = item_event(msg, self.ctx.settings.max_event_bytes, where="publish")
+        self.admit("publish", stream, cost_bytes=len(event.data))
         try:
             result = await self.ctx.store.append(stream, [event])
         except StreamClosed:
@@ -147,6 +172,12 @@ class _Session:
         if ref is not None:
             reply["ref"] = ref
         self.send(reply)
+
+
+def _rate_refusal(wait: float) -> tuple[str, str]:
+    if math.isinf(wait):
+        return "too_large", "the message is larger than the rate limit allows at once"
+    return "rate_limited", f"too many requests; retry after {retry_after(wait)} s"
 
 
 def _str(value: object) -> str:
@@ -165,26 +196,31 @@ def pick_subprotocol(offered: list[str]) -> str | None:
     return None
 
 
-async def handle_ws(ex: Exchange, ctx: Context) -> None:
-    """Serve one WebSocket until either side closes it."""
+async def handle_ws(ex: Exchange, ctx: Context, access: Access) -> None:
+    """Serve one WebSocket until either side closes it or the token expires (close 4401)."""
     if not ex.websocket_requested:
         raise HTTPError(400, "websocket_required", "GET /v1/ws needs a WebSocket upgrade")
     proto = pick_subprotocol(ex.offered_subprotocols())
     fmt: Fmt = "msgpack" if proto == MSGPACK_PROTOCOL else "json"
     ws = await ex.accept_websocket(proto)
+    expired = False
     async with trio.open_nursery() as nursery:
-        session = _Session(ws, ctx, fmt, nursery)
+        session = _Session(ws, ctx, fmt, nursery, access)
         try:
-            while True:
-                message = await ws.receive()
-                try:
-                    msg = session.decode(message)
-                except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-                    session.error("bad_message", "not a valid message for this subprotocol")
-                    continue
-                await session.handle(msg)
+            with trio.CancelScope(deadline=access.deadline) as expiry:
+                while True:
+                    message = await ws.receive()
+                    try:
+                        msg = session.decode(message)
+                    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                        session.error("bad_message", "not a valid message for this subprotocol")
+                        continue
+                    await session.handle(msg)
+            expired = expiry.cancelled_caught
         except WebSocketClosed as exc:
             if exc.code == 1003:
                 await ws.close(1003, exc.reason)
         finally:
             nursery.cancel_scope.cancel()
+    if expired:
+        await ws.close(TOKEN_EXPIRED, "token expired")
