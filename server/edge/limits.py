@@ -374,7 +374,7 @@ class LimitsConfig:
         return TokenBucket(self.h2_max_streams_per_second, self.h2_stream_burst)
 
     def ws_ping_bucket(self) -> TokenBucket:
-        """A fresh per-connection bucket for WebSocket pings (protocol and ``{"op": "ping"}``)."""
+        """A fresh per-connection bucket for the WebSocket Ping frames a client sends (over: close 1008)."""
         return TokenBucket(self.ws_max_pings_per_second, self.ws_ping_burst)
 
     def rate_limits(self, compile_pattern: PatternCompiler | None = None) -> RateLimits:
