@@ -231,14 +231,11 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if is_dataclass(value) and not isinstance(value, type):  # a table entry: an inline table of its set fields
-        items = [(f.name, getattr(value, f.name)) for f in fields(value)]
-        return "{" + ", ".join(f"{k} = {_toml(v if _plain(v) else str(v))}" for k, v in items if v is not None) + "}"
+    if is_dataclass(value) and not isinstance(value, type):  # a table entry
+        value = _plain_value(value)
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
-
-
-def _plain(value: object) -> bool:
-    return isinstance(value, str | int | float | tuple | list)
 
 
 def _kind(tp: Any) -> Kind:

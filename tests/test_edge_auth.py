@@ -7,7 +7,6 @@ import datetime
 import hashlib
 import hmac
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +94,12 @@ def test_pattern_set_any_of_and_fast_paths() -> None:
     assert hash(PatternSet(["a", "b:*"])) == hash(PatternSet(["b:*", "a"]))
 
 
-def test_matching_is_not_exponential() -> None:
+def test_many_double_stars_match_exactly() -> None:
+    # the matcher is a table over (pattern segment, name segment): no backtracking to blow up
     pattern = compile_pattern(":".join(["**", "a"] * 30 + ["b"]))
-    name = ":".join(["a"] * 99)
-    started = time.perf_counter()
-    assert not pattern.matches(name)
-    assert time.perf_counter() - started < 0.5
+    assert not pattern.matches(":".join(["a"] * 99))
+    assert pattern.matches(":".join(["a"] * 99 + ["b"]))
+    assert not pattern.matches(":".join(["a"] * 29 + ["b"]))
 
 
 @given(stream_names)

@@ -3,9 +3,6 @@ SSE, long-poll and WebSocket connections when their token expires."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -20,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from tests.client import Running, open_sse, publish, request, start_sluice, wait_live
+from tests.test_edge_auth import craft
 
 SECRET = b"k" * 40
 T0 = 1_800_000_000.0  # the fake wall clock at trio time 0
@@ -72,17 +70,6 @@ async def start_auth(
     assert s.ctx.guard is not None
     s.ctx.guard.clock = a.now
     return a
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def craft(header: dict[str, Any], payload: dict[str, Any], secret: bytes | None = None) -> str:
-    """A token built by hand (for algorithms PyJWT refuses to produce)."""
-    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
-    sig = b64(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()) if secret is not None else ""
-    return f"{signing_input}.{sig}"
 
 
 def ws_url(port: int, query: str = "") -> str:

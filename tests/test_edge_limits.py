@@ -19,11 +19,11 @@ from server.edge.limits import (
     RateLimits,
     RateRule,
     TokenBucket,
-    glob_matcher,
     parse_rules,
     request_key_of,
     retry_after,
     retry_after_header,
+    stream_matcher,
 )
 
 # -- TokenBucket ---------------------------------------------------------------------------------
@@ -448,8 +448,8 @@ def test_custom_pattern_compiler_is_used() -> None:
         ("a:b", "a:c", False),
     ],
 )
-def test_glob_matcher(pattern: str, stream: str, expected: bool) -> None:
-    assert glob_matcher(pattern)(stream) is expected
+def test_stream_matcher(pattern: str, stream: str, expected: bool) -> None:
+    assert stream_matcher(pattern)(stream) is expected
 
 
 # -- Retry-After ---------------------------------------------------------------------------------

@@ -124,7 +124,6 @@ def _column(rows: list[dict[str, str]], name: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(SLOWHTTPTEST).exists(), reason="slowhttptest is not installed")
 @pytest.mark.parametrize(
     ("mode", "path"), [("-H", "/healthz"), ("-B", "/v1/streams/slowbody")], ids=["slowloris", "slow-body"]
 )

@@ -39,14 +39,14 @@ async def test_http11_publish_goes_straight_to_the_kernel() -> None:
 async def test_http2_publish_flushes_each_connection_once(monkeypatch: pytest.MonkeyPatch) -> None:
     streams = 50
     pulls: list[int] = []
-    original = h2conn._ServerH2Connection.data_to_send
+    original = h2conn.ServerH2Connection.data_to_send
 
-    def counting(self: h2conn._ServerH2Connection, amount: int | None = None) -> bytes:
+    def counting(self: h2conn.ServerH2Connection, amount: int | None = None) -> bytes:
         data = original(self, amount)
         pulls.append(len(data))
         return data
 
-    monkeypatch.setattr(h2conn._ServerH2Connection, "data_to_send", counting)
+    monkeypatch.setattr(h2conn.ServerH2Connection, "data_to_send", counting)
     with trio.fail_after(10):
         async with running_server() as (_, port, app):
             app.state.expected_subscribers = streams

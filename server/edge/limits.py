@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from server.edge.patterns import compile_pattern
+
 Route = Literal["connect", "subscribe", "publish", "publish_bytes"]
 ROUTES: tuple[Route, ...] = ("connect", "subscribe", "publish", "publish_bytes")
 KeyKind = Literal["address", "header", "query", "cookie", "claim"]
@@ -28,7 +30,6 @@ CLOCK_SLACK = 1e-6  # seconds of refill granted early, so waiting exactly the re
 MAX_RETRY_AFTER = 3600  # Retry-After is clamped to this many seconds (also for ``math.inf``)
 MAX_KEY_CHARS = 128  # longer client-chosen keys are stored as a 32-hex-digit digest
 _NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")  # header token; also query/cookie/claim
-_PATTERN_RE = re.compile(r"[A-Za-z0-9._~:@*-]{1,200}\Z")
 
 
 def _positive(name: str, value: object) -> float:
@@ -277,8 +278,10 @@ class RateRule:
             raise ValueError(f"route: must be one of {', '.join(ROUTES)}, got {self.route!r}")
         _positive("rate", self.rate)
         _positive("burst", self.burst)
-        if not isinstance(self.streams, str) or not _PATTERN_RE.match(self.streams):
-            raise ValueError(f"streams: must be a stream pattern, got {self.streams!r}")
+        try:
+            compile_pattern(self.streams)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"streams: must be a stream pattern ({exc}), got {self.streams!r}") from None
         if self.route == "connect" and self.streams != "**":
             raise ValueError("streams: a connect rule applies before any stream is known; use '**'")
         if isinstance(self.max_keys, bool) or not isinstance(self.max_keys, int) or self.max_keys < 1:
@@ -382,25 +385,9 @@ class LimitsConfig:
         return RateLimits(self.rules, compile_pattern)
 
 
-def glob_matcher(pattern: str) -> Callable[[str], bool]:
-    """A minimal stream-pattern matcher (``*`` one non-empty segment, ``**`` zero or more
-    segments, anything else literal). The server passes the full pattern compiler instead."""
-    parts = tuple(pattern.split(":"))
-    if parts == ("**",):
-        return lambda stream: True
-
-    def match(i: int, names: list[str], j: int) -> bool:
-        while i < len(parts):
-            part = parts[i]
-            if part == "**":
-                return any(match(i + 1, names, k) for k in range(j, len(names) + 1))
-            if j >= len(names) or not names[j] or (part != "*" and part != names[j]):
-                return False
-            i += 1
-            j += 1
-        return j == len(names)
-
-    return lambda stream: match(0, stream.split(":"), 0)
+def stream_matcher(pattern: str) -> Callable[[str], bool]:
+    """The predicate of a stream pattern (:func:`server.edge.patterns.compile_pattern`)."""
+    return compile_pattern(pattern).matches
 
 
 class _Active:
@@ -417,8 +404,7 @@ class _Active:
 class RateLimits:
     """Evaluates :class:`RateRule` s. A request must pass every rule for its route whose pattern
     matches its stream (a ``None`` stream matches only ``**`` rules); a refused request spends
-    nothing. ``compile_pattern`` turns pattern text into a predicate (default :func:`glob_matcher`;
-    the server passes ``lambda text: patterns.compile_pattern(text).matches``).
+    nothing. ``compile_pattern`` turns pattern text into a predicate (default :func:`stream_matcher`).
 
     Keys: ``key_of(source)`` returns the request's key for a :class:`KeySource` or None if absent.
     When a header/query/cookie/claim key is absent or empty, the rule still applies, keyed by the
@@ -429,7 +415,7 @@ class RateLimits:
 
     def __init__(self, rules: Iterable[RateRule] = (), compile_pattern: PatternCompiler | None = None) -> None:
         self.rules = tuple(rules)
-        compile_ = compile_pattern or glob_matcher
+        compile_ = compile_pattern or stream_matcher
         by_route: dict[str, list[_Active]] = {}
         for rule in self.rules:
             by_route.setdefault(rule.route, []).append(_Active(rule, compile_))

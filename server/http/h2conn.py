@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 _SENDABLE = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})  # states that may send DATA
 _HEADER_OVERHEAD = 32  # per header field, as HPACK counts a header list's size
-_ServerH2Connection = ServerH2Connection  # its former name, still in use
 __all__ = ["PREFACE", "H2Driver"]
 
 

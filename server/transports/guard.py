@@ -44,7 +44,6 @@ import trio
 from server.edge.auth import Action, AuthConfig, AuthError, Principal, Verifier
 from server.edge.cors import CorsConfig, CorsPolicy
 from server.edge.limits import KeySource, LimitsConfig, RateLimits, Route, request_key_of, retry_after_header
-from server.edge.patterns import compile_pattern
 from server.http.base import Exchange, HTTPError, Request, ResponseStream, WebSocket
 
 log = logging.getLogger(__name__)
@@ -159,7 +158,7 @@ class Guard:
         ``ValueError`` for unusable auth keys.
         """
         verifier = Verifier(auth) if auth.enabled else None
-        rates = limits.rate_limits(compile_pattern=lambda text: compile_pattern(text).matches) if limits.rules else None
+        rates = limits.rate_limits() if limits.rules else None
         policy = CorsPolicy(cors) if cors.allow_origins or cors.ws_allowed_origins is not None else None
         if verifier is None and rates is None and policy is None:
             return None
