@@ -28,7 +28,8 @@ from server.core.hub import Hub
 from server.http.listener import bind_tcp_listener
 from server.http.server import HttpServer, serve_http
 from server.http.tls import make_server_ssl_context
-from server.observability.metrics import render_metrics
+from server.observability.host import HostMetrics, metrics_dir
+from server.observability.metrics import Samples, collect
 from server.process.peers import PeerBus, open_peer_bus
 from server.store.base import Listener, Notice, Store
 from server.store.memory import MemoryStore
@@ -115,13 +116,15 @@ class Worker:
     """A running worker, as handed to ``serve``'s caller: its context, HTTP server and sockets.
 
     ``bus`` is its end of the host's notice bus (``None`` without ``peers_dir``); its ``stats``
-    count what crossed between workers.
+    count what crossed between workers. ``metrics`` answers ``/metrics`` (host-wide totals, from
+    the workers' snapshots under ``peers_dir``: :mod:`server.observability.host`).
     """
 
     ctx: Context
     http: HttpServer
     listeners: list[socket.socket]
     bus: PeerBus | None = None
+    metrics: HostMetrics | None = None
 
 
 def _open_bus(
@@ -141,6 +144,13 @@ def _open_bus(
         rescan_interval=b.rescan_interval,
         max_peers=b.max_peers,
     )
+
+
+def _samples(ctx: Context, engine: list[HttpServer], bus: PeerBus | None) -> Samples:
+    """This worker's live counters: hub, engine, guard and bus."""
+    guard = ctx.guard
+    http = engine[0].stats if engine else None
+    return collect(ctx.hub.stats, http, guard.stats if guard else None, bus.stats if bus else None)
 
 
 def store_listener(hub: Hub, bus: PeerBus | None) -> Listener:
@@ -189,7 +199,9 @@ async def _serve(
         async with _open_bus(config, peers_dir, hub, store) as bus, trio.open_nursery() as nursery:
             store.set_listener(store_listener(hub, bus))
             ctx = Context(store=store, hub=hub, settings=settings_from(config), guard=guard_from(config))
-            handler = make_handler(ctx, metrics=lambda: render_metrics(hub.stats))
+            engine: list[HttpServer] = []  # filled once the engine runs (its stats are its own)
+            metrics = HostMetrics(metrics_dir(peers_dir), partial(_samples, ctx, engine, bus))
+            handler = make_handler(ctx, metrics=metrics.render)
             http: HttpServer = await nursery.start(
                 partial(
                     serve_http,
@@ -200,10 +212,12 @@ async def _serve(
                     hooks=edge_hooks(config),
                 )
             )
+            engine.append(http)
             nursery.start_soon(hub.run)  # heartbeats
+            nursery.start_soon(metrics.run)  # snapshots for the other workers' /metrics
             nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
             nursery.start_soon(_periodic, GC_FREEZE_INTERVAL, _freeze)
             tune_gc()
             addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
             log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)
-            task_status.started(Worker(ctx, http, listeners, bus))
+            task_status.started(Worker(ctx, http, listeners, bus, metrics))

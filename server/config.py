@@ -34,7 +34,7 @@ from server.config_meta import (
     Meta,
     Rule,
 )
-from server.edge.auth import AuthConfig
+from server.edge.auth import AuthConfig, Verifier
 from server.edge.compress import CompressionConfig
 from server.edge.cors import CorsConfig
 from server.edge.limits import LimitsConfig
@@ -47,6 +47,7 @@ CONFIG_ENV = "SLUICE_CONFIG"
 
 Kind = Literal["int", "float", "str", "path", "choice", "bool", "list", "optlist", "tables"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+SighupAction = Literal["restart", "certificate"]
 Backend = Literal["sqlite", "memory"]
 
 
@@ -73,6 +74,7 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: LogLevel = "info"
+    sighup: SighupAction = "restart"
     max_event_bytes: int = 1024 * 1024
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_events: int = 1000
@@ -529,6 +531,13 @@ def _cross_check(config: Config, sources: Mapping[str, str]) -> None:
             raise ConfigError(f"is set but server.{other} is not (set both or neither)", key=key, source=sources[key])
         if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
             raise ConfigError(f"no readable file at {path!r}", key=key, source=sources[key])
+    if config.auth.keys or config.auth.jwks_file is not None:
+        try:  # every key file read and checked now, not first at a worker's start
+            Verifier(config.auth)
+        except ValueError as exc:
+            jwks = config.auth.jwks_file
+            key = "auth.jwks_file" if jwks and (not config.auth.keys or repr(jwks) in str(exc)) else "auth.keys"
+            raise ConfigError(str(exc), key=key, source=sources.get(key)) from None
 
 
 def _get(config: Config, name: str) -> Any:

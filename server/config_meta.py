@@ -47,6 +47,11 @@ META: dict[str, Meta] = {
     ),
     "server.tls_key": Meta("PEM private key for tls_cert", ANY_PATH, "/etc/sluice/key.pem"),
     "server.log_level": Meta("Logging threshold: critical, error, warning, info or debug"),
+    "server.sighup": Meta(
+        "What SIGHUP (systemctl reload) does: restart = reload the TLS certificate in place, then a rolling "
+        "restart onto the code and configuration on disk; certificate = only the in-place certificate reload "
+        "(no connection closed)"
+    ),
     "server.max_event_bytes": Meta("Largest data of one event in bytes (larger: 413)"),
     "server.max_body_bytes": Meta("Largest publish request body in bytes, batches included (larger: 413)"),
     "server.max_batch_events": Meta("Most events in one batch publish"),

@@ -1,19 +1,25 @@
-"""Raw clients for abuse tests: memory readings, WebSocket frames, HTTP/2 frames, source addresses."""
+"""Helpers for abuse tests: a bystander served while an attack runs, memory readings, raw
+WebSocket and HTTP/2 frames, connections from chosen source addresses."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import os
+import statistics
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import trio
 
+from tests.client import Running, open_sse, publish, request, wait_live
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MIB = 1024 * 1024
+MEMORY_BOUND = 50 * MIB  # RSS growth allowed while an attack runs
+ROUND_DEADLINE = 5.0  # liveness bound for one bystander round (not a latency target)
 
 
 # -- memory -----------------------------------------------------------------------------------
@@ -58,6 +64,90 @@ class MemoryWatch:
         """Bytes above the RSS at the start."""
         after = peak_rss_bytes() if self._peak else rss_bytes()
         return max(0, after - self.before)
+
+
+def check_memory(name: str, watch: MemoryWatch, by: Bystander, bound: int = MEMORY_BOUND) -> None:
+    """Print the attack's RSS growth with the bystander's latencies, and assert the growth bound."""
+    line = f"{name}: RSS +{watch.growth / MIB:.1f} MiB (bound {bound / MIB:.0f} MiB); {by.summary()}"
+    print(line)
+    assert watch.growth <= bound, line
+
+
+# -- bystander --------------------------------------------------------------------------------
+
+
+class Bystander:
+    """What :func:`bystander` saw: the latency of each round completed while the block ran
+    (publish to receipt on the SSE subscription, seconds on the trio clock, so virtual seconds
+    under a mock clock), and of the last round after the block."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.final: float | None = None
+        self.started = 0
+        self._changed = trio.Event()
+
+    def _done(self, latency: float) -> None:
+        self.latencies.append(latency)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def fresh_round(self) -> None:
+        """Wait until a round that starts after this call has completed (the caller bounds it)."""
+        target = self.started + 1
+        while len(self.latencies) < target:
+            await self._changed.wait()
+
+    def summary(self) -> str:
+        """Rounds and their latencies, for messages and ``pytest -s``."""
+        if not self.latencies:
+            return "bystander: no round completed"
+        ms = [x * 1000 for x in self.latencies]
+        final = "" if self.final is None else f", last after the attack {self.final * 1000:.1f} ms"
+        return (
+            f"bystander: {len(ms)} rounds, publish->receive median {statistics.median(ms):.1f} ms,"
+            f" max {max(ms):.1f} ms{final}"
+        )
+
+
+@contextlib.asynccontextmanager
+async def bystander(s: Running, *, pause: float = 0.0, min_rounds: int = 1) -> AsyncIterator[Bystander]:
+    """An SSE subscriber (from 127.0.0.1) served round after round for as long as the block runs:
+    publish an event, receive it, and get ``/healthz``. Each round, and a last one after the
+    block, must complete within :data:`ROUND_DEADLINE` (liveness, not speed); at least
+    ``min_rounds`` must have completed inside the block, so a test makes sure of that with
+    :meth:`Bystander.fresh_round` while its attack is under way. ``pause`` (seconds between
+    rounds) lets a mock clock advance between rounds."""
+    by = Bystander()
+    async with open_sse(s.port, "/v1/streams/bystander") as sse:
+        with trio.fail_after(ROUND_DEADLINE):
+            await wait_live(s.ctx, "bystander")
+
+        async def one(n: int) -> float:
+            with trio.fail_after(ROUND_DEADLINE):
+                start = trio.current_time()
+                eid = await publish(s.port, "bystander", f"round {n}")
+                ev = await sse.next()
+                while ev.id != eid:  # a round cut short by the end of the block left its event behind
+                    ev = await sse.next()
+                latency = trio.current_time() - start
+                assert ev.data == f"round {n}"
+                assert (await request(s.port, "GET", "/healthz")).status == 200
+            return latency
+
+        async def loop() -> None:
+            while True:
+                by.started += 1
+                by._done(await one(by.started - 1))
+                if pause:
+                    await trio.sleep(pause)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop)
+            yield by
+            nursery.cancel_scope.cancel()
+        assert len(by.latencies) >= min_rounds, f"fewer than {min_rounds} rounds during the attack; {by.summary()}"
+        by.final = await one(by.started + 1000)
 
 
 # -- sockets ----------------------------------------------------------------------------------

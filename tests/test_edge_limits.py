@@ -370,6 +370,20 @@ def test_every_matching_rule_must_pass_and_a_refusal_spends_nothing() -> None:
     assert limits.check("publish", "cold", key, 0.0) > 0.0
 
 
+def test_refund_gives_back_to_every_matching_rule_of_the_route_only() -> None:
+    limits = RateLimits(
+        [RateRule("publish", 1, 1), RateRule("publish", 1, 1, streams="hot"), RateRule("connect", 1, 1)]
+    )
+    key = request_key_of("192.0.2.1")
+    assert limits.check("publish", "hot", key, 0.0) == 0.0
+    assert limits.check("connect", None, key, 0.0) == 0.0
+    assert limits.check("publish", "hot", key, 0.0) > 0.0
+    limits.refund("publish", "hot", key)
+    assert limits.check("publish", "hot", key, 0.0) == 0.0  # both publish rules got their token back
+    assert limits.check("connect", None, key, 0.0) > 0.0  # another route's spending is untouched
+    limits.refund("publish_bytes", "hot", key)  # a route without rules: nothing to do
+
+
 def test_header_key() -> None:
     limits = RateLimits([RateRule("subscribe", 1, 1, key=KeySource.parse("header:X-Api-Key"))])
     same_address = "192.0.2.1"

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from tests.client import Response, Running, request, start_sluice
 
@@ -141,11 +142,56 @@ async def test_websocket_ops_are_rate_limited(nursery: trio.Nursery, tmp_path: P
             err = await op({"op": "publish", "stream": "big", "data": "123456", "ref": 0})
             assert (err["op"], err["code"], err["ref"]) == ("error", "too_large", 0)
             assert (await op({"op": "publish", "stream": "w", "data": "1", "ref": 1}))["op"] == "published"
-            err = await op({"op": "publish", "stream": "w", "data": "2", "ref": 2})
-            assert (err["op"], err["code"], err["ref"]) == ("error", "rate_limited", 2)
+            # the refused "big" publish gave its publish token back: a second one passes
+            assert (await op({"op": "publish", "stream": "w", "data": "2", "ref": 2}))["op"] == "published"
+            err = await op({"op": "publish", "stream": "w", "data": "3", "ref": 3})
+            assert (err["op"], err["code"], err["ref"]) == ("error", "rate_limited", 3)
             assert "retry after 100 s" in err["message"]
             assert (await op({"op": "subscribe", "stream": "w", "from": "start"}))["op"] == "event"
+            assert json.loads(await ws.get_message())["data"] == "2"
             err = await op({"op": "subscribe", "stream": "y"})
             assert (err["op"], err["code"]) == ("error", "rate_limited")
             assert await op({"op": "ping"}) == {"op": "pong"}  # the socket stays open
-        assert (await request(s.port, "GET", "/v1/streams/w/info")).json()["length"] == 1
+        assert (await request(s.port, "GET", "/v1/streams/w/info")).json()["length"] == 2
+    assert s.ctx.guard is not None  # refused operations are counted for /metrics
+    assert s.ctx.guard.stats.rate_limited == {(413, "publish_bytes"): 1, (429, "publish"): 1, (429, "subscribe"): 1}
+
+
+async def test_a_publish_refused_on_its_size_gives_its_publish_token_back(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    s = await start_sluice(
+        nursery,
+        tmp_path,
+        "memory",
+        limits=rules(
+            {"route": "publish", "rate": 0.001, "burst": 2}, {"route": "publish_bytes", "rate": 0.001, "burst": 8}
+        ),
+    )
+    with trio.fail_after(30):
+        assert (await post(s, "p", b"12345678")).status == 201  # 1 of 2 publishes, all 8 bytes
+        for _ in range(3):  # refused on bytes: neither rule keeps what it charged
+            assert_limited(await post(s, "p", b"1"), "1000")
+        assert (await post(s, "p", b"")).status == 201  # the second publish token is still there
+        assert_limited(await post(s, "p", b""), "1000")
+        async with open_websocket_url(f"ws://127.0.0.1:{s.port}/v1/ws", subprotocols=["sluice.json.v1"]) as ws:
+            await ws.send_message(json.dumps({"op": "publish", "stream": "p", "data": "x", "ref": 1}))
+            err = json.loads(await ws.get_message())
+            assert (err["op"], err["code"]) == ("error", "rate_limited")
+
+
+async def test_websocket_ping_ops_are_charged_to_the_ping_bucket(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """``{"op": "ping"}`` costs what a Ping frame costs: a flood of them closes the socket 1008."""
+    s = await start_sluice(nursery, tmp_path, "memory", limits={"ws_max_pings_per_second": 0.01, "ws_ping_burst": 5})
+    with trio.fail_after(30):
+        async with open_websocket_url(f"ws://127.0.0.1:{s.port}/v1/ws", subprotocols=["sluice.json.v1"]) as ws:
+            for _ in range(5):
+                await ws.send_message(json.dumps({"op": "ping"}))
+                assert json.loads(await ws.get_message()) == {"op": "pong"}
+            await ws.send_message(json.dumps({"op": "ping"}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+            assert closed.value.reason is not None
+            assert (closed.value.reason.code, closed.value.reason.reason) == (1008, "too many pings")
+        assert s.worker.http.stats.ws_ping_floods == 1
+        assert (await request(s.port, "GET", "/healthz")).status == 200

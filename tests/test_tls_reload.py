@@ -1,8 +1,9 @@
 """Certificate reload without dropping connections, and WebSocket over TLS (``wss://``).
 
 In-process: :func:`reload_certificate` swaps the certificate of a live context. Whole server: a
-``sluice serve`` supervisor told SIGUSR1 makes every worker present the new certificate to new
-handshakes while an open TLS SSE response keeps flowing; a pair that does not load is refused.
+``sluice serve`` supervisor told SIGUSR1 (or SIGHUP with ``server.sighup = "certificate"``) makes
+every worker present the new certificate to new handshakes while an open TLS SSE response keeps
+flowing; a pair that does not load is refused.
 """
 
 from __future__ import annotations
@@ -73,11 +74,18 @@ async def _read_until(stream: trio.SSLStream[trio.SocketStream], marker: bytes, 
 
 
 @pytest.mark.slow
-async def test_sigusr1_reloads_the_certificate_in_every_worker_and_keeps_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "extra"),
+    [(signal.SIGUSR1, ()), (signal.SIGHUP, ("--set", "server.sighup=certificate"))],
+    ids=["SIGUSR1", "SIGHUP-certificate"],
+)
+async def test_certificate_reload_in_every_worker_keeps_connections(
+    tmp_path: Path, signum: signal.Signals, extra: tuple[str, ...]
+) -> None:
     old_ca, new_ca = trustme.CA(), trustme.CA()
     cert = tmp_path / "cert.pem"
     _issue(old_ca, cert)
-    args = ("--workers", "2", "--set", f"server.tls_cert={cert}", "--set", f"server.tls_key={cert}")
+    args = ("--workers", "2", "--set", f"server.tls_cert={cert}", "--set", f"server.tls_key={cert}", *extra)
     with trio.fail_after(60):
         async with supervisor(tmp_path, *args) as sup:
             await sup.ready()
@@ -92,7 +100,7 @@ async def test_sigusr1_reloads_the_certificate_in_every_worker_and_keeps_connect
             new_pem = tmp_path / "new.pem"
             _issue(new_ca, new_pem)
             os.replace(new_pem, cert)
-            os.kill(sup.proc.pid, signal.SIGUSR1)
+            os.kill(sup.proc.pid, signum)
             while sup.log().count("certificate reloaded from") < 2:
                 await trio.sleep(0.05)  # polling the log file: the only signal a subprocess gives
             # new handshakes, on both workers (several tries), present the new certificate
@@ -111,12 +119,13 @@ async def test_sigusr1_reloads_the_certificate_in_every_worker_and_keeps_connect
 
             # a pair that does not load is refused once by the supervisor: workers keep the new one
             cert.write_text("garbage\n")
-            os.kill(sup.proc.pid, signal.SIGUSR1)
+            os.kill(sup.proc.pid, signum)
             while "certificate reload: " not in sup.log():
                 await trio.sleep(0.05)
             stream = await _handshake(port, new_ca)
             await stream.aclose()
             assert sup.log().count("certificate reloaded from") == 2
+            assert "reload queued" not in sup.log()  # no rolling restart: the workers are the first ones
             await sse.aclose()
 
 

@@ -447,6 +447,15 @@ class RateLimits:
             spent.append((rule.limiter, key))
         return 0.0
 
+    def refund(
+        self, route: Route, stream: str | None, key_of: Callable[[KeySource], str | None], cost: float = 1.0
+    ) -> None:
+        """Give back ``cost`` spent by an allowed :meth:`check` of ``route`` (the request was then
+        refused by another route's rules and must not be counted against this one)."""
+        for rule in self._by_route.get(route, ()):
+            if rule.catch_all or (stream is not None and rule.matches(stream)):
+                rule.limiter.refund(_key(rule, key_of), cost)
+
 
 def _key(rule: _Active, key_of: Callable[[KeySource], str | None]) -> str:
     if rule.by_address:

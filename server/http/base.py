@@ -137,6 +137,10 @@ class WebSocket(Protocol):
     async def drain(self) -> None:
         """As :meth:`ResponseStream.drain`."""
 
+    def take_ping(self) -> bool:
+        """Charge an application-level ping to the socket's ping bucket (the one Ping frames use);
+        ``False`` when the peer pings too fast and the socket should close with 1008."""
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame with ``code``/``reason`` and end the connection (bounded wait)."""
 

@@ -29,7 +29,7 @@ from h2.stream import StreamState
 from server.http.base import Handler, HttpLimits, Request
 from server.http.common import HOP_BY_HOP, encode_headers, header_dict, run_handler, split_target
 from server.http.connection import Connection
-from server.http.h2guard import FRAME_TOO_LARGE, PREFACE, FrameGuard, H2Caps, ServerH2Connection
+from server.http.h2guard import FRAME_TOO_LARGE, HEAD_TIMEOUT, PREFACE, FrameGuard, H2Caps, ServerH2Connection
 from server.http.h2stream import H2Stream
 from server.http.stats import HttpStats
 
@@ -97,7 +97,7 @@ class H2Driver:
         self._recv_scope: trio.CancelScope | None = None
         header_list = limits.max_header_bytes + _HEADER_OVERHEAD * limits.max_headers
         # A header block past twice the advertised list size is hostile (as for the decoder below).
-        self._guard = FrameGuard(limits.h2_max_inbound_frame, 2 * header_list)
+        self._guard = FrameGuard(limits, 2 * header_list, trio.current_time())
         self._caps = H2Caps(conn.hooks)
         self._calm: str | None = None  # why the peer gets GOAWAY ENHANCE_YOUR_CALM
         self.h2 = h = ServerH2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
@@ -141,15 +141,19 @@ class H2Driver:
                     self.flush_now()
                     return
                 deadline = trio.current_time() + self.limits.idle_timeout if not self.streams else float("inf")
-                with trio.CancelScope(deadline=deadline) as scope:
+                data = b""  # a cancelled read leaves nothing to feed again
+                with trio.CancelScope(deadline=min(deadline, self._guard.head_deadline)) as scope:
                     self._recv_scope = scope
                     data = await conn.receive()
                     if not data:
                         conn.abort("client went away")
                         await trio.lowlevel.checkpoint()
                 self._recv_scope = None
-                if scope.cancelled_caught:
-                    self._draining = True  # idle for idle_timeout, or a drain with no stream left
+                if scope.cancelled_caught and trio.current_time() >= self._guard.head_deadline:
+                    self.stats.header_timeouts += 1  # a slow preface or header block (see h2guard)
+                    self._enhance_your_calm(HEAD_TIMEOUT)
+                    return
+                self._draining |= scope.cancelled_caught  # idle for idle_timeout, or a drain with no stream left
         finally:
             for stream in list(self.streams.values()):
                 stream.on_dead()
@@ -159,7 +163,7 @@ class H2Driver:
         queued and flushed): a protocol error, or a bound of :mod:`server.http.h2guard` hit."""
         h = self.h2
         guard = self._guard
-        refused = guard.feed(data)
+        refused = guard.feed(data, trio.current_time())
         if refused is not None:
             calm = refused != FRAME_TOO_LARGE  # else a header block too large (CONTINUATION flood)
             self.stats.h2_calm += calm
@@ -222,8 +226,15 @@ class H2Driver:
         self._poke_reader()
 
     def _poke_reader(self) -> None:
-        if self._draining and not self.streams and self._recv_scope is not None:
-            self._recv_scope.cancel()
+        """The last stream is gone: a draining connection stops reading now, an idle one arms
+        ``idle_timeout`` on the read in progress (it was waiting with no deadline)."""
+        scope = self._recv_scope
+        if scope is None or self.streams:
+            return
+        if self._draining:
+            scope.cancel()
+        else:
+            scope.deadline = min(scope.deadline, trio.current_time() + self.limits.idle_timeout)
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -251,6 +262,7 @@ class H2Driver:
                 if stream is not None and stream.pending:
                     self._resume(stream)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._guard.settled = True  # the client preface is complete
             self._resume_all()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._peer_closed = True  # h2 sends nothing after a GOAWAY: every stream is over

@@ -4,11 +4,19 @@
 
 * a frame longer than ``SETTINGS_MAX_FRAME_SIZE`` is refused at its header (h2 only checks a
   frame's length once the whole frame is buffered);
-* a header block (HEADERS plus its CONTINUATION frames) is refused once its announced payload
-  passes ``max_header_block``. h2 itself caps a block at 64 CONTINUATION frames, which with a
-  16 KiB frame size is still ~1 MiB buffered per connection (CVE-2024-27316 class); this bound
-  is the engine's header limits instead;
-* every RST_STREAM frame is counted, to be charged to the connection's reset bucket.
+* a header block (HEADERS or PUSH_PROMISE plus its CONTINUATION frames) is refused once its
+  announced payload passes ``max_header_block``. h2 itself caps a block at 64 CONTINUATION
+  frames, which with a 16 KiB frame size is still ~1 MiB buffered per connection
+  (CVE-2024-27316 class); this bound is the engine's header limits instead;
+* every RST_STREAM frame is counted, to be charged to the connection's reset bucket;
+* the connection's head must complete within ``HttpLimits.header_timeout``: the client preface
+  and its first SETTINGS from the driver's start (:attr:`FrameGuard.settled`, set by the driver on
+  h2's ``RemoteSettingsChanged``), and every header block (HEADERS or PUSH_PROMISE, its
+  CONTINUATION frames, up to the last byte of the frame with END_HEADERS) from its first frame
+  header. h2 buffers an open block whole and, per RFC 9113 section 6.10, no other frame may
+  interleave with it, so a block trickled in (slowloris over HTTP/2) would otherwise stall every
+  stream of the connection for as long as the peer likes. :attr:`FrameGuard.head_deadline` is
+  the reader's deadline; past it the driver ends the connection (see :data:`HEAD_TIMEOUT`).
 
 :class:`H2Caps` holds the edge's per-connection token buckets (resets and streams opened,
 created lazily and only when the hook is set). When one refuses, the driver sends GOAWAY with
@@ -20,17 +28,25 @@ from __future__ import annotations
 import h2.connection
 from hyperframe.frame import Frame, RstStreamFrame
 
+from server.http.base import HttpLimits
 from server.http.hooks import BucketLike, EdgeHooks
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 _HEADERS = 0x1
 _RST_STREAM = 0x3
+_PUSH_PROMISE = 0x5
 _CONTINUATION = 0x9
 _END_HEADERS = 0x4
 
 FRAME_TOO_LARGE = "a frame larger than SETTINGS_MAX_FRAME_SIZE"
 HEADER_BLOCK_TOO_LARGE = "a header block larger than the header limits (CONTINUATION flood)"
+# Answered with GOAWAY ENHANCE_YOUR_CALM, not PROTOCOL_ERROR: RFC 9113 sets no deadline on a header
+# block or the preface, so a slow one breaks no rule of the protocol; it is load the peer imposes
+# (the connection's input blocked, a decoder buffer held), our local policy like the size bound
+# above, which is exactly what ENHANCE_YOUR_CALM (RFC 9113 section 7) says. It also lands in
+# ``HttpStats.h2_calm`` with the other HTTP/2 abuse, besides its own ``header_timeouts``.
+HEAD_TIMEOUT = "a header block or the client preface not complete within header_timeout (slowloris)"
 
 
 class ServerH2Connection(h2.connection.H2Connection):
@@ -66,21 +82,47 @@ class FrameGuard:
 
     :meth:`feed` returns ``None`` while the input is acceptable, else the reason to end the
     connection. :attr:`resets` counts the RST_STREAM frames seen since the driver last took them.
+    ``limits`` gives the frame size and ``header_timeout``; ``now`` (the constructor's and
+    :meth:`feed`'s) is trio's clock, the time the connection's HTTP/2 began and the input came.
     """
 
-    __slots__ = ("_block", "_head", "_max_block", "_max_frame", "_open", "_skip", "resets")
+    __slots__ = (
+        "_block",
+        "_block_since",
+        "_head",
+        "_max_block",
+        "_max_frame",
+        "_open",
+        "_preface_deadline",
+        "_skip",
+        "_timeout",
+        "resets",
+        "settled",
+    )
 
-    def __init__(self, max_frame: int, max_header_block: int) -> None:
-        self._max_frame = max_frame
+    def __init__(self, limits: HttpLimits, max_header_block: int, now: float) -> None:
+        self._max_frame = limits.h2_max_inbound_frame
         self._max_block = max_header_block
         self._skip = len(PREFACE)
         self._head = b""
         self._block = 0  # payload bytes of the header block in progress
         self._open = False  # a header block awaits its END_HEADERS
+        self._block_since: float | None = None  # when the header block in progress began
+        self._timeout = limits.header_timeout
+        self._preface_deadline = now + limits.header_timeout
         self.resets = 0
+        self.settled = False  # the preface and the client's first SETTINGS arrived (set by the driver)
 
-    def feed(self, data: bytes) -> str | None:
-        """Account for ``data``; the reason to refuse the connection, or ``None``."""
+    @property
+    def head_deadline(self) -> float:
+        """When the preface or the header block in progress must be complete (``inf``: none due)."""
+        deadline = float("inf") if self.settled else self._preface_deadline
+        if self._block_since is not None:
+            deadline = min(deadline, self._block_since + self._timeout)
+        return deadline
+
+    def feed(self, data: bytes, now: float) -> str | None:
+        """Account for ``data`` (received at ``now``); the reason to refuse the connection, or ``None``."""
         pos = 0
         end = len(data)
         while pos < end:
@@ -88,6 +130,8 @@ class FrameGuard:
                 step = min(self._skip, end - pos)
                 self._skip -= step
                 pos += step
+                if not self._skip and not self._open:
+                    self._block_since = None  # the block's last frame is complete (or not in a block)
                 continue
             need = 9 - len(self._head)
             self._head += data[pos : pos + need]
@@ -100,14 +144,20 @@ class FrameGuard:
             if length > self._max_frame:
                 return FRAME_TOO_LARGE
             kind = head[3]
-            if kind == _HEADERS or (kind == _CONTINUATION and self._open):
-                self._block = (self._block if kind == _CONTINUATION else 0) + length
+            if kind in (_HEADERS, _PUSH_PROMISE) or (kind == _CONTINUATION and self._open):
+                if kind == _CONTINUATION:
+                    self._block += length
+                else:
+                    self._block = length
+                    self._block_since = now
                 if self._block > self._max_block:
                     return HEADER_BLOCK_TOO_LARGE
                 self._open = not head[4] & _END_HEADERS
             elif kind == _RST_STREAM:
                 self.resets += 1
             self._skip = length
+            if not length and not self._open:
+                self._block_since = None
         return None
 
     def take_resets(self) -> int:

@@ -20,3 +20,6 @@ class HttpStats:
     h2_calm: int = 0  # HTTP/2 connections ended with GOAWAY ENHANCE_YOUR_CALM (reset/stream floods, header floods)
     connections_refused: int = 0  # turned away at accept by a connection cap (503, or closed before TLS)
     ws_ping_floods: int = 0  # WebSockets closed 1008 for sending pings faster than the ping bucket allows
+    # HTTP/2 connections ended (GOAWAY ENHANCE_YOUR_CALM, so also in h2_calm) for a header block or
+    # the client preface not complete within header_timeout (slowloris over HTTP/2)
+    header_timeouts: int = 0

@@ -138,6 +138,18 @@ class WsSession:
         """Wait until the connection's queue is at or below the low-water mark."""
         await self._outbox.drain()
 
+    def take_ping(self) -> bool:
+        """Charge one ping from the peer (a Ping frame, or an application-level ping message the
+        caller answers) to this socket's ping bucket. False once the bucket is empty: the peer
+        pings faster than allowed, it is counted in ``ws_ping_floods`` and the caller closes the
+        socket with 1008."""
+        bucket = self._ping_bucket
+        if bucket is None or bucket.take(trio.current_time()) == 0:
+            return True
+        self._stats.ws_ping_floods += 1
+        log.info("websocket peer %s sends pings too fast: closing 1008", self._conn.client)
+        return False
+
     def send_message(self, data: str | bytes) -> bool:
         """Queue one text (``str``) or binary (``bytes``) message."""
         if not self._open:
@@ -243,10 +255,7 @@ class WsSession:
             if isinstance(event, (TextMessage, BytesMessage)):
                 self._on_message(event)
             elif isinstance(event, Ping):
-                bucket = self._ping_bucket
-                if bucket is not None and bucket.take(trio.current_time()) != 0:
-                    self._stats.ws_ping_floods += 1
-                    log.info("websocket peer %s sends pings too fast: closing 1008", self._conn.client)
+                if not self.take_ping():
                     self._send_close(POLICY_VIOLATION, "too many pings")
                     return False
                 if ws.state is ConnectionState.OPEN:

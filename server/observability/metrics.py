@@ -1,25 +1,169 @@
-"""``/metrics`` in the Prometheus text exposition format (this worker's counters)."""
+"""``/metrics`` in the Prometheus text exposition format: collecting and rendering (pure, no I/O).
+
+A worker's counters live in plain dataclass records bumped on the hot path (:class:`HubStats`,
+the engine's ``HttpStats``, the guard's :class:`EdgeStats`, the notice bus's ``BusStats``).
+:func:`collect` turns them into a :class:`Samples`: two flat maps from a sample's exposition key
+(``name`` or ``name{label="value",...}``) to its value, one for counters and one for gauges. That
+shape is what a worker writes to its snapshot file, what :mod:`server.observability.host` adds
+up over the host's workers, and what :func:`render` prints.
+
+Names (see ``docs/METRICS.md``): the hub's fields keep their historic names (``sluice_<field>``,
+``_total`` appended to counters); every other record is exported generically from its dataclass
+fields, ``<prefix><field>_total`` for counters and ``<prefix><field>`` for the fields listed as
+gauges, so a field added to ``HttpStats`` later is exported without touching this module.
+
+``prometheus_client`` is not used: its multiprocess mode writes an mmap'd value on every
+increment, far too costly for per-delivery counters, and its registry would only replace the
+few lines of :func:`render` (the exposition format is a handful of ``# HELP``/``# TYPE`` lines
+and ``key value`` pairs), at the price of a dependency. This module imports no other layer: the
+records are read through :func:`dataclasses.fields`.
+"""
 
 from __future__ import annotations
 
-from server.observability.stats import HubStats
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
-_HELP = {
-    "published": ("counter", "Events committed and fanned out"),
-    "delivered": ("counter", "Event deliveries handed to connections"),
-    "replayed": ("counter", "Events delivered from the store while catching up"),
-    "subscriptions": ("gauge", "Open subscriptions"),
-    "subscriptions_total": ("counter", "Subscriptions opened"),
-    "dropped": ("counter", "Subscriptions ended because their connection could take no more"),
+from server.observability.stats import EdgeStats, HubStats
+
+HUB_GAUGES = frozenset({"subscriptions"})
+HTTP_GAUGES = frozenset({"connections_open"})
+BUS_GAUGES = frozenset({"peers"})
+HTTP_PREFIX, BUS_PREFIX = "sluice_http_", "sluice_bus_"
+WORKERS = "sluice_workers"
+
+HELP: dict[str, str] = {
+    "sluice_published_total": "Events committed and fanned out",
+    "sluice_delivered_total": "Event deliveries handed to connections",
+    "sluice_replayed_total": "Events delivered from the store while catching up",
+    "sluice_subscriptions": "Open subscriptions",
+    "sluice_subscriptions_total": "Subscriptions opened",
+    "sluice_dropped_total": "Subscriptions ended because their connection could take no more",
+    "sluice_resets_total": "Resets sent, by reason",
+    "sluice_http_connections_open": "Open client connections",
+    "sluice_http_connections_total": "Client connections accepted",
+    "sluice_http_slow_consumers_total": "Connections or HTTP/2 streams dropped for exceeding the send buffer",
+    "sluice_http_send_timeouts_total": "Connections dropped because a write made no progress in time",
+    "sluice_http_protocol_errors_total": "Malformed HTTP/1.1, HTTP/2 or WebSocket input",
+    "sluice_http_accept_errors_total": "accept() failures such as EMFILE",
+    "sluice_http_connections_rotated_total": "Connections asked to close for reaching their maximum age",
+    "sluice_http_drain_aborted_total": "Connections still open at a drain's deadline, cut",
+    "sluice_http_h2_calm_total": "HTTP/2 connections ended with GOAWAY ENHANCE_YOUR_CALM",
+    "sluice_http_connections_refused_total": "Connections turned away at accept by a connection cap",
+    "sluice_http_ws_ping_floods_total": "WebSockets closed for sending pings too fast",
+    "sluice_edge_auth_refused_total": "Requests and WebSocket operations refused by auth or origin",
+    "sluice_edge_rate_limited_total": "Requests refused by rate rules (429, or 413: never fits)",
+    "sluice_bus_peers": "Other workers this worker's notice bus knows",
+    WORKERS: "Live workers whose counters are in these totals",
 }
 
 
-def render_metrics(stats: HubStats) -> bytes:
-    """Render the hub's counters; names are prefixed ``sluice_``."""
+@dataclass(slots=True)
+class Samples:
+    """Counter and gauge values by exposition key (``name`` or ``name{label="value"}``)."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    gauges: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: Samples, *, gauges: bool = True) -> None:
+        """Add ``other``'s counters (and, with ``gauges``, its gauges) to these."""
+        for into, values in ((self.counters, other.counters), *(((self.gauges, other.gauges),) if gauges else ())):
+            for key, value in values.items():
+                into[key] = into.get(key, 0) + value
+
+
+def key(name: str, labels: Mapping[str, object] | None = None) -> str:
+    """The exposition key of ``name`` with ``labels`` (values escaped as the text format wants)."""
+    if not labels:
+        return name
+    inner = ",".join(f'{label}="{_escape(str(value))}"' for label, value in labels.items())
+    return f"{name}{{{inner}}}"
+
+
+def family(sample_key: str) -> str:
+    """The metric name of an exposition key (the part before the labels)."""
+    return sample_key.split("{", 1)[0]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _counter(name: str) -> str:
+    return name if name.endswith("_total") else f"{name}_total"
+
+
+def add_record(samples: Samples, record: object, prefix: str, gauges: frozenset[str], label: str = "key") -> None:
+    """Add a stats dataclass's fields: ``int`` fields as counters (or gauges, if listed), and
+    ``dict[str, int]`` fields as counters with one ``label`` per key. Other fields are skipped."""
+    if not dataclasses.is_dataclass(record) or isinstance(record, type):
+        raise TypeError(f"not a dataclass instance: {record!r}")
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        name = f"{prefix}{f.name}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            if f.name in gauges:
+                samples.gauges[name] = value
+            else:
+                samples.counters[_counter(name)] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, int):
+                    samples.counters[key(_counter(name), {label: k})] = v
+
+
+def add_edge(samples: Samples, edge: EdgeStats) -> None:
+    """Add the guard's refusals (keyed by ``(status, reason)`` and ``(status, route)``)."""
+    for (status, reason), n in edge.auth_refused.items():
+        samples.counters[key("sluice_edge_auth_refused_total", {"status": status, "reason": reason})] = n
+    for (status, route), n in edge.rate_limited.items():
+        samples.counters[key("sluice_edge_rate_limited_total", {"status": status, "route": route})] = n
+
+
+def collect(
+    hub: HubStats, http: object | None = None, edge: EdgeStats | None = None, bus: object | None = None
+) -> Samples:
+    """One worker's samples from its records (``http``: ``HttpStats``; ``bus``: ``BusStats``)."""
+    samples = Samples()
+    add_record(samples, hub, "sluice_", HUB_GAUGES, label="reason")
+    if http is not None:
+        add_record(samples, http, HTTP_PREFIX, HTTP_GAUGES)
+    if edge is not None:
+        add_edge(samples, edge)
+    if bus is not None:
+        add_record(samples, bus, BUS_PREFIX, BUS_GAUGES)
+    return samples
+
+
+def render(samples: Samples) -> bytes:
+    """The text exposition of ``samples``: families in first-seen order (counters, then gauges),
+    each with ``# HELP`` and ``# TYPE``, samples sorted within a family."""
+    grouped: dict[str, tuple[str, list[tuple[str, int]]]] = {}
+    for kind, values in (("counter", samples.counters), ("gauge", samples.gauges)):
+        for sample_key, value in values.items():
+            name = family(sample_key)
+            entry = grouped.setdefault(name, (kind, []))
+            if entry[0] == kind:  # a name can be one kind only; a clash (a peer's odd file) loses
+                entry[1].append((sample_key, value))
     lines: list[str] = []
-    for name, (kind, text) in _HELP.items():
-        metric = f"sluice_{name}" + ("_total" if kind == "counter" and not name.endswith("_total") else "")
-        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}", f"{metric} {getattr(stats, name)}"]
-    lines += ["# HELP sluice_resets_total Resets sent, by reason", "# TYPE sluice_resets_total counter"]
-    lines += [f'sluice_resets_total{{reason="{r}"}} {n}' for r, n in sorted(stats.resets.items())]
+    for name, (kind, entries) in grouped.items():
+        lines += [f"# HELP {name} {HELP.get(name, name.removeprefix('sluice_').replace('_', ' '))}"]
+        lines += [f"# TYPE {name} {kind}"]
+        lines += [f"{sample_key} {value}" for sample_key, value in sorted(entries)]
     return ("\n".join(lines) + "\n").encode()
+
+
+def render_metrics(hub: HubStats, http: object | None = None, edge: EdgeStats | None = None) -> bytes:
+    """This worker's records alone, rendered (no other worker's snapshot)."""
+    return render(collect(hub, http, edge))
+
+
+def total(parts: Iterable[Samples]) -> Samples:
+    """The sum of ``parts`` (counters and gauges)."""
+    out = Samples()
+    for part in parts:
+        out.add(part)
+    return out

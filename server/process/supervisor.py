@@ -9,8 +9,10 @@
   reported READY;
 * replaces a worker that exits unexpectedly after a backoff (:mod:`server.process.backoff`) and
   gives up on a slot that keeps crashing (reported in the log and ``STATUS=``);
-* on SIGHUP re-reads the configuration and replaces the workers one slot at a time (a rolling
-  restart: the new worker is READY before the old one is asked to drain);
+* on SIGHUP reloads the TLS certificate in place in every worker, then re-reads the configuration
+  and replaces the workers one slot at a time (a rolling restart: the new worker is READY before
+  the old one is asked to drain); with ``server.sighup = "certificate"`` only the former;
+* on SIGUSR1 reloads the TLS certificate in place, nothing else;
 * on SIGTERM/SIGINT drains every worker in parallel, kills what is left after the drain
   deadline plus :data:`STOP_MARGIN`, and returns 0;
 * sends ``WATCHDOG=1`` every half watchdog interval when systemd asks for it.
@@ -127,8 +129,10 @@ class Supervisor:
                 log.warning("received SIGINT while stopping: killing the workers now")
                 self._hurry.cancel()
         elif signum == signal.SIGHUP:
-            log.info("received SIGHUP: reload queued")
-            self._reload_wanted.set()
+            self._reload_certificates()  # new handshakes get the new pair at once, on every worker
+            if self.config.server.sighup == "restart":
+                log.info("received SIGHUP: reload queued")
+                self._reload_wanted.set()
         elif signum == signal.SIGUSR1:
             self._reload_certificates()
         else:
@@ -318,8 +322,11 @@ class Supervisor:
     # ---- reload ---------------------------------------------------------------------------
 
     def _reload_certificates(self) -> None:
-        """SIGUSR1: every worker loads the certificate and key again, in place (no restart, no
-        connection closed); a pair that does not load is refused here, once, for all of them."""
+        """SIGUSR1 (and the start of SIGHUP): every worker loads the certificate and key again, in
+        place (no restart, no connection closed); a pair that does not load is refused here, once,
+        for all of them. Nothing to do without TLS."""
+        if not self.config.server.tls_enabled:
+            return
         problem = None
         try:
             check_tls(self.config)

@@ -39,6 +39,7 @@ import trio
 
 from server.config import Config, ConfigError, load_config
 from server.process.drain import drain_worker
+from server.process.rlimit import check_open_files
 from server.process.signals import hold_signals
 
 if TYPE_CHECKING:
@@ -217,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,
     )
+    check_open_files(config.limits.max_connections)
     if injected_crash(args.slot):
         log.error("exiting at start: slot %d is listed in $%s", args.slot, CRASH_SLOTS_ENV)
         return EXIT_INJECTED_CRASH

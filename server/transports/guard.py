@@ -45,6 +45,7 @@ from server.edge.auth import Action, AuthConfig, AuthError, Principal, Verifier
 from server.edge.cors import CorsConfig, CorsPolicy
 from server.edge.limits import KeySource, LimitsConfig, RateLimits, Route, request_key_of, retry_after_header
 from server.http.base import Exchange, HTTPError, Request, ResponseStream, WebSocket
+from server.observability.stats import EdgeStats
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Access:
         decision = guard.verifier.authorize(self.principal, action, stream)
         if decision.allowed:
             return None
+        guard.stats.refused(decision.status, "missing" if decision.status == 401 else "forbidden")
         return decision.code or "forbidden", decision.message or "not allowed"
 
     def wait(self, route: Route, stream: str | None, cost: float = 1.0) -> float:
@@ -100,13 +102,26 @@ class Access:
         guard = self._guard
         if guard is None or guard.limits is None or self._key_of is None:
             return 0.0
-        return guard.limits.check(route, stream, self._key_of, trio.current_time(), cost)
+        wait = guard.limits.check(route, stream, self._key_of, trio.current_time(), cost)
+        if wait:
+            guard.stats.limited(413 if math.isinf(wait) else 429, route)
+        return wait
 
-    def charge(self, route: Route, stream: str | None, cost: float = 1.0) -> None:
-        """:meth:`wait`, raising the ``429`` (or ``413``) :class:`HTTPError` when refused."""
+    def charge(self, route: Route, stream: str | None, cost: float = 1.0, *, paid: Route | None = None) -> None:
+        """:meth:`wait`, raising the ``429`` (or ``413``) :class:`HTTPError` when refused. ``paid``
+        names a route this request was already charged one token on (``publish`` before its
+        ``publish_bytes``): a refusal gives that token back, so the refused request costs nothing."""
         wait = self.wait(route, stream, cost)
         if wait:
+            if paid is not None:
+                self.refund(paid, stream)
             raise rate_error(wait)
+
+    def refund(self, route: Route, stream: str | None, cost: float = 1.0) -> None:
+        """Give back ``cost`` that an allowed :meth:`wait` on ``route`` spent."""
+        guard = self._guard
+        if guard is not None and guard.limits is not None and self._key_of is not None:
+            guard.limits.refund(route, stream, self._key_of, cost)
 
 
 OPEN = Access()
@@ -149,6 +164,7 @@ class Guard:
         self.clock = clock
         self._leeway = verifier.config.leeway_seconds if verifier is not None else 0.0
         self._anonymous = verifier is not None and bool(verifier.anonymous_subscribe or verifier.anonymous_publish)
+        self.stats = EdgeStats()  # refusals, for /metrics
 
     @classmethod
     def from_config(cls, auth: AuthConfig, limits: LimitsConfig, cors: CorsConfig) -> Guard | None:
@@ -188,12 +204,14 @@ class Guard:
         if target.websocket and self.cors is not None:
             origin = headers.get("origin")
             if not self.cors.websocket_origin_ok(None if origin is None else origin.encode("latin-1")):
+                self.stats.refused(403, "origin")
                 raise HTTPError(403, "forbidden", "origin not allowed")
         limits = self.limits
         address = req.client[0]
         if limits is not None:
             wait = limits.check("connect", None, request_key_of(address, headers, req.query), trio.current_time())
             if wait:
+                self.stats.limited(413 if math.isinf(wait) else 429, "connect")
                 raise rate_error(wait)
         principal = self._authenticate(req, target)
         key_of = None
@@ -202,6 +220,7 @@ class Guard:
             if target.rate is not None:
                 wait = limits.check(target.rate, target.stream, key_of, trio.current_time())
                 if wait:
+                    self.stats.limited(413 if math.isinf(wait) else 429, target.rate)
                     raise rate_error(wait)
         deadline = math.inf
         if principal is not None and principal.expires_at is not None:
@@ -218,8 +237,10 @@ class Guard:
             if target.action is not None and target.stream is not None:
                 verifier.authorize(principal, target.action, target.stream).check()
         except AuthError as exc:
+            self.stats.refused(exc.status, exc.reason)
             raise _refused(req, exc) from None
         if principal is None and target.action is None and not self._anonymous:
+            self.stats.refused(401, "missing")
             raise _refused(req, AuthError(401, "a valid token is required", "missing"))
         return principal
 
@@ -237,6 +258,7 @@ class Guard:
             _b(h.get("origin")), _b(h.get("access-control-request-method")), _b(h.get("access-control-request-headers"))
         )
         if status != 204:
+            self.stats.refused(403, "preflight")
             raise HTTPError(403, "forbidden", "cross-origin request not allowed")
         await ex.respond(204, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers])
 

@@ -46,13 +46,14 @@ async def append(ctx: Context, stream: str, events: list[NewEvent], key: str | N
 async def handle_publish(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
     """``POST /v1/streams/{stream}``: 201 ``{"id"}`` or, for a batch, ``{"ids"}``, once durable.
 
-    The body's size is charged to the ``publish_bytes`` rate rules once it is read."""
+    The body's size is charged to the ``publish_bytes`` rate rules once it is read; refused
+    there, the request's ``publish`` token is given back."""
     req = ex.request
     key = _idempotency_key(ex)
     s = ctx.settings
     mtype = media_type(req.headers.get("content-type"))
     body = await req.read_body(s.max_body_bytes)
-    access.charge("publish_bytes", stream, len(body))
+    access.charge("publish_bytes", stream, len(body), paid="publish")
     try:
         if mtype == NDJSON:
             events = ndjson_events(body, s.max_event_bytes, s.max_batch_events)

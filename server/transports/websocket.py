@@ -32,9 +32,19 @@ from server.transports.context import Context
 from server.transports.guard import Access
 
 TOKEN_EXPIRED = 4401
+POLICY_VIOLATION = 1008
 JSON_PROTOCOL = "sluice.json.v1"
 MSGPACK_PROTOCOL = "sluice.msgpack.v1"
 Fmt = Literal["json", "msgpack"]
+
+
+class _CloseWith(Exception):
+    """The client broke the subprotocol's rules: close the socket with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
 
 
 class WSSink:
@@ -94,10 +104,10 @@ class _Session:
     def decode(self, message: str | bytes) -> Any:
         if self.fmt == "json":
             if not isinstance(message, str):
-                raise WebSocketClosed(1003, "sluice.json.v1 takes text frames")
+                raise _CloseWith(1003, "sluice.json.v1 takes text frames")
             return json.loads(message)
         if not isinstance(message, bytes):
-            raise WebSocketClosed(1003, "sluice.msgpack.v1 takes binary frames")
+            raise _CloseWith(1003, "sluice.msgpack.v1 takes binary frames")
         return msgpack.unpackb(message, raw=False, max_map_len=64, max_array_len=64)
 
     async def handle(self, msg: Any) -> None:
@@ -117,6 +127,8 @@ class _Session:
             elif op == "publish":
                 await self.publish(msg, ref)
             elif op == "ping":
+                if not self.ws.take_ping():  # charged like Ping frames: a flood closes 1008
+                    raise _CloseWith(POLICY_VIOLATION, "too many pings")
                 self.send({"op": "pong"})
             else:
                 self.error("bad_op", f"unknown op {op!r}", ref)
@@ -132,6 +144,8 @@ class _Session:
         wait = access.wait(action, stream, cost)
         if not wait and cost_bytes is not None:
             wait = access.wait("publish_bytes", stream, cost_bytes)
+            if wait:  # refused on its size: the publish token is given back
+                access.refund(action, stream, cost)
         if wait:
             raise InvalidInput(*_rate_refusal(wait))
 
@@ -217,9 +231,10 @@ async def handle_ws(ex: Exchange, ctx: Context, access: Access) -> None:
                         continue
                     await session.handle(msg)
             expired = expiry.cancelled_caught
-        except WebSocketClosed as exc:
-            if exc.code == 1003:
-                await ws.close(1003, exc.reason)
+        except _CloseWith as exc:
+            await ws.close(exc.code, exc.reason)
+        except WebSocketClosed:
+            pass
         finally:
             nursery.cancel_scope.cancel()
     if expired:
