@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 from server.http.h2conn import PREFACE
 from tests.abuse_helpers import ROUND_DEADLINE, MemoryWatch, bystander, check_memory
@@ -157,7 +158,8 @@ def ca() -> trustme.CA:
 
 async def test_total_cap_refuses_http11_h2c_and_tls(nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA) -> None:
     """With 10 connections open in total, every other address is refused: 503 on HTTP/1.1 and
-    h2c (the same HTTP/1.1 bytes), TLS closed before any handshake; one closing frees a slot."""
+    h2c (the same HTTP/1.1 bytes), close 1013 on a WebSocket, TLS closed before any handshake;
+    one closing frees a slot."""
     pem = tmp_path / "server.pem"
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
     cap = 10
@@ -189,8 +191,15 @@ async def test_total_cap_refuses_http11_h2c_and_tls(nursery: trio.Nursery, tmp_p
         with pytest.raises(trio.BrokenResourceError):
             await tls.do_handshake()
         await tls.transport_stream.aclose()
+        # a WebSocket client gets its handshake answered and the close code 1013 (Try Again Later)
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        async with open_websocket_url(url, subprotocols=["sluice.json.v1"]) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+        reason = closed.value.reason
+        assert reason is not None and (reason.code, reason.reason) == (1013, "too many connections; retry after 7 s")
         assert running.worker.http.stats.connections_open >= cap
-        assert running.worker.http.stats.connections_refused == 300 + 2  # HTTP/1.1, h2c, TLS
+        assert running.worker.http.stats.connections_refused == 300 + 3  # HTTP/1.1, h2c, TLS, WebSocket
 
         await held.pop().aclose()
         await wait_until_admitted(running, cap - 1)

@@ -43,6 +43,7 @@ from server.http.h2conn import PREFACE, H2Driver
 from server.http.hooks import NO_HOOKS, EdgeHooks, ProxyParserLike
 from server.http.listener import accept_loop
 from server.http.readwatch import ReadWatch
+from server.http.refusal import refusal_response, websocket_refusal
 from server.http.stats import HttpStats
 
 log = logging.getLogger(__name__)
@@ -51,19 +52,6 @@ DEFAULT_LIMITS = HttpLimits()
 TLS_RECORD_HANDSHAKE = 0x16
 ROTATION_TICK = 1.0  # the age sweeper looks for connections past their age at least this often
 ABORT_GRACE = 1.0  # seconds connections cut at a drain's deadline get to unwind before drain returns
-REFUSED_BODY = b'{"error":"overloaded","message":"too many connections"}'
-
-
-def refusal_response(retry_after: int) -> bytes:
-    """The fixed HTTP/1.1 ``503`` written to a plaintext connection over a connection cap."""
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\n"
-        f"Retry-After: {retry_after}\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(REFUSED_BODY)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + REFUSED_BODY
 
 
 class HttpServer:
@@ -371,7 +359,8 @@ class HttpServer:
     async def _refuse(self, conn: Connection, deadline: float) -> None:
         """Turn away a connection over a cap before reading any request: plaintext (HTTP/1.1 and
         h2c alike) gets the fixed ``503`` with ``Retry-After`` (then the graceful close, which
-        discards the request); TLS is closed without a handshake, since the handshake is the
+        discards the request), a WebSocket handshake complete in the first read gets close
+        ``1013`` (:mod:`server.http.refusal`); TLS is closed without a handshake, since the handshake is the
         expensive work the cap exists to avoid."""
         self.stats.connections_refused += 1
         first = b""
@@ -382,8 +371,12 @@ class HttpServer:
         elif first[0] == TLS_RECORD_HANDSHAKE:
             conn.abort("over the connection cap (TLS: closed before the handshake)")
         else:
-            log.debug("connection from %s over the connection cap: 503", conn.client)
-            conn.outbox.write(self._refusal)
+            data = b""
+            with trio.move_on_at(deadline):
+                data = await conn.receive()  # one read: a WebSocket handshake comes whole
+            answer = websocket_refusal(data, self.hooks.retry_after)
+            log.debug("connection from %s over the connection cap: %s", conn.client, "1013" if answer else "503")
+            conn.outbox.write(answer or self._refusal)
 
 
 async def serve_http(
