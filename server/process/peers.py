@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, fields
 
 import trio
 
+from server.core.groups import lone_error_unwrapped
 from server.core.hub import Hub
 from server.process import peers_dir as files
 from server.process import peers_wire as wire
@@ -489,22 +490,18 @@ async def open_peer_bus(
         max_peers=max_peers,
     )
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(bus._receive_loop)
-            nursery.start_soon(bus._flush_loop)
-            nursery.start_soon(bus._retry_loop)
-            nursery.start_soon(bus._rescan_loop)
-            nursery.start_soon(bus._reconcile_loop)
-            await bus._greet(hello_timeout)
-            try:
-                yield bus
-            finally:
-                bus._leave()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            only = group.exceptions[0]
-            raise only from only.__cause__
-        raise
+        with lone_error_unwrapped():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bus._receive_loop)
+                nursery.start_soon(bus._flush_loop)
+                nursery.start_soon(bus._retry_loop)
+                nursery.start_soon(bus._rescan_loop)
+                nursery.start_soon(bus._reconcile_loop)
+                await bus._greet(hello_timeout)
+                try:
+                    yield bus
+                finally:
+                    bus._leave()
+                    nursery.cancel_scope.cancel()
     finally:
         bus._release()

@@ -25,6 +25,7 @@ from typing import TypeVar
 import trio
 
 from server.core.events import NewEvent, StreamInfo
+from server.core.groups import lone_error_unwrapped
 from server.store.base import AppendResult, Head, Notice, Page, Retention, Store
 from server.store.sqlite_ops import (
     AppendOp,
@@ -346,17 +347,13 @@ async def open_sqlite_store(
         raise
     store = SqliteStore(conns[0], conns[1:], retention, clock, queue_size=queue_size, max_batch=max_batch)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store._run_writer)
-            try:
-                yield store
-            finally:
-                store._begin_close()
-                await store._writer_done.wait()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            only = group.exceptions[0]
-            raise only from only.__cause__
-        raise
+        with lone_error_unwrapped():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(store._run_writer)
+                try:
+                    yield store
+                finally:
+                    store._begin_close()
+                    await store._writer_done.wait()
     finally:
         await store._release()
