@@ -19,8 +19,8 @@ from typing import Any
 import trio
 
 from loadtest import hist
-from loadtest.clients import TRANSPORTS
-from loadtest.clients.common import Conn, Endpoint, Load, keep_connected
+from loadtest.clients import TRANSPORTS, sse_h1
+from loadtest.clients.common import Conn, Endpoint, Load, Session, keep_connected
 from loadtest.publisher import Publisher, Schedule
 from loadtest.sysinfo import raise_nofile
 from loadtest.track import Track, Verdict
@@ -66,7 +66,7 @@ def _snapshot(load: Load) -> dict[str, Any]:
 
 async def _subscribers(pipe: Connection, plan: SubPlan) -> None:
     load = Load(plan.endpoint, limits=plan.limits)
-    session = TRANSPORTS[plan.transport]
+    session: Session = TRANSPORTS[plan.transport]
     conns = [Conn(i, [Track(s) for s in streams], source) for i, streams, source in plan.conns]
     expected: dict[str, int] = {}
     finish_by: float | None = None
@@ -75,6 +75,9 @@ async def _subscribers(pipe: Connection, plan: SubPlan) -> None:
         return all(t.ended or t.complete(expected.get(t.stream, 0)) for c in conns for t in c.tracks)
 
     async with trio.open_nursery() as nursery:
+        if plan.transport == "sse-h1":  # every connection's event stream is read by one task
+            reader: sse_h1.Reader = await nursery.start(sse_h1.serve_reader)
+            session = reader.session
         async def start_all() -> None:
             for i, conn in enumerate(conns):
                 nursery.start_soon(keep_connected, load, conn, session)

@@ -1,6 +1,6 @@
 """The load-test transports against an in-process Sluice: complete, exactly-once, in-order delivery
 with latencies, end of stream, resume after an id, resets, and reconnection after the server
-closes the connection."""
+closes the connection. SSE over HTTP/1.1 reads through a shared reader, as in a load process."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from loadtest.clients.common import Conn, Endpoint, Load, Session, keep_connecte
 from loadtest.track import Track
 from tests.client import Running, publish, request, start_sluice
 
-# name -> (session, tracks per connection)
+# name -> (session, tracks per connection); "sse-h1" runs through the test's shared reader,
+# "sse-h1-alone" is the same session reading its own socket (no reader)
 TRANSPORTS: dict[str, tuple[Session, int]] = {
     "sse-h1": (sse_h1.session, 1),
+    "sse-h1-alone": (sse_h1.session, 1),
     "sse-h2": (sse_h2.session, 2),
     "ws-json": (ws.session_json, 2),
     "ws-msgpack": (ws.session_msgpack, 2),
@@ -39,6 +41,13 @@ async def close_stream(port: int, stream: str) -> None:
     assert (await request(port, "POST", f"/v1/streams/{stream}/close")).status == 204
 
 
+@pytest.fixture
+async def sse_reader(nursery: trio.Nursery) -> sse_h1.Reader:
+    """A shared SSE-over-HTTP/1.1 reader in the test's nursery."""
+    reader: sse_h1.Reader = await nursery.start(sse_h1.serve_reader)
+    return reader
+
+
 async def wait_for(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await trio.sleep(0.01)
@@ -47,8 +56,13 @@ async def wait_for(predicate: Callable[[], bool]) -> None:
 class Client:
     """One connection's tracks, driven by ``keep_connected`` in the test's nursery."""
 
-    def __init__(self, s: Running, name: str, *, tracks: int | None = None) -> None:
+    def __init__(
+        self, s: Running, name: str, reader: sse_h1.Reader | None = None, *, tracks: int | None = None
+    ) -> None:
         self.session, per_conn = TRANSPORTS[name]
+        if name == "sse-h1":
+            assert reader is not None, "sse-h1 reads through a shared reader"
+            self.session = reader.session
         self.streams = [f"lt:{name}:{i}" for i in range(tracks or per_conn)]
         self.tracks = [Track(stream) for stream in self.streams]
         self.load = Load(Endpoint("127.0.0.1", s.port), limits=LIMITS)
@@ -72,10 +86,12 @@ class Client:
 
 
 @pytest.mark.parametrize("name", list(TRANSPORTS))
-async def test_delivers_everything_then_ends(name: str, nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_delivers_everything_then_ends(
+    name: str, nursery: trio.Nursery, tmp_path: Path, sse_reader: sse_h1.Reader
+) -> None:
     s = await start_sluice(nursery, tmp_path, "memory", sse=FAST_RETRY)
     with trio.fail_after(20):
-        c = Client(s, name)
+        c = Client(s, name, sse_reader)
         for stream in c.streams:
             await publish_seq(s.port, stream, range(5))
         async with trio.open_nursery() as inner:
@@ -95,10 +111,12 @@ async def test_delivers_everything_then_ends(name: str, nursery: trio.Nursery, t
 
 
 @pytest.mark.parametrize("name", list(TRANSPORTS))
-async def test_resumes_after_last_id(name: str, nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_resumes_after_last_id(
+    name: str, nursery: trio.Nursery, tmp_path: Path, sse_reader: sse_h1.Reader
+) -> None:
     s = await start_sluice(nursery, tmp_path, "memory", sse=FAST_RETRY)
     with trio.fail_after(20):
-        c = Client(s, name)
+        c = Client(s, name, sse_reader)
         for stream, track in zip(c.streams, c.tracks, strict=True):
             ids = await publish_seq(s.port, stream, range(6))
             track.last_id = ids[2]
@@ -114,10 +132,12 @@ async def test_resumes_after_last_id(name: str, nursery: trio.Nursery, tmp_path:
 
 
 @pytest.mark.parametrize("name", list(TRANSPORTS))
-async def test_stale_id_is_reset_then_everything(name: str, nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_stale_id_is_reset_then_everything(
+    name: str, nursery: trio.Nursery, tmp_path: Path, sse_reader: sse_h1.Reader
+) -> None:
     s = await start_sluice(nursery, tmp_path, "memory", sse=FAST_RETRY)
     with trio.fail_after(20):
-        c = Client(s, name)
+        c = Client(s, name, sse_reader)
         for stream, track in zip(c.streams, c.tracks, strict=True):
             await publish_seq(s.port, stream, range(4))
             track.last_id = "0123456789-0000000000000001"  # from another epoch
@@ -132,11 +152,11 @@ async def test_stale_id_is_reset_then_everything(name: str, nursery: trio.Nurser
 
 @pytest.mark.parametrize("name", list(TRANSPORTS))
 async def test_reconnects_and_resumes_when_the_server_closes(
-    name: str, nursery: trio.Nursery, tmp_path: Path
+    name: str, nursery: trio.Nursery, tmp_path: Path, sse_reader: sse_h1.Reader
 ) -> None:
     s = await start_sluice(nursery, tmp_path, "memory", sse=FAST_RETRY)
     with trio.fail_after(20):
-        c = Client(s, name)
+        c = Client(s, name, sse_reader)
         for stream in c.streams:
             await publish_seq(s.port, stream, range(5))
         async with trio.open_nursery() as inner:
