@@ -147,10 +147,11 @@ def _open_bus(
 
 
 def _samples(ctx: Context, engine: list[HttpServer], bus: PeerBus | None) -> Samples:
-    """This worker's live counters: hub, engine, guard and bus."""
+    """This worker's live counters: hub, engine, guard, bus and store (a store with a ``stats`` record)."""
     guard = ctx.guard
     http = engine[0].stats if engine else None
-    return collect(ctx.hub.stats, http, guard.stats if guard else None, bus.stats if bus else None)
+    store = getattr(ctx.store, "stats", None)
+    return collect(ctx.hub.stats, http, guard.stats if guard else None, bus.stats if bus else None, store)
 
 
 def store_listener(hub: Hub, bus: PeerBus | None) -> Listener:

@@ -298,6 +298,9 @@ async def test_two_workers_report_host_totals_that_survive_a_killed_worker(tmp_p
             answers = [await scrape(sup.port) for _ in range(20)]  # whichever worker answers
             assert {a["sluice_published_total"] for a in answers} == {published}
             assert {a["sluice_workers"] for a in answers} == {2}
+            assert {a["sluice_store_events_total"] for a in answers} == {published}  # both writers
+            assert all(0 < a["sluice_store_commits_total"] <= a["sluice_store_requests_total"] for a in answers)
+            assert all("sluice_store_largest_batch_total" not in a for a in answers)
             before: dict[str, int] = {}  # the most any answer reported, per counter
             for answer in answers:
                 for sample, value in answer.items():

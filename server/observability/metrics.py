@@ -30,7 +30,8 @@ from server.observability.stats import EdgeStats, HubStats
 HUB_GAUGES = frozenset({"subscriptions"})
 HTTP_GAUGES = frozenset({"connections_open"})
 BUS_GAUGES = frozenset({"peers"})
-HTTP_PREFIX, BUS_PREFIX = "sluice_http_", "sluice_bus_"
+STORE_SKIP = frozenset({"largest_batch"})  # a maximum: adding it up over workers means nothing
+HTTP_PREFIX, BUS_PREFIX, STORE_PREFIX = "sluice_http_", "sluice_bus_", "sluice_store_"
 WORKERS = "sluice_workers"
 
 HELP: dict[str, str] = {
@@ -55,6 +56,10 @@ HELP: dict[str, str] = {
     "sluice_edge_auth_refused_total": "Requests and WebSocket operations refused by auth or origin",
     "sluice_edge_rate_limited_total": "Requests refused by rate rules (429, or 413: never fits)",
     "sluice_bus_peers": "Other workers this worker's notice bus knows",
+    "sluice_store_commits_total": "Store transactions committed (requests / commits: mean group-commit size)",
+    "sluice_store_requests_total": "Write requests carried by committed store transactions",
+    "sluice_store_events_total": "Events appended to the store by this host",
+    "sluice_store_failed_commits_total": "Store transactions rolled back as a whole",
     WORKERS: "Live workers whose counters are in these totals",
 }
 
@@ -94,12 +99,18 @@ def _counter(name: str) -> str:
     return name if name.endswith("_total") else f"{name}_total"
 
 
-def add_record(samples: Samples, record: object, prefix: str, gauges: frozenset[str], label: str = "key") -> None:
+def add_record(
+    samples: Samples, record: object, prefix: str, gauges: frozenset[str], *, label: str = "key",
+    skip: frozenset[str] = frozenset(),
+) -> None:
     """Add a stats dataclass's fields: ``int`` fields as counters (or gauges, if listed), and
-    ``dict[str, int]`` fields as counters with one ``label`` per key. Other fields are skipped."""
+    ``dict[str, int]`` fields as counters with one ``label`` per key. Other fields, and those
+    named in ``skip``, are left out."""
     if not dataclasses.is_dataclass(record) or isinstance(record, type):
         raise TypeError(f"not a dataclass instance: {record!r}")
     for f in dataclasses.fields(record):
+        if f.name in skip:
+            continue
         value = getattr(record, f.name)
         name = f"{prefix}{f.name}"
         if isinstance(value, bool):
@@ -124,9 +135,11 @@ def add_edge(samples: Samples, edge: EdgeStats) -> None:
 
 
 def collect(
-    hub: HubStats, http: object | None = None, edge: EdgeStats | None = None, bus: object | None = None
+    hub: HubStats, http: object | None = None, edge: EdgeStats | None = None, bus: object | None = None,
+    store: object | None = None,
 ) -> Samples:
-    """One worker's samples from its records (``http``: ``HttpStats``; ``bus``: ``BusStats``)."""
+    """One worker's samples from its records (``http``: ``HttpStats``; ``bus``: ``BusStats``;
+    ``store``: the store's stats record, e.g. ``SqliteStats``)."""
     samples = Samples()
     add_record(samples, hub, "sluice_", HUB_GAUGES, label="reason")
     if http is not None:
@@ -135,6 +148,8 @@ def collect(
         add_edge(samples, edge)
     if bus is not None:
         add_record(samples, bus, BUS_PREFIX, BUS_GAUGES)
+    if store is not None:
+        add_record(samples, store, STORE_PREFIX, frozenset(), skip=STORE_SKIP)
     return samples
 
 
