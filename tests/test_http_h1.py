@@ -56,6 +56,37 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
             sock.close()
 
 
+async def test_after_a_stream_ends_the_connection_serves_the_next_request() -> None:
+    # While a stream runs, h11's state is parked; a request sent after the stream's last chunk,
+    # and one pipelined while it ran, are both served on the same connection.
+    with trio.fail_after(10):
+        async with running_server() as (server, port, _app):
+            sock = await connect(port)
+            buf = bytearray()
+            await sock.send(b"GET /stream?n=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+            _, headers, body = await read_response(sock, buf)
+            assert headers["transfer-encoding"] == "chunked"
+            assert body == b"data: e-0\n\ndata: e-1\n\n"
+            await sock.send(b"GET /stream?n=1 HTTP/1.1\r\nHost: t\r\n\r\nGET /echo?i=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+            _, _, body = await read_response(sock, buf)
+            assert body == b"data: e-0\n\n"
+            _, _, body = await read_response(sock, buf)
+            assert json.loads(body)["query"] == {"i": "2"}
+            assert server.stats.connections_total == 1
+            sock.close()
+
+
+async def test_a_stream_asked_with_connection_close_ends_the_connection() -> None:
+    with trio.fail_after(10):
+        async with running_server() as (_, port, _app):
+            sock = await connect(port)
+            await sock.send(b"GET /stream?n=2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                            b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+            reply = await read_until_eof(sock)  # the pipelined request is not served
+            assert reply.endswith(b"data: e-1\n\n\r\n0\r\n\r\n"), reply
+            assert reply.count(b"HTTP/1.1 ") == 1
+
+
 async def test_streaming_response_arrives_incrementally_with_curl() -> None:
     with trio.fail_after(15):
         async with running_server() as (server, port, app):

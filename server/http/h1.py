@@ -7,6 +7,12 @@ inside the request's cancel scope: an idle SSE response costs this one task. Whi
 away (EOF or reset) cancels its handler at once; bytes that arrive meanwhile (a pipelined
 request) are buffered up to ``max_header_bytes``, then reading pauses. A WebSocket upgrade starts
 one reader task for the session's frames beside the handler.
+
+While a streaming response (SSE) runs after its request was read in full, h11's state is parked:
+the h11 connection is dropped (about 1 KiB an idle stream need not keep), pipelined bytes are held
+as they are, and the chunked body is ended by hand (``0 CRLF CRLF``). When the stream ends, a keep-
+alive connection gets a fresh h11 connection fed with the held bytes: h11's state after a finished
+exchange is just that of a new connection.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ class H1Driver:
         "_budget",
         "_current",
         "_head_deadline",
+        "_held",
         "_idle_scope",
+        "_keep",
         "closing",
         "conn",
         "h",
@@ -73,9 +81,9 @@ class H1Driver:
         self.limits = limits
         self.stats = stats
         self.scheme = scheme
-        self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-        if initial:
-            self.h.receive_data(initial)
+        self.h = self._new_h11(initial)
+        self._held: bytes | None = None  # parked (see the module doc): the input held meanwhile
+        self._keep = False  # parked: whether the connection may serve another request afterwards
         self._head_deadline = head_deadline
         self._idle_scope: trio.CancelScope | None = None
         self._current: H1Exchange | None = None  # the exchange being served
@@ -114,10 +122,40 @@ class H1Driver:
                     return
             finally:
                 self._current = None
+                ex.request.body_reader = None  # the exchange is over; and no cycle outlives it
+            if self._held is not None:
+                if not self._keep or ex.streaming:
+                    return
+                self.h = self._new_h11(self._held)
+                self._held = None
+                continue
             h = self.h
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 return
             h.start_next_cycle()
+
+    def _new_h11(self, data: bytes) -> h11.Connection:
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        if data:
+            h.receive_data(data)
+        return h
+
+    def park(self) -> None:
+        """Drop h11's state for a streaming response whose request was read in full and whose head
+        is sent (see the module doc); the exchange then ends the body by hand."""
+        h = self.h
+        assert h.our_state is h11.SEND_BODY and h.their_state in (h11.DONE, h11.MUST_CLOSE)
+        held, closed = h.trailing_data
+        self._keep = h.their_state is h11.DONE and not closed
+        self._held = held
+        self.h = _PARKED
+
+    def _take_input(self, data: bytes) -> None:
+        """Input that arrived while a handler runs (a pipelined request): into h11, or held."""
+        if self._held is None:
+            self.h.receive_data(data)
+        else:
+            self._held += data
 
     def _exchange(self, event: h11.Request | None) -> H1Exchange | None:
         """The exchange for a request head, or ``None`` (answered with 431 if the head is too big).
@@ -239,7 +277,7 @@ class H1Driver:
         if not data:
             conn.abort("client went away")  # cancels the connection's task: the handler with it
             return
-        self.h.receive_data(data)
+        self._take_input(data)
         self._budget -= len(data)
         if self._budget <= 0:  # a pipelined request is buffered in full: read no more for now
             conn.unwatch_input()
@@ -253,7 +291,7 @@ class H1Driver:
                 self.conn.abort("client went away")
                 await trio.lowlevel.checkpoint()
                 return
-            self.h.receive_data(data)
+            self._take_input(data)
             budget -= len(data)
         await trio.sleep_forever()
 
@@ -267,3 +305,8 @@ class H1Driver:
             ws.going_away()
         trailing, closed = self.h.trailing_data
         await ws.run(trailing, closed)
+
+
+_PARKED = h11.Connection(h11.SERVER)
+"""What a parked driver's ``h`` points at: one shared h11 connection that is never used (any call
+on it would be a bug, and h11 would refuse most of them in its IDLE state)."""

@@ -52,6 +52,7 @@ class H1Exchange:
         "_d",
         "_http11",
         "_outbox",
+        "_parked",
         "_streaming",
         "_watch_done",
         "_watch_scope",
@@ -91,6 +92,7 @@ class H1Exchange:
         self._close_after = False  # answer with connection: close
         self._close_callbacks: list[Callable[[], None]] | None = None
         self._streaming = False  # open_stream called and not finished
+        self._parked = False  # the driver parked h11's state for this stream (see server.http.h1)
         self._chunked = False
         self._body_ok = True
         self._body_parts: list[bytes] = []
@@ -248,11 +250,16 @@ class H1Exchange:
         outbox.write(h.send(h11.EndOfMessage()))
 
     async def open_stream(self, status: int, headers: list[tuple[str, str]]) -> H1Exchange:
-        """Send the head of a streaming response (chunked for HTTP/1.1 clients) and return it."""
+        """Send the head of a streaming response (chunked for HTTP/1.1 clients) and return it.
+
+        If the request was read in full, h11's state is parked until the stream ends."""
         data = self._head(status, headers, None)
         self._streaming = True
         self._chunked = self._http11 and self._body_ok
         self._outbox.write(data)
+        if self._body is not None:
+            self._d.park()
+            self._parked = True
         await trio.lowlevel.checkpoint()
         return self
 
@@ -276,6 +283,11 @@ class H1Exchange:
             await self.ws.close(1000)
         elif self._streaming:
             await self.finish()
+
+    @property
+    def streaming(self) -> bool:
+        """True while a streaming response is open (its body not yet ended)."""
+        return self._streaming
 
     def handler_done(self) -> None:
         """The handler is over: stop watching the input."""
@@ -317,7 +329,11 @@ class H1Exchange:
         if not self._streaming:
             return
         self._streaming = False
-        self._outbox.write(self._d.h.send(h11.EndOfMessage()))
+        if self._parked:
+            if self._chunked:
+                self._outbox.write(b"0\r\n\r\n")  # what h11's EndOfMessage writes for a chunked body
+        else:
+            self._outbox.write(self._d.h.send(h11.EndOfMessage()))
         await self._outbox.flush()
 
     # -- winding down --------------------------------------------------------------------------
