@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -107,8 +108,22 @@ async def _trim(store: Store) -> None:
         log.info("retention: dropped %d expired events", dropped)
 
 
-async def _freeze() -> None:
+async def _refreeze() -> None:
+    """Reclaim what died among the frozen objects, then freeze the survivors again.
+
+    A frozen object freed by its reference count goes at once, but one in a reference cycle (h2's
+    connection objects keep tables of their own bound methods; trio-websocket and the engine's
+    exchanges had such cycles too) is never collected while frozen: a periodic ``gc.freeze()``
+    alone leaks every such connection that lived through a freeze (measured: about 5 KiB per
+    closed SSE connection before the engine's own cycles were cut, 20+ KiB per HTTP/2 one). So
+    each period does one full collection, then freezes again; young collections stay cheap in
+    between. The pause grows with live objects (a few tens of ms per 10,000 idle connections)
+    and comes once per ``GC_FREEZE_INTERVAL``."""
+    started = time.perf_counter()
+    gc.unfreeze()
+    found = gc.collect()
     gc.freeze()
+    log.debug("gc: %d unreachable objects reclaimed in %.1f ms", found, (time.perf_counter() - started) * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +232,7 @@ async def _serve(
             nursery.start_soon(hub.run)  # heartbeats
             nursery.start_soon(metrics.run)  # snapshots for the other workers' /metrics
             nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
-            nursery.start_soon(_periodic, GC_FREEZE_INTERVAL, _freeze)
+            nursery.start_soon(_periodic, GC_FREEZE_INTERVAL, _refreeze)
             tune_gc()
             addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
             log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)

@@ -508,4 +508,5 @@ class H2Driver:
             self.mark_dirty()
         self._blocked.pop(stream, None)
         self.streams.pop(stream.sid, None)
+        stream.request.body_reader = None  # the stream is over; and no cycle outlives it
         self._poke_reader()

@@ -265,6 +265,7 @@ class HttpServer:
             log.exception("connection from %s failed (%d errors)", conn.client, len(group.exceptions))
         finally:
             conn.abort()
+            conn.on_close_request(None)  # the driver's hook: a reference cycle (see server.app's GC notes)
             release = conn.release
             if release is not None:  # the connection cap's ticket: returned exactly once, however it ended
                 conn.release = None
