@@ -9,11 +9,9 @@ hands it; tests run it in-process.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from server.http.server import HttpServer, serve_http
 from server.http.tls import make_server_ssl_context
 from server.observability.host import HostMetrics, metrics_dir
 from server.observability.metrics import Samples, collect
+from server.process.gctune import FreezePolicy, tune_gc
 from server.process.peers import PeerBus, open_peer_bus
 from server.store.base import Listener, Notice, Store
 from server.store.memory import MemoryStore
@@ -42,7 +41,7 @@ from server.transports.router import make_handler
 log = logging.getLogger(__name__)
 
 TRIM_INTERVAL = 60.0  # seconds between retention sweeps for age limits
-GC_FREEZE_INTERVAL = 300.0  # seconds between moves of long-lived objects out of the GC's way
+GC_FREEZE_INTERVAL = 60.0  # seconds between steps of the freeze policy (server.process.gctune)
 
 
 def guard_from(config: Config) -> Guard | None:
@@ -85,13 +84,6 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
         yield sqlite_store
 
 
-def tune_gc() -> None:
-    """Keep the cyclic GC off the hot path: fewer young collections, start-up objects frozen."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 async def _periodic(interval: float, fn: Any) -> None:
     while True:
         await trio.sleep(interval)
@@ -108,22 +100,11 @@ async def _trim(store: Store) -> None:
         log.info("retention: dropped %d expired events", dropped)
 
 
-async def _refreeze() -> None:
-    """Reclaim what died among the frozen objects, then freeze the survivors again.
-
-    A frozen object freed by its reference count goes at once, but one in a reference cycle (h2's
-    connection objects keep tables of their own bound methods; trio-websocket and the engine's
-    exchanges had such cycles too) is never collected while frozen: a periodic ``gc.freeze()``
-    alone leaks every such connection that lived through a freeze (measured: about 5 KiB per
-    closed SSE connection before the engine's own cycles were cut, 20+ KiB per HTTP/2 one). So
-    each period does one full collection, then freezes again; young collections stay cheap in
-    between. The pause grows with live objects (a few tens of ms per 10,000 idle connections)
-    and comes once per ``GC_FREEZE_INTERVAL``."""
-    started = time.perf_counter()
-    gc.unfreeze()
-    found = gc.collect()
-    gc.freeze()
-    log.debug("gc: %d unreachable objects reclaimed in %.1f ms", found, (time.perf_counter() - started) * 1000)
+async def _freeze_periodically(interval: float) -> None:
+    policy = FreezePolicy()
+    while True:
+        await trio.sleep(interval)
+        policy.step()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +213,7 @@ async def _serve(
             nursery.start_soon(hub.run)  # heartbeats
             nursery.start_soon(metrics.run)  # snapshots for the other workers' /metrics
             nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
-            nursery.start_soon(_periodic, GC_FREEZE_INTERVAL, _refreeze)
+            nursery.start_soon(_freeze_periodically, GC_FREEZE_INTERVAL)
             tune_gc()
             addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
             log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)

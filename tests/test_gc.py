@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from server.app import _refreeze
+from server.process.gctune import FULL_GROWTH, FreezePolicy
 from tests.client import open_sse, publish, request, start_sluice, wait_live
 
 
@@ -21,7 +21,8 @@ class _Node:
         self.me = self
 
 
-async def test_refreeze_reclaims_cycles_that_died_while_frozen() -> None:
+def test_a_full_collection_reclaims_cycles_that_died_frozen_once_the_population_grew() -> None:
+    policy = FreezePolicy()
     node = _Node()
     alive = weakref.ref(node)
     gc.freeze()
@@ -29,8 +30,13 @@ async def test_refreeze_reclaims_cycles_that_died_while_frozen() -> None:
         del node
         gc.collect()
         assert alive() is not None  # a plain collection never looks at frozen objects
-        await _refreeze()
+        policy.after_full = gc.get_freeze_count()  # as if a full collection had just run
+        assert not policy.step()  # no growth: no full collection, the dead cycle stays
+        assert alive() is not None
+        policy.after_full = int(gc.get_freeze_count() / (1 + FULL_GROWTH)) - 1  # grown past the rule
+        assert policy.step()
         assert alive() is None
+        assert policy.after_full >= gc.get_freeze_count() - 100  # the new base: what survived it
     finally:
         gc.unfreeze()
 
