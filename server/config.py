@@ -130,6 +130,7 @@ class HubConfig:
     """``[hub]``: in-process fan-out."""
 
     replay_page: int = 500
+    coalesce: float = 0.02
 
 
 @dataclass(frozen=True, slots=True)

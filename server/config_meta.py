@@ -83,6 +83,11 @@ META: dict[str, Meta] = {
     "longpoll.max_events": Meta("Most events in one poll response"),
     "websocket.max_subscriptions": Meta("Most streams one WebSocket may subscribe to at once"),
     "hub.replay_page": Meta("Events read from the store per page while replaying history"),
+    "hub.coalesce": Meta(
+        "Least seconds between two fan-outs of one stream: events that come faster go out together, "
+        "several per write (0: each at once)",
+        NON_NEGATIVE_SECONDS,
+    ),
     "bus.max_datagram": Meta(
         "Largest notice datagram in bytes sent to the other workers; larger events go as a hint to read the store",
         Rule("an integer in 1024..4194304", lambda v: 1024 <= v <= 4 * 1024 * 1024),

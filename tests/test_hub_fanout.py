@@ -154,3 +154,37 @@ async def test_heartbeats_come_from_the_ticker(autojump_clock: trio.abc.Clock) -
             assert rec.idles <= idles + 1  # the event counted as output for that interval
             assert quiet.idles == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_stream_fanned_out_within_coalesce_waits_and_its_events_share_a_write(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore(KEEP_ALL)
+    hub = Hub(store, coalesce=0.02)
+    store.set_listener(hub.on_notice)
+    await store.append("s", [NewEvent("message", b"before")])
+
+    async def publish(data: bytes) -> str:
+        ids = (await store.append("s", [NewEvent("message", data)])).ids
+        await trio.testing.wait_all_tasks_blocked()
+        return ids[0]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            rec = BatchRecorder()
+            await _live(hub, nursery, rec)
+            a = await publish(b"a")
+            assert rec.writes == [[a]]  # nothing fanned out lately: at once
+            mock_clock.jump(0.005)
+            b = await publish(b"b")
+            mock_clock.jump(0.005)
+            c = await publish(b"c")
+            assert rec.writes == [[a]]  # held: "s" went out 10 ms ago
+            mock_clock.jump(0.0101)
+            await trio.testing.wait_all_tasks_blocked()
+            assert rec.writes == [[a], [b, c]]  # 20 ms after the first pass, together
+            mock_clock.jump(0.05)
+            d = await publish(b"d")  # further apart than the window: at once again
+            assert rec.writes == [[a], [b, c], [d]]
+            nursery.cancel_scope.cancel()

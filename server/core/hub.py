@@ -27,7 +27,7 @@ from server.store.base import Appended, Closed, Deleted, Notice, Store
 
 __all__ = ["Hub", "Sink", "Subscription", "Watcher", "heartbeat_or_none"]
 
-FANOUT_SLICE = 0.005  # seconds of fan-out after which the fan-out task lets other tasks run
+FANOUT_SLICE = 0.001  # seconds of fan-out after which the fan-out task lets other tasks run
 MAX_QUEUED = 100_000  # events queued for the fan-out task past which they are fanned out at once
 
 
@@ -58,11 +58,17 @@ class _Nudge:
 class Hub:
     """One worker's registry of watchers per stream, fed by the store's commit listener."""
 
-    def __init__(self, store: Store, *, replay_page: int = 500, stats: HubStats | None = None) -> None:
+    def __init__(
+        self, store: Store, *, replay_page: int = 500, coalesce: float = 0.0, stats: HubStats | None = None
+    ) -> None:
+        """``coalesce``: least seconds between two fan-out passes of one stream (see :meth:`run`)."""
         if replay_page < 1:
             raise ValueError("replay_page must be >= 1")
+        if coalesce < 0:
+            raise ValueError("coalesce must be >= 0")
         self.store = store
         self.replay_page = replay_page
+        self.coalesce = coalesce
         self.stats = stats if stats is not None else HubStats()
         self._watchers: dict[str, dict[Watcher, None]] = {}
         # The newest (epoch, last_seq, closed) every watcher of a stream has been told of.
@@ -76,6 +82,7 @@ class Hub:
         self._queued: dict[str, list[Appended | Closed]] = {}
         self._queued_size = 0  # events (and closes) queued
         self._fanout_parked: trio.lowlevel.Task | None = None
+        self._recent: dict[str, float] = {}  # streams fanned out less than ``coalesce`` ago: when
 
     def add(self, stream: str, watcher: Watcher) -> None:
         """Register ``watcher`` for ``stream`` (synchronous; no await before the caller reads)."""
@@ -195,6 +202,27 @@ class Hub:
                 items.append((stream, _batch(run)))
         return items
 
+    def _hold_recent(self, now: float) -> tuple[dict[str, list[Appended | Closed]], int, float]:
+        """Take the streams fanned out less than ``coalesce`` ago out of the queue: their notices,
+        how many events (and closes) they hold, and when the first of them may go."""
+        recent, window = self._recent, self.coalesce
+        for stream in [s for s, at in recent.items() if now - at >= window]:
+            del recent[stream]
+        held: dict[str, list[Appended | Closed]] = {}
+        size, due = 0, math.inf
+        for stream in [s for s in self._queued if s in recent]:
+            notices = held[stream] = self._queued.pop(stream)
+            size += sum(len(n.events) if isinstance(n, Appended) else 1 for n in notices)
+            due = min(due, recent[stream] + window)
+        self._queued_size -= size
+        return held, size, due
+
+    async def _park(self, deadline: float) -> None:
+        """Wait until a notice is queued (see :meth:`_defer`) or ``deadline``."""
+        with trio.move_on_at(deadline):
+            self._fanout_parked = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort_fanout_park)
+
     def _flush_queued(self) -> None:
         """Fan out everything queued now, synchronously."""
         for stream, item in self._take_queued():
@@ -208,17 +236,32 @@ class Hub:
         return trio.lowlevel.Abort.SUCCEEDED
 
     async def _fanout_loop(self) -> NoReturn:
-        """Fan out queued notices: one pass per wake-up, yielding every ``FANOUT_SLICE`` seconds."""
+        """Fan out queued notices: one pass per wake-up, yielding every ``FANOUT_SLICE`` seconds;
+        a stream fanned out less than ``coalesce`` seconds ago waits for its next turn."""
         perf = time.perf_counter
         while True:
             if not self._queued:
-                self._fanout_parked = trio.lowlevel.current_task()
-                await trio.lowlevel.wait_task_rescheduled(self._abort_fanout_park)
+                await self._park(math.inf)
             # Woken with the committers' callers: let them answer first (a publisher's 201 does
             # not wait for the fan-out), and let what they commit meanwhile join this pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
+            now = trio.current_time()
+            held: dict[str, list[Appended | Closed]] = {}
+            due, held_size = math.inf, 0
+            if self.coalesce:
+                held, held_size, due = self._hold_recent(now)
+            items = self._take_queued()
+            if held:  # back in the queue, ahead of anything queued later
+                self._queued = held | self._queued
+                self._queued_size += held_size
+            if not items:
+                await self._park(due)  # only held streams: until the first may go, or news
+                continue
             stats = self.stats
-            for stream, item in self._take_queued():
+            recent = self._recent if self.coalesce else None
+            for stream, item in items:
+                if recent is not None:
+                    recent[stream] = now
                 if isinstance(item, Closed):
                     self._close(item)
                     continue
@@ -296,7 +339,13 @@ class Hub:
     async def run(self) -> NoReturn:
         """The hub's tasks (one per worker; cancel to stop): the fan-out of queued notices (see
         :meth:`on_notice`) and the heartbeat ticker, which calls :meth:`Subscription.beat` of each
-        subscription every ``heartbeat`` seconds. Without it: fan-out inline, no heartbeats."""
+        subscription every ``heartbeat`` seconds. Without it: fan-out inline, no heartbeats.
+
+        With ``coalesce``, a stream fanned out less than that many seconds ago waits for its next
+        pass, so events that arrive meanwhile reach each subscriber together, in one write: a
+        stream at 200 events/s costs 50 writes per subscriber per second instead of 200, and its
+        events wait at most ``coalesce`` longer. A stream whose events are further apart than
+        ``coalesce`` is never held."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats)
