@@ -188,3 +188,33 @@ async def test_a_stream_fanned_out_within_coalesce_waits_and_its_events_share_a_
             d = await publish(b"d")  # further apart than the window: at once again
             assert rec.writes == [[a], [b, c], [d]]
             nursery.cancel_scope.cancel()
+
+
+async def test_the_first_events_of_a_new_stream_go_out_live_without_a_store_read() -> None:
+    # Subscribed before the stream exists (no epoch yet): its first events are delivered from the
+    # notice, not by a read of the store per subscriber (10,000 of them at once, in a fan-out).
+    store = MemoryStore(KEEP_ALL)
+    hub = Hub(store)
+    store.set_listener(hub.on_notice)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            rec = BatchRecorder()
+            ready = trio.Event()
+
+            async def sub() -> None:
+                async with hub.open_subscription("new", Start("start")) as s:
+                    ready.set()
+                    await s.run(rec)
+
+            nursery.start_soon(sub)
+            await ready.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            ids = (await store.append("new", [NewEvent("message", b"a"), NewEvent("message", b"b")])).ids
+            await trio.testing.wait_all_tasks_blocked()
+            assert rec.writes == [ids]
+            assert hub.stats.replayed == 0
+            more = (await store.append("new", [NewEvent("message", b"c")])).ids
+            await trio.testing.wait_all_tasks_blocked()
+            assert rec.ids == ids + more
+            nursery.cancel_scope.cancel()

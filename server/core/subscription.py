@@ -141,6 +141,10 @@ class Subscription:
             self._note(batch.epoch, batch.last_seq)
             return 0
         last_seq = self.last_seq
+        if self.epoch is None and last_seq == 0 and batch.first_seq == 1:
+            # The stream did not exist when this subscription started: these are the first events
+            # of its history, nothing came before them (what a store read would also conclude).
+            self.epoch = batch.epoch
         if batch.first_seq == last_seq + 1 and batch.epoch == self.epoch:
             whole = self._deliver_batch
             if whole is not None:
