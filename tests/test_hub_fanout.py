@@ -16,6 +16,7 @@ from server.store.base import Notice, Retention
 from server.store.memory import MemoryStore
 
 KEEP_ALL = Retention(max_events=0, max_bytes=0, max_age=0)
+NOW = Start("now")
 
 
 @dataclass
@@ -55,11 +56,14 @@ class BatchRecorder:
         await trio.lowlevel.checkpoint()
 
 
-async def _live(hub: Hub, nursery: trio.Nursery, rec: BatchRecorder, heartbeat: float | None = None) -> None:
+async def _live(
+    hub: Hub, nursery: trio.Nursery, rec: BatchRecorder, heartbeat: float | None = None,
+    stream: str = "s", start: Start = NOW,
+) -> None:
     ready = trio.Event()
 
     async def sub() -> None:
-        async with hub.open_subscription("s", Start("now"), heartbeat=heartbeat) as s:
+        async with hub.open_subscription(stream, start, heartbeat=heartbeat) as s:
             ready.set()
             await s.run(rec)
 
@@ -200,16 +204,7 @@ async def test_the_first_events_of_a_new_stream_go_out_live_without_a_store_read
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hub.run)
             rec = BatchRecorder()
-            ready = trio.Event()
-
-            async def sub() -> None:
-                async with hub.open_subscription("new", Start("start")) as s:
-                    ready.set()
-                    await s.run(rec)
-
-            nursery.start_soon(sub)
-            await ready.wait()
-            await trio.testing.wait_all_tasks_blocked()
+            await _live(hub, nursery, rec, stream="new", start=Start("start"))
             ids = (await store.append("new", [NewEvent("message", b"a"), NewEvent("message", b"b")])).ids
             await trio.testing.wait_all_tasks_blocked()
             assert rec.writes == [ids]

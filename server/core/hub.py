@@ -204,7 +204,8 @@ class Hub:
 
     def _hold_recent(self, now: float) -> tuple[dict[str, list[Appended | Closed]], int, float]:
         """Take the streams fanned out less than ``coalesce`` ago out of the queue: their notices,
-        how many events (and closes) they hold, and when the first of them may go."""
+        how many events (and closes) they hold, and when the first of them may go. The caller
+        takes the rest (:meth:`_take_queued`, which zeroes the count) and puts these back."""
         recent, window = self._recent, self.coalesce
         for stream in [s for s, at in recent.items() if now - at >= window]:
             del recent[stream]
@@ -214,7 +215,6 @@ class Hub:
             notices = held[stream] = self._queued.pop(stream)
             size += sum(len(n.events) if isinstance(n, Appended) else 1 for n in notices)
             due = min(due, recent[stream] + window)
-        self._queued_size -= size
         return held, size, due
 
     async def _park(self, deadline: float) -> None:
