@@ -191,7 +191,13 @@ async def _serve(
     if config.server.tls_cert and config.server.tls_key:
         ssl_context = make_server_ssl_context(config.server.tls_cert, config.server.tls_key)
     async with open_store(config) as store:
-        hub = Hub(store, replay_page=config.hub.replay_page, coalesce=config.hub.coalesce)
+        hub = Hub(
+            store,
+            replay_page=config.hub.replay_page,
+            coalesce=config.hub.coalesce,
+            replay_buffer=config.hub.replay_buffer,
+            replay_buffer_total=config.hub.replay_buffer_total,
+        )
         store.set_listener(hub.on_notice)
         async with _open_bus(config, peers_dir, hub, store) as bus, trio.open_nursery() as nursery:
             store.set_listener(store_listener(hub, bus))

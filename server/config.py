@@ -131,6 +131,8 @@ class HubConfig:
 
     replay_page: int = 500
     coalesce: float = 0.02
+    replay_buffer: int = 1000
+    replay_buffer_total: int = 50_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,6 +83,16 @@ META: dict[str, Meta] = {
     "longpoll.max_events": Meta("Most events in one poll response"),
     "websocket.max_subscriptions": Meta("Most streams one WebSocket may subscribe to at once"),
     "hub.replay_page": Meta("Events read from the store per page while replaying history"),
+    "hub.replay_buffer": Meta(
+        "Newest events kept in memory per watched stream, so a client resuming a few seconds back"
+        " needs no store read (0: off)",
+        NON_NEGATIVE_INT,
+    ),
+    "hub.replay_buffer_total": Meta(
+        "Most events kept in memory for all streams of one worker; past it the least recently"
+        " published streams lose theirs",
+        NON_NEGATIVE_INT,
+    ),
     "hub.coalesce": Meta(
         "Least seconds between two fan-outs of one stream: events that come faster go out together, "
         "several per write (0: each at once)",

@@ -13,7 +13,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.core.encoding import EncodedEvent
+from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import NewEvent
 from server.core.hub import Hub
 from server.core.replay import Reset, parse_start
@@ -57,6 +57,15 @@ class Recorder:
         await trio.sleep(0)
 
 
+@dataclass
+class BatchRecorder(Recorder):
+    """A :class:`Recorder` that also takes whole batches (one write each, as SSE does)."""
+
+    def deliver_batch(self, batch: EventBatch) -> bool:
+        self.got.extend(enc.event.id for enc in batch.encs)
+        return self.alive
+
+
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("publish"), st.integers(1, 4)),
@@ -70,13 +79,22 @@ ops = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=ops, page=st.integers(1, 4))
-async def test_no_loss_no_duplicate(script: list[tuple[str, int]], page: int) -> None:
+@given(
+    script=ops,
+    page=st.integers(1, 4),
+    buffer=st.sampled_from([(0, 0), (1, 1), (3, 100), (50, 100), (8, 5)]),
+    batches=st.booleans(),
+)
+async def test_no_loss_no_duplicate(
+    script: list[tuple[str, int]], page: int, buffer: tuple[int, int], batches: bool
+) -> None:
+    """Also with the replay buffer in memory (per stream, total) of several sizes, and sinks that
+    take whole batches."""
     store = YieldingStore(Retention(max_events=0, max_bytes=0, max_age=0))
-    hub = Hub(store, replay_page=page)
+    hub = Hub(store, replay_page=page, replay_buffer=buffer[0], replay_buffer_total=buffer[1])
     store.set_listener(hub.on_notice)
     published: list[str] = []
-    recorders = [Recorder() for _ in range(3)]
+    recorders = [BatchRecorder() if batches else Recorder() for _ in range(3)]
     scopes: dict[int, trio.CancelScope] = {}
 
     async def client(i: int, scope: trio.CancelScope, task_status: trio.TaskStatus[None]) -> None:

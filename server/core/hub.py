@@ -19,9 +19,9 @@ from typing import NoReturn
 import trio
 
 from server.core.encoding import EncodedEvent, EventBatch
-from server.core.events import Event
 from server.core.replay import Start
 from server.core.subscription import Sink, Subscription, Watcher
+from server.core.tail import Tails
 from server.observability.stats import HubStats
 from server.store.base import Appended, Closed, Deleted, Notice, Store
 
@@ -29,10 +29,6 @@ __all__ = ["Hub", "Sink", "Subscription", "Watcher", "heartbeat_or_none"]
 
 FANOUT_SLICE = 0.001  # seconds of fan-out after which the fan-out task lets other tasks run
 MAX_QUEUED = 100_000  # events queued for the fan-out task past which they are fanned out at once
-
-
-def _batch(events: list[Event]) -> EventBatch:
-    return EventBatch([EncodedEvent(e) for e in events])
 
 
 class _Nudge:
@@ -59,9 +55,18 @@ class Hub:
     """One worker's registry of watchers per stream, fed by the store's commit listener."""
 
     def __init__(
-        self, store: Store, *, replay_page: int = 500, coalesce: float = 0.0, stats: HubStats | None = None
+        self,
+        store: Store,
+        *,
+        replay_page: int = 500,
+        coalesce: float = 0.0,
+        replay_buffer: int = 0,
+        replay_buffer_total: int = 0,
+        stats: HubStats | None = None,
     ) -> None:
-        """``coalesce``: least seconds between two fan-out passes of one stream (see :meth:`run`)."""
+        """``coalesce``: least seconds between two fan-out passes of one stream (see :meth:`run`).
+        ``replay_buffer`` / ``replay_buffer_total``: the replay buffer in memory (:attr:`tails`),
+        events kept per watched stream and for all of them (0: none; every catch-up reads the store)."""
         if replay_page < 1:
             raise ValueError("replay_page must be >= 1")
         if coalesce < 0:
@@ -70,6 +75,8 @@ class Hub:
         self.replay_page = replay_page
         self.coalesce = coalesce
         self.stats = stats if stats is not None else HubStats()
+        # The newest events of each watched stream, for resumes that need no store read.
+        self.tails = Tails(per_stream=replay_buffer, total=replay_buffer_total)
         self._watchers: dict[str, dict[Watcher, None]] = {}
         # The newest (epoch, last_seq, closed) every watcher of a stream has been told of.
         self._heads: dict[str, tuple[str, int, bool]] = {}
@@ -79,7 +86,7 @@ class Hub:
         self._beat_scope: trio.CancelScope | None = None  # the ticker's sleep, while it sleeps
         # Fan-out: notices queued per stream for the fan-out task while run() runs.
         self._fanning = False
-        self._queued: dict[str, list[Appended | Closed]] = {}
+        self._queued: dict[str, list[list[EncodedEvent] | Closed]] = {}
         self._queued_size = 0  # events (and closes) queued
         self._fanout_parked: trio.lowlevel.Task | None = None
         self._recent: dict[str, float] = {}  # streams fanned out less than ``coalesce`` ago: when
@@ -98,6 +105,8 @@ class Hub:
             if not watchers:
                 del self._watchers[stream]
                 self._heads.pop(stream, None)
+                self.tails.drop(stream)
+                self.stats.replay_buffered = self.tails.size
 
     def watcher_count(self, stream: str) -> int:
         """How many watchers ``stream`` has on this worker."""
@@ -128,10 +137,16 @@ class Hub:
                 return
             last = events[-1]
             self._newer(stream, (last.epoch, last.seq, False))
-            if self._defer(stream, notice, len(events)):
+            encs = [EncodedEvent(e) for e in events]
+            tails = self.tails
+            tails.extend(stream, encs)
+            self.stats.replay_buffered = tails.size
+            if self._defer(stream, encs, len(encs)):
                 return
-            self._fan_out(stream, EventBatch([EncodedEvent(e) for e in events]))
+            self._fan_out(stream, EventBatch(encs))
         elif isinstance(notice, Closed):
+            self.tails.drop(notice.stream)
+            self.stats.replay_buffered = self.tails.size
             if notice.stream not in self._watchers:
                 return
             self._newer(notice.stream, (notice.epoch, notice.last_seq, True))
@@ -140,6 +155,8 @@ class Hub:
         elif isinstance(notice, Deleted):
             # The next event has a new epoch; subscriptions reset when it arrives.
             self._heads.pop(notice.stream, None)
+            self.tails.drop(notice.stream)
+            self.stats.replay_buffered = self.tails.size
 
     def _fan_out(self, stream: str, batch: EventBatch) -> None:
         """Hand ``batch`` to every watcher of ``stream`` now, in one synchronous loop."""
@@ -158,7 +175,7 @@ class Hub:
 
     # -- the fan-out task ----------------------------------------------------------------------
 
-    def _defer(self, stream: str, notice: Appended | Closed, size: int) -> bool:
+    def _defer(self, stream: str, notice: list[EncodedEvent] | Closed, size: int) -> bool:
         """Queue ``notice`` for the fan-out task; False when there is none (fan out now instead).
 
         Past ``MAX_QUEUED`` queued events everything queued is fanned out at once, here: the
@@ -185,35 +202,35 @@ class Hub:
         self._queued_size = 0
         items: list[tuple[str, EventBatch | Closed]] = []
         for stream, notices in queued.items():
-            run: list[Event] = []
+            run: list[EncodedEvent] = []
             for notice in notices:
                 if isinstance(notice, Closed):
                     if run:
-                        items.append((stream, _batch(run)))
+                        items.append((stream, EventBatch(run)))
                         run = []
                     items.append((stream, notice))
                     continue
-                events = notice.events
-                if run and (events[0].epoch != run[-1].epoch or events[0].seq != run[-1].seq + 1):
-                    items.append((stream, _batch(run)))
+                first, prev = notice[0].event, run[-1].event if run else None
+                if prev is not None and (first.epoch != prev.epoch or first.seq != prev.seq + 1):
+                    items.append((stream, EventBatch(run)))
                     run = []
-                run.extend(events)
+                run.extend(notice)
             if run:
-                items.append((stream, _batch(run)))
+                items.append((stream, EventBatch(run)))
         return items
 
-    def _hold_recent(self, now: float) -> tuple[dict[str, list[Appended | Closed]], int, float]:
+    def _hold_recent(self, now: float) -> tuple[dict[str, list[list[EncodedEvent] | Closed]], int, float]:
         """Take the streams fanned out less than ``coalesce`` ago out of the queue: their notices,
         how many events (and closes) they hold, and when the first of them may go. The caller
         takes the rest (:meth:`_take_queued`, which zeroes the count) and puts these back."""
         recent, window = self._recent, self.coalesce
         for stream in [s for s, at in recent.items() if now - at >= window]:
             del recent[stream]
-        held: dict[str, list[Appended | Closed]] = {}
+        held: dict[str, list[list[EncodedEvent] | Closed]] = {}
         size, due = 0, math.inf
         for stream in [s for s in self._queued if s in recent]:
             notices = held[stream] = self._queued.pop(stream)
-            size += sum(len(n.events) if isinstance(n, Appended) else 1 for n in notices)
+            size += sum(1 if isinstance(n, Closed) else len(n) for n in notices)
             due = min(due, recent[stream] + window)
         return held, size, due
 
@@ -246,7 +263,7 @@ class Hub:
             # not wait for the fan-out), and let what they commit meanwhile join this pass.
             await trio.lowlevel.cancel_shielded_checkpoint()
             now = trio.current_time()
-            held: dict[str, list[Appended | Closed]] = {}
+            held: dict[str, list[list[EncodedEvent] | Closed]] = {}
             due, held_size = math.inf, 0
             if self.coalesce:
                 held, held_size, due = self._hold_recent(now)
@@ -281,6 +298,19 @@ class Hub:
                     if w in watchers:  # not gone while the pass yielded
                         delivered += w.on_appended(item)
                 stats.delivered += delivered
+
+    def buffered_after(self, stream: str, epoch: str, seq: int) -> list[EncodedEvent] | None:
+        """The committed events after position (``epoch``, ``seq``) of ``stream`` up to the newest
+        this worker was told of, from the replay buffer; ``None`` when the buffer cannot say (it
+        does not reach back to that position, or the stream moved past it by a hint or a close):
+        the store must answer."""
+        tail = self.tails.get(stream)
+        if tail is None:
+            return None
+        head = self._heads.get(stream)
+        if head is None or head[2] or head[0] != tail.epoch or head[1] != tail.last_seq:
+            return None
+        return self.tails.after(stream, epoch, seq)
 
     def on_hint(self, stream: str, epoch: str, last_seq: int, closed: bool = False) -> bool:
         """``stream`` reached ``last_seq`` of ``epoch`` (and is ``closed``), as another worker or

@@ -91,6 +91,7 @@ class Subscription:
         "_pending_reset",
         "_running",
         "_sent",
+        "_store_only",
         "done",
         "ended",
         "epoch",
@@ -121,6 +122,7 @@ class Subscription:
         self._closed_seen = False
         self._sent = 0  # outputs since the last heartbeat check
         self._pending_reset: Reset | None = None
+        self._store_only = False  # the store said closed: its reads decide when this ends
 
     @property
     def pending_reset(self) -> Reset | None:
@@ -283,10 +285,19 @@ class Subscription:
             self._die()
 
     async def _plan(self) -> None:
-        info = await self._hub.store.info(self.stream)
-        plan = plan_replay(self.start, info)
+        hub, start = self._hub, self.start
+        pos = start.position
+        if pos is not None and hub.buffered_after(self.stream, pos.epoch, pos.seq) is not None:
+            # Committed events follow on from the client's id in its own epoch: the exact resume
+            # the store would plan, without asking it.
+            self.epoch, self.last_seq = pos.epoch, pos.seq
+            return
+        info = await hub.store.info(self.stream)
+        plan = plan_replay(start, info)
         self.epoch = plan.epoch
         self.last_seq = plan.after_seq
+        if info is not None and info.closed:
+            self._store_only = True
         if plan.reset is not None:
             self._pending_reset = plan.reset
             if info is not None and info.length == 0:
@@ -300,6 +311,14 @@ class Subscription:
         while not self.done:
             self._live_mark = None
             self._closed_seen = False
+            if self._from_memory():
+                await self.sink.drain()
+                if self.done:
+                    return
+                if self._caught_up():
+                    self.live = True
+                    return
+                continue
             page = await hub.store.read(self.stream, self.last_seq, page_size)
             info = page.info
             if info is None:  # no such stream (yet, or any more): the first event comes live
@@ -318,11 +337,24 @@ class Subscription:
                 if info.length == 0:
                     self.last_seq = info.last_seq
                 continue
+            encs = [EncodedEvent(ev) for ev in page.events]
+            if encs:
+                hub.tails.prepend(self.stream, encs)
             delivered = 0
-            for ev in page.events:
+            whole = self._deliver_batch
+            if whole is not None and encs and not self.done and encs[0].event.seq == self.last_seq + 1:
+                # Consecutive from where it stands (pages are): every event in one write.
+                if whole(EventBatch(encs)):
+                    self.last_seq = encs[-1].event.seq
+                    delivered = len(encs)
+                else:
+                    self._die()
+                encs = []
+            for enc in encs:
+                ev = enc.event
                 if self.last_seq and ev.seq != self.last_seq + 1:
                     self._reset(Reset("gone", ev.id, self.position))
-                if self.done or not self.sink.deliver(EncodedEvent(ev)):
+                if self.done or not self.sink.deliver(enc):
                     self._die()
                     break
                 self.last_seq = ev.seq
@@ -335,18 +367,50 @@ class Subscription:
             await self.sink.drain()
             if self.done:  # stopped (or died) while the connection drained
                 return
-            if len(page.events) >= page_size:
-                continue
-            mark = self._live_mark
-            if mark is not None and (mark[0] != self.epoch or mark[1] > self.last_seq):
-                continue
-            if self._closed_seen:
+            if len(page.events) >= page_size or not self._caught_up():
                 continue
             if info.closed and self.last_seq >= info.last_seq:
                 self._finish()
                 return
             self.live = True
             return
+
+    def _from_memory(self) -> bool:
+        """Deliver what the hub's replay buffer holds after this position; False when it does
+        not reach back to it (the store must answer)."""
+        if self._store_only or self.epoch is None:
+            return False
+        hub = self._hub
+        encs = hub.buffered_after(self.stream, self.epoch, self.last_seq)
+        if encs is None:
+            return False
+        if encs:
+            whole = self._deliver_batch
+            if whole is not None:
+                if not whole(EventBatch(encs)):
+                    self._die()
+                    return True
+                self.last_seq = encs[-1].event.seq
+                n = len(encs)
+            else:
+                n = 0
+                for enc in encs:
+                    if not self.sink.deliver(enc):
+                        self._die()
+                        break
+                    self.last_seq = enc.event.seq
+                    n += 1
+            self._sent += n
+            hub.stats.replayed_memory += n
+            hub.stats.delivered += n
+        return True
+
+    def _caught_up(self) -> bool:
+        """Nothing seen live while reading is newer than what was delivered, and no close."""
+        mark = self._live_mark
+        if mark is not None and (mark[0] != self.epoch or mark[1] > self.last_seq):
+            return False
+        return not self._closed_seen
 
     async def run(self, sink: Sink) -> None:
         """Send output to ``sink`` until the stream ends or the connection dies; cancel to stop.

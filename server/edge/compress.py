@@ -22,6 +22,7 @@ class CompressionConfig:
     ws_deflate: bool = True
     ws_window_bits: int = 12
 
+
 _GZIP_NAMES = frozenset({b"gzip", b"x-gzip"})
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from server.observability.stats import EdgeStats, HubStats
 
-HUB_GAUGES = frozenset({"subscriptions"})
+HUB_GAUGES = frozenset({"subscriptions", "replay_buffered"})
 HTTP_GAUGES = frozenset({"connections_open"})
 BUS_GAUGES = frozenset({"peers"})
 STORE_SKIP = frozenset({"largest_batch"})  # a maximum: adding it up over workers means nothing
@@ -38,6 +38,8 @@ HELP: dict[str, str] = {
     "sluice_published_total": "Events committed and fanned out",
     "sluice_delivered_total": "Event deliveries handed to connections",
     "sluice_replayed_total": "Events delivered from the store while catching up",
+    "sluice_replayed_memory_total": "Events delivered from the in-memory replay buffer while catching up",
+    "sluice_replay_buffered": "Events held in the in-memory replay buffer",
     "sluice_subscriptions": "Open subscriptions",
     "sluice_subscriptions_total": "Subscriptions opened",
     "sluice_dropped_total": "Subscriptions ended because their connection could take no more",
@@ -100,7 +102,12 @@ def _counter(name: str) -> str:
 
 
 def add_record(
-    samples: Samples, record: object, prefix: str, gauges: frozenset[str], *, label: str = "key",
+    samples: Samples,
+    record: object,
+    prefix: str,
+    gauges: frozenset[str],
+    *,
+    label: str = "key",
     skip: frozenset[str] = frozenset(),
 ) -> None:
     """Add a stats dataclass's fields: ``int`` fields as counters (or gauges, if listed), and
@@ -135,7 +142,10 @@ def add_edge(samples: Samples, edge: EdgeStats) -> None:
 
 
 def collect(
-    hub: HubStats, http: object | None = None, edge: EdgeStats | None = None, bus: object | None = None,
+    hub: HubStats,
+    http: object | None = None,
+    edge: EdgeStats | None = None,
+    bus: object | None = None,
     store: object | None = None,
 ) -> Samples:
     """One worker's samples from its records (``http``: ``HttpStats``; ``bus``: ``BusStats``;

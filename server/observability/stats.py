@@ -15,6 +15,8 @@ class HubStats:
     published: int = 0  # events committed and fanned out by this worker's hub
     delivered: int = 0  # event deliveries handed to connections (one per subscriber per event)
     replayed: int = 0  # events delivered from the store during catch-up
+    replayed_memory: int = 0  # events delivered from the in-memory replay buffer during catch-up
+    replay_buffered: int = 0  # events held in the in-memory replay buffer now
     subscriptions: int = 0  # currently registered subscriptions
     subscriptions_total: int = 0
     dropped: int = 0  # subscriptions ended because their connection could take no more (gone or slow)

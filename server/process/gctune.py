@@ -59,6 +59,10 @@ class FreezePolicy:
         found = gc.collect()
         gc.freeze()
         self.after_full = gc.get_freeze_count()
-        log.debug("gc: full collection reclaimed %d objects in %.1f ms; %d frozen",
-                  found, (time.perf_counter() - started) * 1000, self.after_full)
+        log.debug(
+            "gc: full collection reclaimed %d objects in %.1f ms; %d frozen",
+            found,
+            (time.perf_counter() - started) * 1000,
+            self.after_full,
+        )
         return True

@@ -36,8 +36,10 @@ def media_type(content_type: str | None) -> str:
 
 def is_text_type(mtype: str) -> bool:
     """True for media types whose bodies are stored as text."""
-    return mtype.startswith("text/") or mtype == "application/json" or (
-        mtype.startswith("application/") and mtype.endswith("+json")
+    return (
+        mtype.startswith("text/")
+        or mtype == "application/json"
+        or (mtype.startswith("application/") and mtype.endswith("+json"))
     )
 
 
