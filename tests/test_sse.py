@@ -148,3 +148,29 @@ async def test_from_now_counts_from_the_response_head(
                 await head.wait()
                 eid = await publish(s.port, "head", "after the head")
         assert [(e.id, e.data) for e in got] == [(eid, "after the head")]
+
+
+async def test_resume_from_the_replay_buffer_and_from_the_store(
+    nursery: trio.Nursery, tmp_path: Path, backend: str
+) -> None:
+    """While a client watches the stream, a resume among the newest ``hub.replay_buffer`` events
+    is answered from memory; an older one from the store; both exact."""
+    s = await start_sluice(nursery, tmp_path, backend, hub={"replay_buffer": 4})
+    stats = s.ctx.hub.stats
+    with trio.fail_after(15):
+        async with open_sse(s.port, "/v1/streams/rb") as watcher:
+            await wait_live(s.ctx, "rb")
+            ids = [await publish(s.port, "rb", f"e{i}") for i in range(8)]
+            assert [e.id for e in await watcher.take(8)] == ids
+            assert stats.replay_buffered == 4
+            async with open_sse(s.port, "/v1/streams/rb", {"last-event-id": ids[4]}) as sse:
+                got = await sse.take(3)
+                assert [e.id for e in got] == ids[5:]
+                assert data_of(got) == ["e5", "e6", "e7"]
+                assert (stats.replayed_memory, stats.replayed) == (3, 0)
+                live = await publish(s.port, "rb", "live")
+                assert (await sse.next()).id == live
+            async with open_sse(s.port, "/v1/streams/rb", {"last-event-id": ids[1]}) as sse:
+                got = await sse.take(7)
+                assert [e.id for e in got] == [*ids[2:], live]
+                assert stats.replayed == 7  # older than the buffer: the store answered
