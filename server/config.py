@@ -133,6 +133,7 @@ class HubConfig:
     coalesce: float = 0.02
     replay_buffer: int = 1000
     replay_buffer_total: int = 50_000
+    replay_buffer_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

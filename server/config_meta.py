@@ -93,6 +93,10 @@ META: dict[str, Meta] = {
         " published streams lose theirs",
         NON_NEGATIVE_INT,
     ),
+    "hub.replay_buffer_bytes": Meta(
+        "Most bytes of event data (plus 512 per event) kept in memory for all streams of one worker",
+        NON_NEGATIVE_INT,
+    ),
     "hub.coalesce": Meta(
         "Least seconds between two fan-outs of one stream: events that come faster go out together, "
         "several per write (0: each at once)",

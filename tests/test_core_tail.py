@@ -6,7 +6,7 @@ import pytest
 
 from server.core.encoding import EncodedEvent
 from server.core.events import Event
-from server.core.tail import Tails
+from server.core.tail import EVENT_OVERHEAD, Tails
 
 
 def encs(first: int, last: int, epoch: str = "e1", stream: str = "s") -> list[EncodedEvent]:
@@ -108,3 +108,27 @@ def test_drop_and_off() -> None:
     assert off.size == 0 and off.after("s", "e1", 0) is None
     with pytest.raises(ValueError):
         Tails(per_stream=-1, total=0)
+
+
+def big(first: int, last: int, size: int, stream: str = "s") -> list[EncodedEvent]:
+    return [EncodedEvent(Event(stream, "e1", seq, "message", b"x" * size, False)) for seq in range(first, last + 1)]
+
+
+def test_bounded_in_bytes() -> None:
+    cost = 1000 + EVENT_OVERHEAD
+    tails = Tails(per_stream=100, total=1000, max_bytes=5 * cost)
+    tails.extend("a", big(1, 3, 1000, stream="a"))
+    tails.extend("b", big(1, 2, 1000, stream="b"))
+    assert tails.bytes == 5 * cost
+    tails.extend("b", big(3, 3, 1000, stream="b"))  # over: a, the least recently extended, goes
+    assert tails.get("a") is None and tails.bytes == 3 * cost
+    tails.extend("b", big(4, 9, 1000, stream="b"))  # alone and over: its oldest events go
+    assert seqs(tails.after("b", "e1", 4)) == [5, 6, 7, 8, 9]
+    assert tails.bytes == 5 * cost and tails.size == 5
+    tails.prepend("b", big(1, 4, 1000, stream="b"))  # no room in bytes: nothing joins
+    assert tails.get("b").first_seq == 5  # type: ignore[union-attr]
+    huge = Tails(per_stream=100, total=1000, max_bytes=cost)
+    huge.extend("h", big(1, 2, 5000, stream="h"))  # one event over the bound: the newest is kept
+    assert seqs(huge.after("h", "e1", 1)) == [2]
+    huge.drop("h")
+    assert (huge.size, huge.bytes) == (0, 0)

@@ -62,11 +62,13 @@ class Hub:
         coalesce: float = 0.0,
         replay_buffer: int = 0,
         replay_buffer_total: int = 0,
+        replay_buffer_bytes: int = 64 * 1024 * 1024,
         stats: HubStats | None = None,
     ) -> None:
         """``coalesce``: least seconds between two fan-out passes of one stream (see :meth:`run`).
-        ``replay_buffer`` / ``replay_buffer_total``: the replay buffer in memory (:attr:`tails`),
-        events kept per watched stream and for all of them (0: none; every catch-up reads the store)."""
+        ``replay_buffer`` / ``replay_buffer_total`` / ``replay_buffer_bytes``: the replay buffer in
+        memory (:attr:`tails`): events kept per watched stream, events and bytes for all of them
+        (0: none; every catch-up reads the store)."""
         if replay_page < 1:
             raise ValueError("replay_page must be >= 1")
         if coalesce < 0:
@@ -76,7 +78,7 @@ class Hub:
         self.coalesce = coalesce
         self.stats = stats if stats is not None else HubStats()
         # The newest events of each watched stream, for resumes that need no store read.
-        self.tails = Tails(per_stream=replay_buffer, total=replay_buffer_total)
+        self.tails = Tails(per_stream=replay_buffer, total=replay_buffer_total, max_bytes=replay_buffer_bytes)
         self._watchers: dict[str, dict[Watcher, None]] = {}
         # The newest (epoch, last_seq, closed) every watcher of a stream has been told of.
         self._heads: dict[str, tuple[str, int, bool]] = {}

@@ -9,8 +9,9 @@ reads that reach up to it), so such a resume is answered without a store read, f
 What a tail promises: every event in it was committed, in one epoch, with consecutive ``seq``.
 It does not promise to reach the stream's head (a notice may be in flight or lost): a reader that
 goes live at a tail's end still relies on the live path's gap checks, as every subscription does.
-Memory is bounded twice: ``per_stream`` events per stream and ``total`` events per worker, past
-which the least recently extended streams lose their tails.
+Memory is bounded three ways: ``per_stream`` events per stream, and ``total`` events and
+``max_bytes`` bytes (each event's data plus :data:`EVENT_OVERHEAD`) per worker, past which the
+least recently extended streams lose their tails.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from collections.abc import Sequence
 
 from server.core.encoding import EncodedEvent
 
-__all__ = ["Tail", "Tails"]
+__all__ = ["EVENT_OVERHEAD", "Tail", "Tails"]
+
+EVENT_OVERHEAD = 512  # bytes counted per event besides its data: the records and the encoded forms' framing
+
+
+def _cost(encs: Sequence[EncodedEvent]) -> int:
+    return sum(len(e.event.data) for e in encs) + EVENT_OVERHEAD * len(encs)
 
 
 class Tail:
@@ -52,21 +59,29 @@ class Tail:
 class Tails:
     """Every stream's :class:`Tail` on one worker, bounded per stream and in total."""
 
-    __slots__ = ("_size", "_tails", "per_stream", "total")
+    __slots__ = ("_bytes", "_size", "_tails", "max_bytes", "per_stream", "total")
 
-    def __init__(self, *, per_stream: int, total: int) -> None:
-        """``per_stream``: most events kept for one stream; ``total``: for all streams (0: none)."""
-        if per_stream < 0 or total < 0:
-            raise ValueError("per_stream and total must be >= 0")
-        self.per_stream = min(per_stream, total)
+    def __init__(self, *, per_stream: int, total: int, max_bytes: int = 64 * 1024 * 1024) -> None:
+        """``per_stream``: most events kept for one stream; ``total``: events for all streams;
+        ``max_bytes``: bytes for all streams, as counted by :data:`EVENT_OVERHEAD` (any 0: none)."""
+        if per_stream < 0 or total < 0 or max_bytes < 0:
+            raise ValueError("per_stream, total and max_bytes must be >= 0")
+        self.per_stream = min(per_stream, total) if max_bytes else 0
         self.total = total
+        self.max_bytes = max_bytes
         self._tails: dict[str, Tail] = {}  # least recently extended first
         self._size = 0
+        self._bytes = 0
 
     @property
     def size(self) -> int:
         """Events held, over all streams."""
         return self._size
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held, over all streams, as counted against ``max_bytes``."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._tails)
@@ -96,13 +111,16 @@ class Tails:
         if tail is not None and first.epoch == tail.epoch and first.seq <= tail.last_seq + 1:
             skip = tail.last_seq + 1 - first.seq
             if skip < len(encs):
-                tail.encs.extend(encs[skip:] if skip else encs)
-                self._size += len(encs) - skip
+                new = encs[skip:] if skip else encs
+                tail.encs.extend(new)
+                self._size += len(new)
+                self._bytes += _cost(new)
         else:
             if tail is not None:
-                self._size -= len(tail.encs)
+                self._forget(tail)
             tail = Tail(list(encs))
             self._size += len(encs)
+            self._bytes += _cost(encs)
         tails[stream] = tail
         self._trim(tail)
         self._evict()
@@ -123,25 +141,50 @@ class Tails:
         if room <= 0:
             return
         older = list(encs[: tail.first_seq - first.seq])[-room:]
+        cost = _cost(older)
+        while older and self._bytes + cost > self.max_bytes:  # keep the newest that fit
+            cost -= _cost(older[:1])
+            del older[0]
+        if not older:
+            return
         tail.encs[:0] = older
         tail.first_seq -= len(older)
         self._size += len(older)
+        self._bytes += cost
 
     def drop(self, stream: str) -> None:
         """Forget ``stream``'s tail (it was closed or deleted, or nobody here watches it)."""
         tail = self._tails.pop(stream, None)
         if tail is not None:
-            self._size -= len(tail.encs)
+            self._forget(tail)
+
+    def _forget(self, tail: Tail) -> None:
+        self._size -= len(tail.encs)
+        self._bytes -= _cost(tail.encs)
 
     def _trim(self, tail: Tail) -> None:
         excess = len(tail.encs) - self.per_stream
         if excess > 0:
+            self._bytes -= _cost(tail.encs[:excess])
             del tail.encs[:excess]
             tail.first_seq += excess
             self._size -= excess
 
     def _evict(self) -> None:
+        """Over a bound: drop the least recently extended tails; the last one left (the one just
+        extended) loses its oldest events instead, down to one."""
         tails = self._tails
-        while self._size > self.total and tails:
-            oldest = next(iter(tails))
-            self._size -= len(tails.pop(oldest).encs)
+        while self._size > self.total or self._bytes > self.max_bytes:
+            if len(tails) > 1:
+                self._forget(tails.pop(next(iter(tails))))
+                continue
+            for tail in tails.values():
+                encs, n, freed = tail.encs, 0, 0
+                while n < len(encs) - 1 and (self._size - n > self.total or self._bytes - freed > self.max_bytes):
+                    freed += len(encs[n].event.data) + EVENT_OVERHEAD
+                    n += 1
+                del encs[:n]
+                tail.first_seq += n
+                self._size -= n
+                self._bytes -= freed
+            return
