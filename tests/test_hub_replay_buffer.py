@@ -33,6 +33,15 @@ class CountingStore(MemoryStore):
         return await super().info(stream)
 
 
+def buffered_hub(buffer: int = 100) -> tuple[CountingStore, Hub]:
+    """A counting store and a hub listening to it, with a replay buffer of ``buffer`` events per
+    stream (0: none)."""
+    store = CountingStore(KEEP_ALL)
+    hub = Hub(store, replay_buffer=buffer, replay_buffer_total=10 * buffer)
+    store.set_listener(hub.on_notice)
+    return store, hub
+
+
 def after(event_id: str) -> Start:
     return parse_start(event_id, None, None)
 
@@ -45,9 +54,7 @@ async def _publish(store: MemoryStore, n: int, stream: str = "s") -> list[str]:
 
 
 async def test_a_resume_inside_the_buffer_reads_nothing_and_is_one_write() -> None:
-    store = CountingStore(KEEP_ALL)
-    hub = Hub(store, replay_buffer=100, replay_buffer_total=1000)
-    store.set_listener(hub.on_notice)
+    store, hub = buffered_hub()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await _live(hub, nursery, BatchRecorder())  # someone here watches the stream
@@ -66,9 +73,7 @@ async def test_a_resume_inside_the_buffer_reads_nothing_and_is_one_write() -> No
 
 
 async def test_without_the_buffer_the_same_resume_reads_the_store() -> None:
-    store = CountingStore(KEEP_ALL)
-    hub = Hub(store)
-    store.set_listener(hub.on_notice)
+    store, hub = buffered_hub(0)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await _live(hub, nursery, BatchRecorder())
@@ -104,9 +109,7 @@ async def test_an_older_position_reads_the_store_once_and_later_resumes_use_what
 
 
 async def test_a_hint_past_the_buffer_sends_the_resume_to_the_store() -> None:
-    store = CountingStore(KEEP_ALL)
-    hub = Hub(store, replay_buffer=100, replay_buffer_total=1000)
-    store.set_listener(hub.on_notice)
+    store, hub = buffered_hub()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await _live(hub, nursery, BatchRecorder())
@@ -127,9 +130,7 @@ async def test_a_hint_past_the_buffer_sends_the_resume_to_the_store() -> None:
 
 
 async def test_a_closed_stream_ends_a_resume_from_the_buffer_position() -> None:
-    store = CountingStore(KEEP_ALL)
-    hub = Hub(store, replay_buffer=100, replay_buffer_total=1000)
-    store.set_listener(hub.on_notice)
+    store, hub = buffered_hub()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             watcher = BatchRecorder()
@@ -146,9 +147,7 @@ async def test_a_closed_stream_ends_a_resume_from_the_buffer_position() -> None:
 
 
 async def test_the_buffer_goes_with_the_last_watcher() -> None:
-    store = CountingStore(KEEP_ALL)
-    hub = Hub(store, replay_buffer=100, replay_buffer_total=1000)
-    store.set_listener(hub.on_notice)
+    store, hub = buffered_hub()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             scope = trio.CancelScope()
