@@ -21,7 +21,7 @@ import trio
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.replay import Start
 from server.core.subscription import Sink, Subscription, Watcher
-from server.core.tail import Tails
+from server.core.tail import Tail, Tails
 from server.observability.stats import HubStats
 from server.store.base import Appended, Closed, Deleted, Notice, Store
 
@@ -107,8 +107,7 @@ class Hub:
             if not watchers:
                 del self._watchers[stream]
                 self._heads.pop(stream, None)
-                self.tails.drop(stream)
-                self.stats.replay_buffered = self.tails.size
+                self._drop_tail(stream)
 
     def watcher_count(self, stream: str) -> int:
         """How many watchers ``stream`` has on this worker."""
@@ -147,8 +146,7 @@ class Hub:
                 return
             self._fan_out(stream, EventBatch(encs))
         elif isinstance(notice, Closed):
-            self.tails.drop(notice.stream)
-            self.stats.replay_buffered = self.tails.size
+            self._drop_tail(notice.stream)
             if notice.stream not in self._watchers:
                 return
             self._newer(notice.stream, (notice.epoch, notice.last_seq, True))
@@ -157,8 +155,11 @@ class Hub:
         elif isinstance(notice, Deleted):
             # The next event has a new epoch; subscriptions reset when it arrives.
             self._heads.pop(notice.stream, None)
-            self.tails.drop(notice.stream)
-            self.stats.replay_buffered = self.tails.size
+            self._drop_tail(notice.stream)
+
+    def _drop_tail(self, stream: str) -> None:
+        self.tails.drop(stream)
+        self.stats.replay_buffered = self.tails.size
 
     def _fan_out(self, stream: str, batch: EventBatch) -> None:
         """Hand ``batch`` to every watcher of ``stream`` now, in one synchronous loop."""
@@ -301,18 +302,28 @@ class Hub:
                         delivered += w.on_appended(item)
                 stats.delivered += delivered
 
+    def buffer_covers(self, stream: str, epoch: str, seq: int) -> bool:
+        """True when :meth:`buffered_after` can answer for position (``epoch``, ``seq``)."""
+        tail = self._vouched_tail(stream)
+        return tail is not None and tail.covers(epoch, seq)
+
     def buffered_after(self, stream: str, epoch: str, seq: int) -> list[EncodedEvent] | None:
         """The committed events after position (``epoch``, ``seq``) of ``stream`` up to the newest
         this worker was told of, from the replay buffer; ``None`` when the buffer cannot say (it
         does not reach back to that position, or the stream moved past it by a hint or a close):
         the store must answer."""
+        tail = self._vouched_tail(stream)
+        return tail.after(seq) if tail is not None and tail.covers(epoch, seq) else None
+
+    def _vouched_tail(self, stream: str) -> Tail | None:
+        """``stream``'s tail if it ends at the newest head its watchers were told of."""
         tail = self.tails.get(stream)
         if tail is None:
             return None
         head = self._heads.get(stream)
         if head is None or head[2] or head[0] != tail.epoch or head[1] != tail.last_seq:
             return None
-        return self.tails.after(stream, epoch, seq)
+        return tail
 
     def on_hint(self, stream: str, epoch: str, last_seq: int, closed: bool = False) -> bool:
         """``stream`` reached ``last_seq`` of ``epoch`` (and is ``closed``), as another worker or

@@ -287,7 +287,7 @@ class Subscription:
     async def _plan(self) -> None:
         hub, start = self._hub, self.start
         pos = start.position
-        if pos is not None and hub.buffered_after(self.stream, pos.epoch, pos.seq) is not None:
+        if pos is not None and hub.buffer_covers(self.stream, pos.epoch, pos.seq):
             # Committed events follow on from the client's id in its own epoch: the exact resume
             # the store would plan, without asking it.
             self.epoch, self.last_seq = pos.epoch, pos.seq
@@ -341,14 +341,9 @@ class Subscription:
             if encs:
                 hub.tails.prepend(self.stream, encs)
             delivered = 0
-            whole = self._deliver_batch
-            if whole is not None and encs and not self.done and encs[0].event.seq == self.last_seq + 1:
+            if encs and not self.done and encs[0].event.seq == self.last_seq + 1:
                 # Consecutive from where it stands (pages are): every event in one write.
-                if whole(EventBatch(encs)):
-                    self.last_seq = encs[-1].event.seq
-                    delivered = len(encs)
-                else:
-                    self._die()
+                delivered = self._deliver_run(encs)
                 encs = []
             for enc in encs:
                 ev = enc.event
@@ -385,25 +380,30 @@ class Subscription:
         if encs is None:
             return False
         if encs:
-            whole = self._deliver_batch
-            if whole is not None:
-                if not whole(EventBatch(encs)):
-                    self._die()
-                    return True
-                self.last_seq = encs[-1].event.seq
-                n = len(encs)
-            else:
-                n = 0
-                for enc in encs:
-                    if not self.sink.deliver(enc):
-                        self._die()
-                        break
-                    self.last_seq = enc.event.seq
-                    n += 1
+            n = self._deliver_run(encs)
             self._sent += n
             hub.stats.replayed_memory += n
             hub.stats.delivered += n
         return True
+
+    def _deliver_run(self, encs: list[EncodedEvent]) -> int:
+        """Hand the sink ``encs``, which follow on from ``last_seq``: in one write when it takes
+        batches; returns how many it took (dying at the first refusal)."""
+        whole = self._deliver_batch
+        if whole is not None:
+            if not whole(EventBatch(encs)):
+                self._die()
+                return 0
+            self.last_seq = encs[-1].event.seq
+            return len(encs)
+        n = 0
+        for enc in encs:
+            if not self.sink.deliver(enc):
+                self._die()
+                break
+            self.last_seq = enc.event.seq
+            n += 1
+        return n
 
     def _caught_up(self) -> bool:
         """Nothing seen live while reading is newer than what was delivered, and no close."""

@@ -138,6 +138,7 @@ class CorsPolicy:
     _headers: frozenset[str] = field(init=False, repr=False)
     _common: list[tuple[bytes, bytes]] = field(init=False, repr=False)
     _preflight: list[tuple[bytes, bytes]] = field(init=False, repr=False)
+    _expose: list[tuple[bytes, bytes]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -152,6 +153,8 @@ class CorsPolicy:
             (b"access-control-allow-headers", ", ".join(h.lower() for h in cfg.allow_headers).encode()),
             (b"access-control-max-age", str(cfg.max_age).encode()),
         ]
+        expose = ", ".join(h.lower() for h in cfg.expose_headers).encode()
+        self._expose = [(b"access-control-expose-headers", expose)] if cfg.expose_headers else []
 
     def origin_allowed(self, origin: bytes | None) -> bool:
         """True when ``origin`` (the raw ``Origin`` header) is on the HTTP allow-list.
@@ -177,11 +180,7 @@ class CorsPolicy:
         """
         if origin is None or not self._http.matches(origin):
             return []
-        headers = self._allow_origin(origin)
-        if self.config.expose_headers:
-            value = ", ".join(h.lower() for h in self.config.expose_headers).encode()
-            headers.append((b"access-control-expose-headers", value))
-        return headers
+        return [*self._allow_origin(origin), *self._expose]
 
     def preflight(
         self, origin: bytes | None, request_method: bytes | None, request_headers: bytes | None

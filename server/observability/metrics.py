@@ -22,7 +22,7 @@ records are read through :func:`dataclasses.fields`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from server.observability.stats import EdgeStats, HubStats
@@ -179,16 +179,3 @@ def render(samples: Samples) -> bytes:
         lines += [f"# TYPE {name} {kind}"]
         lines += [f"{sample_key} {value}" for sample_key, value in sorted(entries)]
     return ("\n".join(lines) + "\n").encode()
-
-
-def render_metrics(hub: HubStats, http: object | None = None, edge: EdgeStats | None = None) -> bytes:
-    """This worker's records alone, rendered (no other worker's snapshot)."""
-    return render(collect(hub, http, edge))
-
-
-def total(parts: Iterable[Samples]) -> Samples:
-    """The sum of ``parts`` (counters and gauges)."""
-    out = Samples()
-    for part in parts:
-        out.add(part)
-    return out

@@ -84,16 +84,9 @@ def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Ha
         req = ex.request
         path = req.path
         method = req.method
-        guard = ctx.guard
-        if guard is not None and path.startswith("/v1/"):
-            return guard.serve(ex, partial(resolve, ex))
-        if path.startswith(PREFIX):
-            (handler, _, _), stream = _stream_endpoint(path, method)
-            return handler(ex, ctx, stream, OPEN)
-        if path == "/v1/ws":
-            if method != "GET":
-                raise _not_allowed(["GET"])
-            return handle_ws(ex, ctx, OPEN)
+        if path.startswith("/v1/"):
+            guard = ctx.guard
+            return resolve(ex).call(ex, OPEN) if guard is None else guard.serve(ex, partial(resolve, ex))
         if path == "/healthz":
             if method != "GET":
                 raise _not_allowed(["GET"])
