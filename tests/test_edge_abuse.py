@@ -147,6 +147,19 @@ def rapid_reset(pairs: int, first_sid: int = 1, encoder: hpack.Encoder | None = 
     return bytes(out)
 
 
+async def _status_of(stream: trio.SocketStream, sid: int) -> tuple[str, bytes]:
+    """Read HTTP/2 frames until stream ``sid``'s response HEADERS: its ``:status`` and every byte read."""
+    data = bytearray()
+    decoder = hpack.Decoder()
+    while True:
+        chunk = await stream.receive_some(65536)
+        assert chunk
+        data += chunk
+        for kind, _flags, fsid, payload in h2_frames(bytes(data)):
+            if kind == HEADERS and fsid == sid:
+                return dict(decoder.decode(payload))[":status"], bytes(data)
+
+
 async def _attack(s: Running, source: str, payload: bytes) -> int | None:
     stream = await connect_from(source, s.port)
     async with stream:
@@ -194,16 +207,7 @@ async def test_h2_resets_within_budget_leave_no_handlers(nursery: trio.Nursery, 
                     [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "t")]
                 ))
             )
-            data = bytearray()
-            decoder = hpack.Decoder()
-            status = None
-            while status is None:
-                chunk = await stream.receive_some(65536)
-                assert chunk
-                data += chunk
-                for kind, _flags, fsid, payload in h2_frames(bytes(data)):
-                    if kind == HEADERS and fsid == sid:
-                        status = dict(decoder.decode(payload))[":status"]
+            status, data = await _status_of(stream, sid)
             assert status == "200"
             assert goaway_code(bytes(data)) is None
             while s.ctx.hub._watchers.get("rr"):  # reset streams' handlers are gone
@@ -250,16 +254,7 @@ async def test_h2_huge_header_list_is_refused(nursery: trio.Nursery, tmp_path: P
             stream = await trio.open_tcp_stream("127.0.0.1", s.port)
             async with stream:
                 await stream.send_all(PREFACE + h2_frame(SETTINGS, 0, 0) + h2_frame(HEADERS, 0x5, 1, big))
-                data = bytearray()
-                decoder = hpack.Decoder()
-                status = None
-                while status is None:
-                    chunk = await stream.receive_some(65536)
-                    assert chunk
-                    data += chunk
-                    for kind, _flags, fsid, payload in h2_frames(bytes(data)):
-                        if kind == HEADERS and fsid == 1:
-                            status = dict(decoder.decode(payload))[":status"]
+                status, data = await _status_of(stream, 1)
                 assert status == "431"
                 # the second x-big is in the encoder's dynamic table: each repeat costs ~1 byte
                 bomb = encoder.encode([*fields, *[("x-big", "v" * 3000)] * 200])
