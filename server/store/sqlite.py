@@ -36,6 +36,7 @@ from server.store.sqlite_ops import (
     Outcome,
     TrimOp,
     WriteOp,
+    WriterState,
     commit_batch,
     read_heads,
     read_info,
@@ -119,6 +120,7 @@ class SqliteStore(Store):
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(len(self._readers))
         self._inflight: list[_Request] = []
+        self._writer_state = WriterState()  # touched only by the writer's thread calls
         self._closing = False
         self._failure: Exception | None = None
         self._writer_done = trio.Event()
@@ -229,7 +231,8 @@ class SqliteStore(Store):
         ops = [request.op for request in batch]
         try:
             outcomes = await trio.to_thread.run_sync(
-                commit_batch, self._writer, ops, now, self._retention, limiter=self._write_limiter
+                commit_batch, self._writer, ops, now, self._retention, self._writer_state,
+                limiter=self._write_limiter,
             )
         except BatchFailed as exc:
             self.stats.failed_commits += 1

@@ -67,6 +67,35 @@ class Outcome:
     notices: list[Notice] = field(default_factory=list)
 
 
+FORGET_KEYS_INTERVAL = 1.0
+"""Seconds between sweeps of expired idempotency keys by :func:`commit_batch` (an expired key
+is ignored when looked up, so the sweep only reclaims space)."""
+
+OLDEST_TS_ENTRIES = 65_536
+"""Most streams :class:`WriterState` remembers a lower bound of the oldest event's stamp for."""
+
+
+@dataclass(slots=True)
+class WriterState:
+    """What one writing connection remembers between batches, to skip statements; owned by the
+    one thread that commits on that connection.
+
+    ``oldest_ts[stream]`` is a stamp no retained event of ``stream`` is older than. It stays true
+    whatever any writer does later: appends stamp events no older than the stream's newest, trims
+    drop the oldest, and a stream created again stamps its events with the time of its creation
+    (a wall clock stepping back only delays an expiry, which :func:`trim_expired` sweeps).
+    """
+
+    oldest_ts: dict[str, float] = field(default_factory=dict)
+    keys_forgotten_at: float = float("-inf")
+
+    def learn(self, stream: str, ts: float) -> None:
+        """Remember that no retained event of ``stream`` is older than ``ts``."""
+        if len(self.oldest_ts) >= OLDEST_TS_ENTRIES and stream not in self.oldest_ts:
+            self.oldest_ts.clear()
+        self.oldest_ts[stream] = ts
+
+
 class BatchFailed(Exception):
     """The batch's transaction could not be committed and was rolled back: none of it happened."""
 
@@ -94,6 +123,24 @@ def _load(conn: sqlite3.Connection, stream: str) -> _Row | None:
     return _Row(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
 
 
+def _load_keyed(
+    conn: sqlite3.Connection, stream: str, key: str
+) -> tuple[_Row | None, tuple[str, int, int, float] | None]:
+    """The stream's row and its idempotency key's record ``(epoch, first_seq, count, ts)``, in one
+    statement."""
+    r = conn.execute(
+        "SELECT s.epoch, s.last_seq, s.first_seq, s.length, s.bytes, s.closed, s.last_ts,"
+        " k.epoch, k.first_seq, k.count, k.ts"
+        " FROM streams AS s LEFT JOIN idempotency AS k ON k.stream = s.name AND k.key = ?"
+        " WHERE s.name = ?",
+        (key, stream),
+    ).fetchone()
+    if r is None:
+        return None, None
+    row = _Row(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
+    return row, (None if r[7] is None else (r[7], r[8], r[9], r[10]))
+
+
 def _save(conn: sqlite3.Connection, stream: str, row: _Row) -> None:
     conn.execute(
         "INSERT OR REPLACE INTO streams (name, epoch, last_seq, first_seq, length, bytes, closed, last_ts)"
@@ -119,16 +166,19 @@ def _drop_before(conn: sqlite3.Connection, stream: str, row: _Row, cut: int) -> 
     row.first_seq = cut if row.length else 0
 
 
-def _enforce(conn: sqlite3.Connection, stream: str, row: _Row, now: float, retention: Retention) -> None:
+def _enforce(
+    conn: sqlite3.Connection, stream: str, row: _Row, now: float, retention: Retention, *, state: WriterState
+) -> None:
     """Apply the retention limits to ``stream`` after an append; its newest event always stays."""
-    if retention.max_age > 0:
+    cutoff = now - retention.max_age
+    if retention.max_age > 0 and state.oldest_ts.get(stream, cutoff) <= cutoff:
         # Stamps never decrease within a stream, so the expired events are a prefix. The unary
         # plus keeps the planner on the primary key instead of the global ts index.
         r = conn.execute(
-            "SELECT seq FROM events WHERE stream = ? AND +ts >= ? ORDER BY seq LIMIT 1",
-            (stream, now - retention.max_age),
+            "SELECT seq, ts FROM events WHERE stream = ? AND +ts >= ? ORDER BY seq LIMIT 1", (stream, cutoff)
         ).fetchone()
         _drop_before(conn, stream, row, row.last_seq if r is None else r[0])
+        state.learn(stream, row.last_ts if r is None else r[1])
     if 0 < retention.max_events < row.length:
         _drop_before(conn, stream, row, row.last_seq - retention.max_events + 1)
     if 0 < retention.max_bytes < row.nbytes and row.length > 1:
@@ -147,14 +197,14 @@ def _enforce(conn: sqlite3.Connection, stream: str, row: _Row, now: float, reten
         _drop_before(conn, stream, row, cut)
 
 
-def _append(conn: sqlite3.Connection, op: AppendOp, now: float, retention: Retention) -> Outcome:
+def _append(conn: sqlite3.Connection, op: AppendOp, now: float, retention: Retention, state: WriterState) -> Outcome:
     stream = op.stream
-    row = _load(conn, stream)
-    if row is not None and op.key is not None:
-        k = conn.execute(
-            "SELECT epoch, first_seq, count, ts FROM idempotency WHERE stream = ? AND key = ?", (stream, op.key)
-        ).fetchone()
-        if k is not None and k[0] == row.epoch and _key_live(k[3], now, retention.idempotency_window):
+    if op.key is None:
+        row = _load(conn, stream)
+    else:
+        row, k = _load_keyed(conn, stream, op.key)
+        window = retention.idempotency_window
+        if row is not None and k is not None and k[0] == row.epoch and _key_live(k[3], now, window):
             ids = [format_id(k[0], k[1] + i) for i in range(k[2])]
             return Outcome(AppendResult(ids=ids, duplicate=True))
     if row is None:
@@ -174,7 +224,7 @@ def _append(conn: sqlite3.Connection, op: AppendOp, now: float, retention: Reten
     row.last_ts = stamp
     row.length += len(events)
     row.nbytes += sum(len(e.data) for e in events)
-    _enforce(conn, stream, row, now, retention)
+    _enforce(conn, stream, row, now, retention, state=state)
     _save(conn, stream, row)
     if op.key is not None:
         conn.execute(
@@ -231,9 +281,9 @@ def _trim(conn: sqlite3.Connection, now: float, retention: Retention) -> Outcome
     return Outcome(sum(count for _, count, _, _ in per_stream))
 
 
-def _apply(conn: sqlite3.Connection, op: WriteOp, now: float, retention: Retention) -> Outcome:
+def _apply(conn: sqlite3.Connection, op: WriteOp, now: float, retention: Retention, state: WriterState) -> Outcome:
     if isinstance(op, AppendOp):
-        return _append(conn, op, now, retention)
+        return _append(conn, op, now, retention, state)
     if isinstance(op, CloseOp):
         return _close(conn, op, now)
     if isinstance(op, DeleteOp):
@@ -241,11 +291,13 @@ def _apply(conn: sqlite3.Connection, op: WriteOp, now: float, retention: Retenti
     return _trim(conn, now, retention)
 
 
-def _apply_isolated(conn: sqlite3.Connection, op: WriteOp, now: float, retention: Retention) -> Outcome:
+def _apply_isolated(
+    conn: sqlite3.Connection, op: WriteOp, now: float, retention: Retention, state: WriterState
+) -> Outcome:
     """Apply ``op`` under a savepoint: if it fails, only its own changes are undone."""
     conn.execute("SAVEPOINT op")
     try:
-        outcome = _apply(conn, op, now, retention)
+        outcome = _apply(conn, op, now, retention, state)
     except sqlite3.ProgrammingError:
         raise
     except Exception as exc:
@@ -256,23 +308,52 @@ def _apply_isolated(conn: sqlite3.Connection, op: WriteOp, now: float, retention
     return outcome
 
 
-def commit_batch(conn: sqlite3.Connection, ops: Sequence[WriteOp], now: float, retention: Retention) -> list[Outcome]:
-    """Apply ``ops`` in order in ONE transaction and commit it; return one outcome per op.
+def _apply_all(
+    conn: sqlite3.Connection, ops: Sequence[WriteOp], now: float, retention: Retention, state: WriterState
+) -> list[Outcome]:
+    """Apply ``ops`` in the open transaction: without savepoints while none raises; if one does,
+    everything is rolled back and applied again, each op under its own savepoint."""
+    try:
+        return [_apply(conn, op, now, retention, state) for op in ops]
+    except sqlite3.ProgrammingError:
+        raise
+    except Exception:
+        conn.execute("ROLLBACK")
+        state.oldest_ts.clear()  # what the undone attempt learned may not hold
+        conn.execute("BEGIN IMMEDIATE")
+        return [_apply_isolated(conn, op, now, retention, state) for op in ops]
 
-    Raises :class:`BatchFailed` (everything rolled back) if the transaction cannot be committed.
-    Any other exception means the connection is unusable.
+
+def commit_batch(
+    conn: sqlite3.Connection,
+    ops: Sequence[WriteOp],
+    now: float,
+    retention: Retention,
+    state: WriterState | None = None,
+) -> list[Outcome]:
+    """Apply ``ops`` in order in ONE transaction and commit it; return one outcome per op (an op
+    that raised has its error as its outcome, and none of its changes).
+
+    ``state`` is the connection's :class:`WriterState` (a fresh one when omitted). Raises
+    :class:`BatchFailed` (everything rolled back) if the transaction cannot be committed. Any
+    other exception means the connection is unusable.
     """
+    if state is None:
+        state = WriterState()
     try:
         conn.execute("BEGIN IMMEDIATE")
-        outcomes = [_apply_isolated(conn, op, now, retention) for op in ops]
-        if any(isinstance(op, AppendOp) and op.key is not None for op in ops):
+        outcomes = _apply_all(conn, ops, now, retention, state)
+        keyed = any(isinstance(op, AppendOp) and op.key is not None for op in ops)
+        if keyed and not 0 <= now - state.keys_forgotten_at < FORGET_KEYS_INTERVAL:
             _forget_keys(conn, now, retention.idempotency_window)
+            state.keys_forgotten_at = now
         conn.execute("COMMIT")
     except sqlite3.ProgrammingError:
         raise
     except sqlite3.Error as exc:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        state.oldest_ts.clear()
         raise BatchFailed(str(exc)) from exc
     return outcomes
 
