@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.edge.auth import extract_token
 from server.edge.limits import (
     ADDRESS,
     MAX_RETRY_AFTER,
@@ -422,6 +423,16 @@ def test_cookie_key() -> None:
     assert limits.check("subscribe", "s", one, 0.0) == 0.0
     assert limits.check("subscribe", "s", one, 0.0) > 0.0
     assert limits.check("subscribe", "s", two, 0.0) == 0.0
+
+
+def test_a_cookie_key_is_read_as_the_auth_token_cookie_is() -> None:
+    limits = RateLimits([RateRule("subscribe", 1, 1, key=KeySource("cookie", "sid"))])
+    quoted = request_key_of("a", headers={"cookie": 'theme=dark;  sid = "one" '})
+    plain = request_key_of("b", headers={"cookie": "sid=one"})
+    assert quoted(KeySource("cookie", "sid")) == "one"
+    assert extract_token([(b"cookie", b'theme=dark;  sid = "one" ')], None, cookie_name="sid") == "one"
+    assert limits.check("subscribe", "s", quoted, 0.0) == 0.0
+    assert limits.check("subscribe", "s", plain, 0.0) > 0.0  # the same key: one bucket
 
 
 def test_publish_bytes_cost_and_oversize() -> None:

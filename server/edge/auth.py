@@ -41,6 +41,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from server.edge.cookies import cookie_value
 from server.edge.patterns import PatternSet
 
 Action = Literal["subscribe", "publish"]
@@ -230,9 +231,8 @@ def extract_token(
 
     Precedence: ``Authorization: Bearer`` > ``query_param`` > ``cookie_name`` cookie. Other
     ``Authorization`` schemes are ignored; empty values count as absent. ``query`` is a mapping or
-    the raw query string (percent-decoded here). Cookies are read by a small parser over every
-    ``Cookie`` header (HTTP/2 splits them), first occurrence wins, quotes stripped; not
-    ``http.cookies``, which drops all cookies after one it cannot parse. Raises a 401
+    the raw query string (percent-decoded here). The cookie is read by
+    :func:`~server.edge.cookies.cookie_value` over every ``Cookie`` header. Raises a 401
     :class:`AuthError` for two Bearer tokens or two query tokens, and for a token longer than
     ``max_token_bytes``.
     """
@@ -259,16 +259,8 @@ def extract_token(
         found = query.get(query_param) if query is not None else None
     if found:
         return _sized(found, max_token_bytes)
-    target = cookie_name.encode("latin-1")
-    for header in cookies:
-        for part in header.split(b";"):
-            key, eq, value = part.strip().partition(b"=")
-            if eq and key.strip() == target:
-                value = value.strip()
-                if len(value) >= 2 and value[:1] == value[-1:] == b'"':
-                    value = value[1:-1]
-                return _sized(value.decode("latin-1"), max_token_bytes) if value else None
-    return None
+    cookie = cookie_value((header.decode("latin-1") for header in cookies), cookie_name)
+    return _sized(cookie, max_token_bytes) if cookie else None
 
 
 def _sized(token: str, max_token_bytes: int) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from server.edge.cookies import cookie_value
 from server.edge.patterns import compile_pattern
 
 Route = Literal["connect", "subscribe", "publish", "publish_bytes"]
@@ -475,7 +476,8 @@ def request_key_of(
     claims: Mapping[str, object] | None = None,
 ) -> Callable[[KeySource], str | None]:
     """A ``key_of`` for :meth:`RateLimits.check` over plain request parts: lower-case header names,
-    decoded query, the verified JWT claims. Cookies come from the ``cookie`` header. Claims that
+    decoded query, the verified JWT claims. Cookies come from the ``cookie`` header, read as the auth
+    token's cookie is (:func:`~server.edge.cookies.cookie_value`). Claims that
     are not strings or integers count as absent."""
 
     def key_of(source: KeySource) -> str | None:
@@ -487,11 +489,7 @@ def request_key_of(
         if kind == "query":
             return query.get(source.name) if query else None
         if kind == "cookie":
-            for part in (headers or {}).get("cookie", "").split(";"):
-                name, sep, value = part.strip().partition("=")
-                if sep and name == source.name:
-                    return value
-            return None
+            return cookie_value([headers.get("cookie", "")], source.name) if headers else None
         claim = claims.get(source.name) if claims else None
         return str(claim) if isinstance(claim, str | int) and not isinstance(claim, bool) else None
 
