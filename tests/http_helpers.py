@@ -83,6 +83,8 @@ class App:
             raise RuntimeError("boom")
         elif path == "/silent":
             return
+        elif path == "/header":  # a response with one header field as the query gives it
+            await ex.respond(200, [("x-value", req.query.get("v", ""))], b"ok")
         elif path == "/empty":
             await ex.respond(204, [("x-done", "1")])
         else:

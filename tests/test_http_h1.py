@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 
+import h11
 import pytest
 import trio
 
@@ -251,6 +252,49 @@ async def test_handler_errors_become_json() -> None:
             assert data.startswith(b"HTTP/1.1 200 ")
             assert b"content-length: 10\r\n" in data
             assert data.endswith(b"\r\n\r\n")  # no body after a HEAD response
+
+
+async def _raw_response(sock: trio.socket.SocketType, body_size: int) -> bytes:
+    """One response's bytes as sent: its head and a ``body_size`` byte body."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < body_size:
+        more = await sock.recv(65536)
+        assert more, f"EOF in a response: {data!r}"
+        data += more
+    return data
+
+
+async def test_a_small_complete_response_is_the_bytes_h11_would_write() -> None:
+    # Written by hand (H1Exchange._by_hand), the bytes must be h11's, and the connection goes on.
+    with trio.fail_after(10):
+        async with running_server() as (server, port, _app):
+            sock = await connect(port)
+            for value in (b"a", b"b  c", b""):
+                request = b"GET /header?v=" + value.replace(b" ", b"%20") + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+                h = h11.Connection(h11.SERVER)
+                h.receive_data(request)
+                assert isinstance(h.next_event(), h11.Request) and h.next_event() == h11.EndOfMessage()
+                headers = [(b"x-value", value), (b"content-length", b"2")]
+                expected = h.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
+                expected += h.send(h11.Data(data=b"ok")) + h.send(h11.EndOfMessage())
+                await sock.send(request)
+                assert await _raw_response(sock, 2) == expected
+            assert server.stats.connections_total == 1
+            sock.close()
+
+
+async def test_a_header_value_h11_refuses_is_never_written() -> None:
+    with trio.fail_after(10):
+        async with running_server() as (_, port, _app):
+            sock = await connect(port)
+            buf = bytearray()
+            await sock.send(b"GET /header?v=a%0D%0Ax-injected:%201 HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, headers, body = await read_response(sock, buf)
+            assert status == 500 and "x-injected" not in headers and "x-value" not in headers
+            await sock.send(b"GET /header?v=fine HTTP/1.1\r\nHost: t\r\n\r\n")  # the connection goes on
+            status, headers, body = await read_response(sock, buf)
+            assert (status, headers["x-value"], body) == (200, "fine", b"ok")
+            sock.close()
 
 
 async def test_http10_streaming_is_close_delimited() -> None:

@@ -12,7 +12,9 @@ While a streaming response (SSE) runs after its request was read in full, h11's 
 the h11 connection is dropped (about 1 KiB an idle stream need not keep), pipelined bytes are held
 as they are, and the chunked body is ended by hand (``0 CRLF CRLF``). When the stream ends, a keep-
 alive connection gets a fresh h11 connection fed with the held bytes: h11's state after a finished
-exchange is just that of a new connection.
+exchange is just that of a new connection. A small complete response to a request read in full
+(a publish's ``201``) is written by hand the same way (``H1Exchange._by_hand``): building it
+through h11 costs more than the rest of the answer.
 """
 
 from __future__ import annotations
@@ -147,6 +149,18 @@ class H1Driver:
         assert h.our_state is h11.SEND_BODY and h.their_state in (h11.DONE, h11.MUST_CLOSE)
         held, closed = h.trailing_data
         self._keep = h.their_state is h11.DONE and not closed
+        self._held = held
+        self.h = _PARKED
+
+    def drop_h11(self) -> None:
+        """Drop h11's state after a complete response the exchange wrote by hand (see
+        ``H1Exchange._by_hand``: the request was read in full and the connection stays open); as
+        after a parked stream, the next request gets a fresh h11 connection fed with the held
+        input."""
+        h = self.h
+        assert h.our_state is h11.SEND_RESPONSE and h.their_state is h11.DONE
+        held, closed = h.trailing_data
+        self._keep = not closed
         self._held = held
         self.h = _PARKED
 

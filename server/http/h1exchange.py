@@ -8,6 +8,7 @@ ends the body correctly).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,11 @@ if TYPE_CHECKING:
 BODY_SLICE = 64 * 1024  # large full responses are written in slices of this size, with backpressure
 _NO_BODY_STATUS = frozenset({204, 304})
 _CLOSING_STATUS = frozenset({408, 413})  # errors about the request body: the connection ends after them
+# what h11 accepts when it writes a field (h11._abnf): a lower-case token, and a value without
+# NUL, CR, LF, FF or VT and without leading or trailing blanks
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+_FRAMING = frozenset({b"transfer-encoding", b"connection"})
 
 
 class H1Exchange:
@@ -220,18 +226,24 @@ class H1Exchange:
     def _head(self, status: int, headers: list[tuple[str, str]], length: int | None) -> bytes:
         if self._answered:
             raise RuntimeError("this request has already been answered")
-        self._answered = True
-        self._settle()
         raw = encode_headers(headers)
         if length is not None and status != 204:  # RFC 9110 8.6: never on a 204
             raw.append((b"content-length", b"%d" % length))
         if self._body is None or self._close_after or self._d.closing:
             raw.append((b"connection", b"close"))
+        # validated before anything is sent: a field h11 refuses leaves the request unanswered (a 500)
+        response = h11.Response(status_code=status, headers=raw, reason=reason_phrase(status))
+        self._answered = True
+        self._settle()
         self._body_ok = self.request.method != "HEAD" and status not in _NO_BODY_STATUS and status >= 200
-        return self._d.h.send(h11.Response(status_code=status, headers=raw, reason=reason_phrase(status)))
+        return self._d.h.send(response)
 
     async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"") -> None:
         """Send a complete response with ``content-length``; large bodies go out with backpressure."""
+        data = self._by_hand(status, headers, body)
+        if data is not None:
+            self._outbox.write(data)
+            return
         h = self._d.h
         data = self._head(status, headers, len(body))
         outbox = self._outbox
@@ -248,6 +260,40 @@ class H1Exchange:
             if not outbox.write(h.send(h11.Data(data=body[start : start + BODY_SLICE]))):
                 raise trio.BrokenResourceError("client went away")
         outbox.write(h.send(h11.EndOfMessage()))
+
+    def _by_hand(self, status: int, headers: list[tuple[str, str]], body: bytes) -> bytes | None:
+        """A complete response's bytes, written without h11 where all it would add is bookkeeping
+        (the common answer to a publish): an HTTP/1.1 request read in full, on a connection that
+        stays open, a small body that may be sent, and header fields h11 would pass as they are.
+        h11's state is then dropped as for a parked stream: the next request gets a fresh one.
+        ``None``: h11 writes this response."""
+        d = self._d
+        h = d.h
+        if (
+            self._answered
+            or self._body is None
+            or not self._http11
+            or self._close_after
+            or d.closing
+            or status < 200
+            or status in _NO_BODY_STATUS
+            or len(body) > BODY_SLICE
+            or self.request.method == "HEAD"
+            or h.our_state is not h11.SEND_RESPONSE
+            or h.their_state is not h11.DONE
+            or h.trailing_data[1]
+        ):
+            return None
+        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason_phrase(status))]
+        for name, value in encode_headers(headers):
+            if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value) or name in _FRAMING:
+                return None  # h11 refuses it or frames it: its own path says how
+            lines.append(b"%b: %b\r\n" % (name, value))
+        lines.append(b"content-length: %d\r\n\r\n" % len(body))
+        self._answered = True
+        self._settle()
+        d.drop_h11()
+        return b"".join(lines) + body
 
     async def open_stream(self, status: int, headers: list[tuple[str, str]]) -> H1Exchange:
         """Send the head of a streaming response (chunked for HTTP/1.1 clients) and return it.
