@@ -22,9 +22,10 @@ import os
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Literal
 
+from server.config_check import cross_check
 from server.config_meta import (
     ANY_PATH,
     META,
@@ -33,8 +34,11 @@ from server.config_meta import (
     POSITIVE_SECONDS,
     Meta,
     Rule,
+    plain_value,
+    toml_literal,
 )
-from server.edge.auth import AuthConfig, Verifier
+from server.config_meta import ConfigError as ConfigError  # noqa: PLC0414 (re-exported: its public home)
+from server.edge.auth import AuthConfig
 from server.edge.compress import CompressionConfig
 from server.edge.cors import CorsConfig
 from server.edge.limits import LimitsConfig
@@ -49,19 +53,6 @@ Kind = Literal["int", "float", "str", "path", "choice", "bool", "list", "optlist
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 SighupAction = Literal["restart", "certificate"]
 Backend = Literal["sqlite", "memory"]
-
-
-class ConfigError(Exception):
-    """An invalid configuration. ``key`` (``section.key``) and ``source`` say what and where."""
-
-    def __init__(self, reason: str, *, key: str | None = None, source: str | None = None) -> None:
-        self.reason = reason
-        self.key = key
-        self.source = source
-        text = f"config error: {key}: {reason}" if key else f"config error: {reason}"
-        if source:
-            text += f" (from {source})"
-        super().__init__(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,18 +182,9 @@ class Config:
         """``{section: {key: value}}`` for every key (``None`` for unset optional values), as plain
         TOML/JSON values: lists for tuples, tables for entries."""
         return {
-            section: {key: _plain_value(getattr(getattr(self, section), key)) for key in keys}
+            section: {key: plain_value(getattr(getattr(self, section), key)) for key in keys}
             for section, keys in KEYS.items()
         }
-
-
-def _plain_value(value: object) -> Any:
-    if isinstance(value, tuple | list):
-        return [_plain_value(v) for v in value]
-    if is_dataclass(value) and not isinstance(value, type):
-        items = ((f.name, getattr(value, f.name)) for f in fields(value))
-        return {k: v if isinstance(v, str | int | float) else str(v) for k, v in items if v is not None}
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,21 +209,6 @@ class KeySpec:
     def env_var(self) -> str:
         """The environment variable that sets this key."""
         return f"{ENV_PREFIX}{self.section.upper()}_{self.key.upper()}"
-
-
-def _toml(value: object) -> str:
-    """``value`` as a TOML literal (also used to show values in error messages)."""
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if is_dataclass(value) and not isinstance(value, type):  # a table entry
-        value = _plain_value(value)
-    if isinstance(value, dict):  # an inline table
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    return repr(value)
 
 
 def _kind(tp: Any) -> Kind:
@@ -291,7 +258,7 @@ def _spec(section: str, f: Field[Any], tp: Any) -> KeySpec:
         meta = Meta(UNDOCUMENTED)
     if kind == "choice":
         choices = tuple(typing.get_args(tp))
-        rule = Rule("one of " + ", ".join(_toml(c) for c in choices), lambda v: v in choices)
+        rule = Rule("one of " + ", ".join(toml_literal(c) for c in choices), lambda v: v in choices)
     else:
         rule = meta.rule or _DEFAULT_RULES[kind]
     default = f.default if f.default is not MISSING else typing.cast(Callable[[], object], f.default_factory)()
@@ -371,7 +338,7 @@ def resolve_config(
             if section not in KEYS:
                 raise ConfigError(f"unknown section{_hint(section, KEYS)}", key=f"[{section}]", source=path)
             if not isinstance(table, dict):
-                raise ConfigError(f"must be a table ([{section}]), got {_toml(table)}", key=section, source=path)
+                raise ConfigError(f"must be a table ([{section}]), got {toml_literal(table)}", key=section, source=path)
             for key, raw in table.items():
                 put(section, key, raw, path, text=False)
     for var, text in sorted(env.items()):
@@ -393,7 +360,7 @@ def resolve_config(
             given = [sources[f"{section}.{k}"] for k in vals if f"{section}.{k}" in sources]
             raise ConfigError(str(exc), key=f"[{section}]", source=given[0] if given else None) from None
     config = Config(**built)
-    _cross_check(config, sources)
+    cross_check(config, sources)
     return Resolved(config, dict(sources), path)
 
 
@@ -485,65 +452,11 @@ def _convert(spec: KeySpec, raw: object, source: str, text: bool) -> object:
         value = _coerce(spec, raw, text)
     except (TypeError, ValueError) as exc:
         detail = f" ({exc})" if spec.kind == "tables" and str(exc) else ""
-        raise ConfigError(f"must be {spec.rule.what}{detail}, got {_toml(raw)}", key=spec.name, source=source) from None
+        got = toml_literal(raw)
+        raise ConfigError(f"must be {spec.rule.what}{detail}, got {got}", key=spec.name, source=source) from None
     if value is not None and not spec.rule.test(value):
-        raise ConfigError(f"must be {spec.rule.what}, got {_toml(value)}", key=spec.name, source=source)
+        raise ConfigError(f"must be {spec.rule.what}, got {toml_literal(value)}", key=spec.name, source=source)
     return value
 
 
-def _cross_check(config: Config, sources: Mapping[str, str]) -> None:
-    """Constraints between keys, and the TLS files. Blames the key the user set."""
 
-    def at_most(low: str, high: str) -> None:
-        lo, hi = _get(config, low), _get(config, high)
-        if lo > hi:
-            if low in sources or high not in sources:
-                raise ConfigError(
-                    f"must not exceed {high} ({_toml(hi)}), got {_toml(lo)}", key=low, source=sources.get(low)
-                )
-            raise ConfigError(
-                f"must be at least {low} ({_toml(lo)}), got {_toml(hi)}", key=high, source=sources.get(high)
-            )
-
-    at_most("server.max_event_bytes", "server.max_body_bytes")
-    at_most("http.send_low_water", "http.send_buffer")
-    at_most("longpoll.default_timeout", "longpoll.max_timeout")
-    drain = config.drain
-    if drain.deadline <= drain.window:
-        if "drain.window" in sources and "drain.deadline" not in sources:
-            raise ConfigError(
-                f"must be less than drain.deadline ({_toml(drain.deadline)}), got {_toml(drain.window)}",
-                key="drain.window",
-                source=sources["drain.window"],
-            )
-        raise ConfigError(
-            f"must be more than drain.window ({_toml(drain.window)}), got {_toml(drain.deadline)}",
-            key="drain.deadline",
-            source=sources.get("drain.deadline"),
-        )
-
-    server = config.server
-    if config.store.backend == "memory" and server.workers > 1:
-        raise ConfigError(
-            f'must be 1 with store.backend = "memory" (each worker would keep its own history), got {server.workers}',
-            key="server.workers",
-            source=sources.get("server.workers"),
-        )
-    for name, other in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
-        path, key = getattr(server, name), f"server.{name}"
-        if path is not None and getattr(server, other) is None:
-            raise ConfigError(f"is set but server.{other} is not (set both or neither)", key=key, source=sources[key])
-        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            raise ConfigError(f"no readable file at {path!r}", key=key, source=sources[key])
-    if config.auth.keys or config.auth.jwks_file is not None:
-        try:  # every key file read and checked now, not first at a worker's start
-            Verifier(config.auth)
-        except ValueError as exc:
-            jwks = config.auth.jwks_file
-            key = "auth.jwks_file" if jwks and (not config.auth.keys or repr(jwks) in str(exc)) else "auth.keys"
-            raise ConfigError(str(exc), key=key, source=sources.get(key)) from None
-
-
-def _get(config: Config, name: str) -> Any:
-    section, _, key = name.partition(".")
-    return getattr(getattr(config, section), key)

@@ -1,10 +1,50 @@
-"""What every configuration key means and which values it accepts (the tables behind ``server.config``)."""
+"""What every configuration key means and which values it accepts (the tables behind ``server.config``),
+the error every configuration problem raises, and how values are written as TOML."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
+
+
+class ConfigError(Exception):
+    """An invalid configuration. ``key`` (``section.key``) and ``source`` say what and where."""
+
+    def __init__(self, reason: str, *, key: str | None = None, source: str | None = None) -> None:
+        self.reason = reason
+        self.key = key
+        self.source = source
+        text = f"config error: {key}: {reason}" if key else f"config error: {reason}"
+        if source:
+            text += f" (from {source})"
+        super().__init__(text)
+
+
+def plain_value(value: object) -> Any:
+    """``value`` with table entries (dataclasses) as dicts of their set fields, for TOML and JSON."""
+    if isinstance(value, tuple | list):
+        return [plain_value(v) for v in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        items = ((f.name, getattr(value, f.name)) for f in fields(value))
+        return {k: v if isinstance(v, str | int | float) else str(v) for k, v in items if v is not None}
+    return value
+
+
+def toml_literal(value: object) -> str:
+    """``value`` as a TOML literal (also used to show values in error messages)."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    if is_dataclass(value) and not isinstance(value, type):  # a table entry
+        value = plain_value(value)
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
 
 @dataclass(frozen=True, slots=True)

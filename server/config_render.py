@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from server.config import KEYS, Config, _toml
+from server.config import KEYS, Config
+from server.config_meta import toml_literal
 
 
 def render_toml(config: Config, *, notes: Mapping[str, str] | None = None, example: bool = False) -> str:
@@ -24,9 +25,9 @@ def render_toml(config: Config, *, notes: Mapping[str, str] | None = None, examp
             if example and note:
                 out.append(f"# {note}")
             if value is None:
-                line = f"# {key} = {_toml(spec.example or '')}" if example else f"# {key} is not set"
+                line = f"# {key} = {toml_literal(spec.example or '')}" if example else f"# {key} is not set"
             else:
-                line = f"{key} = {_toml(value)}"
+                line = f"{key} = {toml_literal(value)}"
             out.append(f"{line}  # {note}" if note and not example else line)
         out.append("")
     return "\n".join(out)
@@ -49,6 +50,6 @@ def render_reference() -> str:
     rows = ["| Section | Key | Default | Environment variable | Meaning |", "|---|---|---|---|---|"]
     for keys in KEYS.values():
         for spec in keys.values():
-            default = "(not set)" if spec.default is None else f"`{_toml(spec.default)}`"
+            default = "(not set)" if spec.default is None else f"`{toml_literal(spec.default)}`"
             rows.append(f"| `{spec.section}` | `{spec.key}` | {default} | `{spec.env_var}` | {spec.doc} |")
     return "\n".join(rows) + "\n"

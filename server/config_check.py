@@ -1,0 +1,74 @@
+"""The checks of a configuration that involve more than one key, or files: run once every key has
+been read and converted (see :func:`server.config.resolve_config`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from server.config_meta import ConfigError, toml_literal
+from server.edge.auth import Verifier
+
+if TYPE_CHECKING:
+    from server.config import Config
+
+
+def cross_check(config: Config, sources: Mapping[str, str]) -> None:
+    """Raise :class:`ConfigError` for the first broken constraint between keys (or unreadable TLS
+    or key file), blaming the key the user set; ``sources`` says where each set key came from."""
+
+    def at_most(low: str, high: str) -> None:
+        lo, hi = _get(config, low), _get(config, high)
+        lo_text, hi_text = toml_literal(lo), toml_literal(hi)
+        if lo > hi:
+            if low in sources or high not in sources:
+                raise ConfigError(
+                    f"must not exceed {high} ({hi_text}), got {lo_text}", key=low, source=sources.get(low)
+                )
+            raise ConfigError(
+                f"must be at least {low} ({lo_text}), got {hi_text}", key=high, source=sources.get(high)
+            )
+
+    at_most("server.max_event_bytes", "server.max_body_bytes")
+    at_most("http.send_low_water", "http.send_buffer")
+    at_most("longpoll.default_timeout", "longpoll.max_timeout")
+    drain = config.drain
+    if drain.deadline <= drain.window:
+        if "drain.window" in sources and "drain.deadline" not in sources:
+            raise ConfigError(
+                f"must be less than drain.deadline ({toml_literal(drain.deadline)}), got {toml_literal(drain.window)}",
+                key="drain.window",
+                source=sources["drain.window"],
+            )
+        raise ConfigError(
+            f"must be more than drain.window ({toml_literal(drain.window)}), got {toml_literal(drain.deadline)}",
+            key="drain.deadline",
+            source=sources.get("drain.deadline"),
+        )
+
+    server = config.server
+    if config.store.backend == "memory" and server.workers > 1:
+        raise ConfigError(
+            f'must be 1 with store.backend = "memory" (each worker would keep its own history), got {server.workers}',
+            key="server.workers",
+            source=sources.get("server.workers"),
+        )
+    for name, other in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+        path, key = getattr(server, name), f"server.{name}"
+        if path is not None and getattr(server, other) is None:
+            raise ConfigError(f"is set but server.{other} is not (set both or neither)", key=key, source=sources[key])
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"no readable file at {path!r}", key=key, source=sources[key])
+    if config.auth.keys or config.auth.jwks_file is not None:
+        try:  # every key file read and checked now, not first at a worker's start
+            Verifier(config.auth)
+        except ValueError as exc:
+            jwks = config.auth.jwks_file
+            key = "auth.jwks_file" if jwks and (not config.auth.keys or repr(jwks) in str(exc)) else "auth.keys"
+            raise ConfigError(str(exc), key=key, source=sources.get(key)) from None
+
+
+def _get(config: Config, name: str) -> Any:
+    section, _, key = name.partition(".")
+    return getattr(getattr(config, section), key)
