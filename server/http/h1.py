@@ -207,6 +207,7 @@ class H1Driver:
             started = bool(h.trailing_data[0])
             deadline = now + (self.limits.header_timeout if started else self.limits.idle_timeout)
         eof = False
+        head_by: float | None = None  # the head's deadline, once its first bytes came while idle
         with trio.CancelScope(deadline=deadline) as scope:
             if not started:
                 self._idle_scope = scope
@@ -224,13 +225,16 @@ class H1Driver:
                             self._reject(status, "bad_request", str(exc) or "malformed request")
                     return None
                 if event is h11.NEED_DATA:
+                    if head_by is not None:  # narrowed only when the head did not come whole
+                        scope.deadline = min(scope.deadline, head_by)
+                        head_by = None
                     data = await self.conn.receive()
                     if not data:
                         eof = True
                     elif not started:
                         started = True
                         self._idle_scope = None
-                        scope.deadline = min(scope.deadline, trio.current_time() + self.limits.header_timeout)
+                        head_by = trio.current_time() + self.limits.header_timeout
                     h.receive_data(data)
                     continue
                 self._idle_scope = None
