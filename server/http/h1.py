@@ -147,10 +147,7 @@ class H1Driver:
         is sent (see the module doc); the exchange then ends the body by hand."""
         h = self.h
         assert h.our_state is h11.SEND_BODY and h.their_state in (h11.DONE, h11.MUST_CLOSE)
-        held, closed = h.trailing_data
-        self._keep = h.their_state is h11.DONE and not closed
-        self._held = held
-        self.h = _PARKED
+        self._set_aside()
 
     def drop_h11(self) -> None:
         """Drop h11's state after a complete response the exchange wrote by hand (see
@@ -159,8 +156,13 @@ class H1Driver:
         input."""
         h = self.h
         assert h.our_state is h11.SEND_RESPONSE and h.their_state is h11.DONE
+        self._set_aside()
+
+    def _set_aside(self) -> None:
+        """Hold h11's unread input and whether the connection may go on; drop the rest."""
+        h = self.h
         held, closed = h.trailing_data
-        self._keep = not closed
+        self._keep = h.their_state is h11.DONE and not closed
         self._held = held
         self.h = _PARKED
 

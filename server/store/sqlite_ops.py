@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.core.events import Event, NewEvent, StreamInfo
 from server.core.ids import format_id, new_epoch
@@ -118,8 +119,11 @@ def _load(conn: sqlite3.Connection, stream: str) -> _Row | None:
     r = conn.execute(
         "SELECT epoch, last_seq, first_seq, length, bytes, closed, last_ts FROM streams WHERE name = ?", (stream,)
     ).fetchone()
-    if r is None:
-        return None
+    return None if r is None else _row(r)
+
+
+def _row(r: Sequence[Any]) -> _Row:
+    """A stream row from ``epoch, last_seq, first_seq, length, bytes, closed, last_ts``."""
     return _Row(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
 
 
@@ -137,8 +141,7 @@ def _load_keyed(
     ).fetchone()
     if r is None:
         return None, None
-    row = _Row(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
-    return row, (None if r[7] is None else (r[7], r[8], r[9], r[10]))
+    return _row(r), (None if r[7] is None else (r[7], r[8], r[9], r[10]))
 
 
 def _save(conn: sqlite3.Connection, stream: str, row: _Row) -> None:
