@@ -3,6 +3,7 @@ out together, in order, one write per subscriber; without it the fan-out is sync
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import trio
@@ -10,7 +11,7 @@ import trio.testing
 
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import NewEvent
-from server.core.hub import Hub
+from server.core.hub import BEAT_SLACK, Hub
 from server.core.replay import Reset, Start
 from server.store.base import Notice, Retention
 from server.store.memory import MemoryStore
@@ -157,6 +158,53 @@ async def test_heartbeats_come_from_the_ticker(autojump_clock: trio.abc.Clock) -
             await trio.sleep(10.0)
             assert rec.idles <= idles + 1  # the event counted as output for that interval
             assert quiet.idles == 0
+            nursery.cancel_scope.cancel()
+
+
+class TimedRecorder(BatchRecorder):
+    """Records when each idle notice came (trio's clock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle_at: list[float] = []
+
+    def idle(self) -> bool:
+        self.idle_at.append(trio.current_time())
+        return super().idle()
+
+
+async def test_heartbeat_checks_due_close_together_share_one_wake_up_and_none_is_late(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = MemoryStore(KEEP_ALL)
+    hub = Hub(store)
+    store.set_listener(hub.on_notice)
+    await store.append("s", [NewEvent("message", b"before")])
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.run)
+            recs, started = [], []
+            for _ in range(4):  # subscribed 0.1 s apart: all within one slack of each other
+                rec = TimedRecorder()
+                started.append(trio.current_time())
+                await _live(hub, nursery, rec, heartbeat=10.0)
+                recs.append(rec)
+                await trio.sleep(0.1)
+            late = TimedRecorder()
+            await trio.sleep(5.0)  # half an interval later: a check of its own
+            late_start = trio.current_time()
+            await _live(hub, nursery, late, heartbeat=10.0)
+            await trio.sleep(35.0)
+            first = {rec.idle_at[0] for rec in recs}
+            assert len(first) == 1  # one wake-up for the four
+            for rec, at in zip(recs, started, strict=True):
+                assert len(rec.idle_at) >= 3
+                assert rec.idle_at[0] - at <= 10.0  # early by at most the slack, never late
+                assert rec.idle_at[0] - at >= 10.0 - BEAT_SLACK
+                gaps = [b - a for a, b in itertools.pairwise(rec.idle_at)]
+                assert all(10.0 - BEAT_SLACK <= g <= 10.0 for g in gaps)
+            assert late.idle_at[0] not in first
+            assert 10.0 - BEAT_SLACK <= late.idle_at[0] - late_start <= 10.0
             nursery.cancel_scope.cancel()
 
 
