@@ -22,8 +22,7 @@ def encode(seq: int, t_ns: int, size: int = 0) -> bytes:
 
 def decode(data: bytes | str) -> tuple[int, int]:
     """``(seq, t_ns)`` of a harness event; ValueError for anything else (counted as foreign)."""
-    if isinstance(data, str):
-        data = data.encode()
+    if data.__class__ is not bytes:
+        data = data.encode() if isinstance(data, str) else bytes(data)
     head, _, rest = data.partition(b" ")
-    t = rest.split(b".", 1)[0]
-    return int(head), int(t)
+    return int(head), int(rest.rstrip(b"."))

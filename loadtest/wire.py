@@ -70,6 +70,17 @@ class ChunkedDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """The body bytes contained in ``data`` (possibly empty)."""
+        if not self._buf and not self._left and not self.done:
+            # The common case: ``data`` is exactly one whole chunk (what one server write makes).
+            eol = data.find(b"\r\n", 0, 18)
+            if eol > 0 and data[:1] != b"0" and data.endswith(b"\r\n"):
+                try:
+                    size = int(data[:eol], 16)
+                except ValueError:
+                    size = -1
+                start = eol + 2
+                if size > 0 and start + size + 2 == len(data):
+                    return data[start:-2]
         out: list[bytes] = []
         buf = self._buf + data if self._buf else data
         pos = 0
@@ -129,6 +140,12 @@ class SSEDecoder:
         for block in blocks:
             if not block:
                 continue
+            if block.startswith(b"id: "):  # the common shape, one id line then one data line
+                nl = block.find(b"\n")
+                if nl > 4 and block.startswith(b"data: ", nl + 1) and block.find(b"\n", nl + 1) < 0:
+                    self.last_id = block[4:nl].lstrip(b" ").decode()
+                    events.append((self.last_id, "message", block[nl + 7 :]))
+                    continue
             event_id: str | None = None
             etype = "message"
             data_lines: list[bytes] = []

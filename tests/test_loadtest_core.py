@@ -154,3 +154,25 @@ def test_a_token_goes_on_every_subscribe_request() -> None:
         assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
     assert ("authorization", "Bearer t.k.n") in sse_h2.request_headers(signed, track)
     assert not any(name == "authorization" for name, _ in sse_h2.request_headers(plain, track))
+
+
+def test_whole_chunks_take_the_fast_paths_and_agree_with_the_general_ones() -> None:
+    # One server write = one whole chunk: decoded without the general loop, same result.
+    pieces = [b"id: 1-a\ndata: one\n\n", b"id: 1-b\nevent: token\ndata: two\n\n", b"id:  1-c\ndata: x\ndata: y\n\n",
+              b"id: 1-d\ndata: three\n\nid: 1-e\ndata: four\n\n"]
+    dec, sse = ChunkedDecoder(), SSEDecoder()
+    events = []
+    for piece in pieces:
+        body = dec.feed(b"%x\r\n%s\r\n" % (len(piece), piece))
+        assert body == piece
+        events += sse.feed(body)
+    assert events == [("1-a", "message", b"one"), ("1-b", "token", b"two"), ("1-c", "message", b"x\ny"),
+                      ("1-d", "message", b"three"), ("1-e", "message", b"four")]
+    assert sse.last_id == "1-e"
+    # A size that does not match what follows is left to the general path: buffered until whole.
+    dec = ChunkedDecoder()
+    assert dec.feed(b"5\r\nab") == b"ab"
+    assert dec.feed(b"cde\r\n") == b"cde"
+    assert dec.feed(b"0\r\n\r\n") == b"" and dec.done
+    with pytest.raises(ProtocolError):
+        ChunkedDecoder().feed(b"zz\r\nab\r\n")
