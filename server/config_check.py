@@ -4,11 +4,13 @@ been read and converted (see :func:`server.config.resolve_config`)."""
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from server.config_meta import ConfigError, toml_literal
 from server.edge.auth import Verifier
+from server.http.tls import make_server_ssl_context
 
 if TYPE_CHECKING:
     from server.config import Config
@@ -67,6 +69,18 @@ def cross_check(config: Config, sources: Mapping[str, str]) -> None:
             jwks = config.auth.jwks_file
             key = "auth.jwks_file" if jwks and (not config.auth.keys or repr(jwks) in str(exc)) else "auth.keys"
             raise ConfigError(str(exc), key=key, source=sources.get(key)) from None
+
+
+def check_tls(config: Config) -> None:
+    """Load the TLS certificate and key once up front, so a bad pair is one clear error, not a
+    crash loop of workers. Raises :class:`ConfigError`."""
+    server = config.server
+    if not (server.tls_cert and server.tls_key):
+        return
+    try:
+        make_server_ssl_context(server.tls_cert, server.tls_key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot load the certificate and key: {exc}", key="server.tls_cert") from None
 
 
 def _get(config: Config, name: str) -> Any:

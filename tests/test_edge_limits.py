@@ -10,16 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.edge.auth import extract_token
+from server.edge.buckets import KeyedLimiter, TokenBucket
 from server.edge.limits import (
     ADDRESS,
     MAX_RETRY_AFTER,
     ConnectionCounter,
-    KeyedLimiter,
     KeySource,
     LimitsConfig,
     RateLimits,
     RateRule,
-    TokenBucket,
     parse_rules,
     request_key_of,
     retry_after,

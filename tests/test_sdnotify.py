@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from server.process import sdnotify
 
@@ -92,3 +93,23 @@ def test_monotonic_usec_is_microseconds() -> None:
     before = time.monotonic()
     usec = sdnotify.monotonic_usec()
     assert abs(usec / 1_000_000 - before) < 1.0
+
+
+async def test_serve_watchdog_pings_every_half_interval(
+    receiver: tuple[socket.socket, str], autojump_clock: trio.abc.Clock,
+) -> None:
+    sock, path = receiver
+    sock.setblocking(False)
+    environ = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "10000000"}  # 10 s: a ping every 5 s
+    with trio.move_on_after(12):
+        await sdnotify.serve_watchdog(environ)
+    pings = []
+    while True:
+        try:
+            pings.append(sock.recv(4096))
+        except BlockingIOError:
+            break
+    assert pings == [b"WATCHDOG=1"] * 3  # at 0, 5 and 10 s
+    with trio.fail_after(1):  # nothing asked of this process: returns at once
+        await sdnotify.serve_watchdog({"NOTIFY_SOCKET": path})
+        await sdnotify.serve_watchdog({**environ, "WATCHDOG_PID": str(os.getpid() + 1)})

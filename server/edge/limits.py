@@ -1,8 +1,6 @@
 """Connection caps and rate limits: pure and synchronous, no I/O and no clock of its own (every
 time-dependent call takes ``now``, seconds on a monotonic clock such as ``trio.current_time()``).
 
-:class:`TokenBucket` is one rate/burst budget (also per connection: HTTP/2 resets and stream opens,
-WebSocket pings); :class:`KeyedLimiter` keeps buckets by key in a bounded LRU table;
 :class:`ConnectionCounter` caps connections per address and in total (over a cap: 503 +
 Retry-After, or WebSocket close 1013); :class:`RateLimits` evaluates :class:`RateRule` s from
 :class:`LimitsConfig` (``[limits]``): ``0.0`` allows a request, anything else is the Retry-After in
@@ -14,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from server.edge.buckets import KeyedLimiter, TokenBucket, positive
 from server.edge.cookies import cookie_value
 from server.edge.patterns import compile_pattern
 
@@ -27,116 +25,9 @@ ROUTES: tuple[Route, ...] = ("connect", "subscribe", "publish", "publish_bytes")
 KeyKind = Literal["address", "header", "query", "cookie", "claim"]
 PatternCompiler = Callable[[str], Callable[[str], bool]]
 
-CLOCK_SLACK = 1e-6  # seconds of refill granted early, so waiting exactly the returned time succeeds
 MAX_RETRY_AFTER = 3600  # Retry-After is clamped to this many seconds (also for ``math.inf``)
 MAX_KEY_CHARS = 128  # longer client-chosen keys are stored as a 32-hex-digit digest
 _NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}\Z")  # header token; also query/cookie/claim
-
-
-def _positive(name: str, value: object) -> float:
-    if value is None:
-        raise ValueError(f"{name}: required")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value < math.inf):
-        raise ValueError(f"{name}: must be a positive number, got {value!r}")
-    return float(value)
-
-
-class TokenBucket:
-    """A budget of ``burst`` tokens refilled continuously at ``rate`` tokens per second.
-
-    Starts full. Over any interval of length ``T`` it grants at most ``burst + rate * T`` tokens
-    (plus ``rate * CLOCK_SLACK``). A clock that goes backwards is treated as standing still."""
-
-    __slots__ = ("_slack", "_stamp", "_tokens", "burst", "rate")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = _positive("rate", rate)
-        self.burst = _positive("burst", burst)
-        self._tokens = self.burst
-        self._stamp = -math.inf
-        self._slack = self.rate * CLOCK_SLACK
-
-    def take(self, now: float, cost: float = 1.0) -> float:
-        """Spend ``cost`` (>= 0) tokens if available and return ``0.0``; otherwise spend nothing and
-        return the seconds until it would be allowed (> 0). A ``cost`` above ``burst`` can never
-        be allowed: it returns ``math.inf`` (callers map that to 413, or clamp it)."""
-        elapsed = now - self._stamp
-        if elapsed > 0.0:
-            tokens = min(self._tokens + elapsed * self.rate, self.burst)
-            self._stamp = now
-        else:
-            tokens = self._tokens
-        if tokens + self._slack >= cost:
-            self._tokens = tokens - cost  # may dip below zero by at most the slack
-            return 0.0
-        self._tokens = tokens
-        if cost > self.burst:
-            return math.inf
-        return (cost - tokens) / self.rate
-
-    def refund(self, cost: float = 1.0) -> None:
-        """Give back ``cost`` tokens taken earlier (never beyond ``burst``)."""
-        self._tokens = min(self.burst, self._tokens + cost)
-
-    def available(self, now: float) -> float:
-        """The tokens that a :meth:`take` at ``now`` would find, without changing anything."""
-        elapsed = now - self._stamp
-        return min(self.burst, self._tokens + elapsed * self.rate) if elapsed > 0.0 else self._tokens
-
-    def full_at(self) -> float:
-        """The earliest time at which the bucket is full again if nothing more is taken."""
-        return self._stamp + (self.burst - self._tokens) / self.rate
-
-
-class KeyedLimiter:
-    """One :class:`TokenBucket` per key, in a table that never holds more than ``max_keys`` keys.
-
-    A new key in a full table evicts the least recently used key (which then starts over with a
-    full bucket). Each new key also drops the oldest entry if its bucket has refilled, so idle
-    keys give way without a timer; :meth:`prune` sweeps them all."""
-
-    __slots__ = ("_buckets", "burst", "max_keys", "rate")
-
-    def __init__(self, rate: float, burst: float, max_keys: int = 10_000) -> None:
-        self.rate = _positive("rate", rate)
-        self.burst = _positive("burst", burst)
-        if max_keys < 1:
-            raise ValueError(f"max_keys: must be at least 1, got {max_keys!r}")
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-
-    def take(self, key: str, now: float, cost: float = 1.0) -> float:
-        """:meth:`TokenBucket.take` on ``key``'s bucket: ``0.0`` if allowed, else seconds to wait."""
-        buckets = self._buckets
-        bucket = buckets.get(key)
-        if bucket is not None:
-            buckets.move_to_end(key)
-            return bucket.take(now, cost)
-        if buckets and (len(buckets) >= self.max_keys or next(iter(buckets.values())).full_at() <= now):
-            buckets.popitem(last=False)
-        bucket = buckets[key] = TokenBucket(self.rate, self.burst)
-        return bucket.take(now, cost)
-
-    def refund(self, key: str, cost: float = 1.0) -> None:
-        """Give back ``cost`` tokens to ``key`` (no-op if the key is no longer in the table)."""
-        bucket = self._buckets.get(key)
-        if bucket is not None:
-            bucket.refund(cost)
-
-    def prune(self, now: float) -> int:
-        """Drop least-recently-used entries whose buckets are full at ``now``; return how many."""
-        dropped = 0
-        buckets = self._buckets
-        while buckets and next(iter(buckets.values())).full_at() <= now:
-            buckets.popitem(last=False)
-            dropped += 1
-        return dropped
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._buckets
 
 
 class Ticket:
@@ -277,8 +168,8 @@ class RateRule:
     def __post_init__(self) -> None:
         if self.route not in ROUTES:
             raise ValueError(f"route: must be one of {', '.join(ROUTES)}, got {self.route!r}")
-        _positive("rate", self.rate)
-        _positive("burst", self.burst)
+        positive("rate", self.rate)
+        positive("burst", self.burst)
         try:
             compile_pattern(self.streams)
         except (TypeError, ValueError) as exc:
@@ -306,8 +197,8 @@ class RateRule:
         route = d.get("route")
         if route not in ROUTES:
             raise ValueError(f"route: must be one of {', '.join(ROUTES)}, got {route!r}")
-        rate = _positive("rate", d.get("rate"))
-        burst = _positive("burst", d.get("burst", max(rate, 1.0)))
+        rate = positive("rate", d.get("rate"))
+        burst = positive("burst", d.get("burst", max(rate, 1.0)))
         key = d.get("key", "address")
         text = key if isinstance(key, str) else None
         if text is None:
@@ -359,9 +250,9 @@ class LimitsConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
         for name in ("h2_max_resets_per_second", "h2_reset_burst", "h2_max_streams_per_second", "h2_stream_burst"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         for name in ("ws_max_pings_per_second", "ws_ping_burst"):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         if not all(isinstance(rule, RateRule) for rule in self.rules):
             raise ValueError("rules: must be RateRule objects")
 

@@ -27,7 +27,7 @@ class ProxyParserLike(Protocol):
 
 
 class BucketLike(Protocol):
-    """A token bucket (``server.edge.limits.TokenBucket``)."""
+    """A token bucket (``server.edge.buckets.TokenBucket``)."""
 
     def take(self, now: float, cost: float = 1.0) -> float:
         """0 if allowed, else the seconds until it would be."""

@@ -17,6 +17,8 @@ import socket
 import time
 from collections.abc import Mapping
 
+import trio
+
 log = logging.getLogger(__name__)
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
@@ -82,3 +84,15 @@ def watchdog_interval(environ: Mapping[str, str] | None = None, pid: int | None 
         except ValueError:
             return None
     return usec / 1_000_000
+
+
+async def serve_watchdog(environ: Mapping[str, str] | None = None) -> None:
+    """Send ``WATCHDOG=1`` every half watchdog interval until cancelled; return at once when
+    systemd expects no pings from this process (see :func:`watchdog_interval`)."""
+    interval = watchdog_interval(environ)
+    if interval is None:
+        return
+    log.info("systemd watchdog: pinging every %.1fs", interval / 2)
+    while True:
+        notify("WATCHDOG=1", environ=environ)
+        await trio.sleep(interval / 2)

@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +35,7 @@ from typing import Any
 import trio
 
 from server.config import Config, ConfigError
+from server.config_check import check_tls
 from server.process import sdnotify
 from server.process.backoff import DEFAULT_POLICY, CrashPolicy, SlotBackoff
 from server.process.signals import hold_signals
@@ -101,7 +101,7 @@ class Supervisor:
                     self._nursery = nursery
                     # beside the watchers, to the end: pings, and signals (never left pending, as
                     # trio would deliver those again to the default handlers on exit)
-                    nursery.start_soon(self._watchdog)
+                    nursery.start_soon(sdnotify.serve_watchdog, self.environ)
                     nursery.start_soon(self._receive_signals, signals)
                     async with trio.open_nursery() as control:
                         self._control = control
@@ -482,29 +482,6 @@ class Supervisor:
 
     def _notify(self, state: str) -> None:
         sdnotify.notify(state, environ=self.environ)
-
-    async def _watchdog(self) -> None:
-        interval = sdnotify.watchdog_interval(self.environ)
-        if interval is None:
-            return
-        log.info("systemd watchdog: pinging every %.1fs", interval / 2)
-        while True:
-            self._notify("WATCHDOG=1")
-            await trio.sleep(interval / 2)
-
-
-def check_tls(config: Config) -> None:
-    """Load the TLS certificate and key once up front, so a bad pair is one clear error, not a
-    crash loop of workers. Raises :class:`ConfigError`."""
-    server = config.server
-    if not (server.tls_cert and server.tls_key):
-        return
-    from server.http.tls import make_server_ssl_context
-
-    try:
-        make_server_ssl_context(server.tls_cert, server.tls_key)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"cannot load the certificate and key: {exc}", key="server.tls_cert") from None
 
 
 def run_supervisor(config: Config, config_source: ConfigSource) -> int:
