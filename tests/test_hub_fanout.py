@@ -57,6 +57,15 @@ class BatchRecorder:
         await trio.lowlevel.checkpoint()
 
 
+async def _hub_with_history(coalesce: float = 0.0) -> tuple[MemoryStore, Hub]:
+    """A hub on a memory store whose stream ``s`` already has one event."""
+    store = MemoryStore(KEEP_ALL)
+    hub = Hub(store, coalesce=coalesce)
+    store.set_listener(hub.on_notice)
+    await store.append("s", [NewEvent("message", b"before")])
+    return store, hub
+
+
 async def _live(
     hub: Hub, nursery: trio.Nursery, rec: BatchRecorder, heartbeat: float | None = None,
     stream: str = "s", start: Start = NOW,
@@ -103,10 +112,7 @@ async def test_notices_queued_meanwhile_go_out_in_one_write_in_order() -> None:
 
 
 async def test_without_the_task_the_fan_out_is_synchronous() -> None:
-    store = MemoryStore(KEEP_ALL)
-    hub = Hub(store)
-    store.set_listener(hub.on_notice)
-    await store.append("s", [NewEvent("message", b"before")])
+    store, hub = await _hub_with_history()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             rec = BatchRecorder()
@@ -117,10 +123,7 @@ async def test_without_the_task_the_fan_out_is_synchronous() -> None:
 
 
 async def test_an_overlapping_batch_delivers_nothing_twice() -> None:
-    store = MemoryStore(KEEP_ALL)
-    hub = Hub(store)
-    store.set_listener(hub.on_notice)
-    await store.append("s", [NewEvent("message", b"before")])
+    store, hub = await _hub_with_history()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             rec = BatchRecorder()
@@ -136,10 +139,7 @@ async def test_an_overlapping_batch_delivers_nothing_twice() -> None:
 
 
 async def test_heartbeats_come_from_the_ticker(autojump_clock: trio.abc.Clock) -> None:
-    store = MemoryStore(KEEP_ALL)
-    hub = Hub(store)
-    store.set_listener(hub.on_notice)
-    await store.append("s", [NewEvent("message", b"before")])
+    store, hub = await _hub_with_history()
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hub.run)
@@ -176,10 +176,7 @@ class TimedRecorder(BatchRecorder):
 async def test_heartbeat_checks_due_close_together_share_one_wake_up_and_none_is_late(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    store = MemoryStore(KEEP_ALL)
-    hub = Hub(store)
-    store.set_listener(hub.on_notice)
-    await store.append("s", [NewEvent("message", b"before")])
+    _, hub = await _hub_with_history()
     with trio.fail_after(1000):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hub.run)
@@ -211,10 +208,7 @@ async def test_heartbeat_checks_due_close_together_share_one_wake_up_and_none_is
 async def test_a_stream_fanned_out_within_coalesce_waits_and_its_events_share_a_write(
     mock_clock: trio.testing.MockClock,
 ) -> None:
-    store = MemoryStore(KEEP_ALL)
-    hub = Hub(store, coalesce=0.02)
-    store.set_listener(hub.on_notice)
-    await store.append("s", [NewEvent("message", b"before")])
+    store, hub = await _hub_with_history(coalesce=0.02)
 
     async def publish(data: bytes) -> str:
         ids = (await store.append("s", [NewEvent("message", data)])).ids
