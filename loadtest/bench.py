@@ -53,6 +53,7 @@ class Entry:
     actions: tuple[Action, ...] = ()
     procs: int = 0
     ramp: float = 0.0  # connects per second per load process (0: as fast as they go)
+    pub_connections: int = 0  # publisher connections, each one request at a time (0: the run's default)
 
     def spec(self, endpoint: Endpoint, pid: int, scale: float, time_scale: float = 1.0) -> RunSpec:
         """The run for one target; ``scale`` multiplies the subscriptions, ``time_scale`` the
@@ -63,6 +64,7 @@ class Entry:
                        subs=subs, per_conn=self.per_conn, rate=self.rate, duration=self.duration * time_scale,
                        tokens=max(5, round(self.tokens * time_scale)), stagger=min(5.0, self.duration) * time_scale,
                        server_pid=pid, actions=actions, procs=self.procs, ramp=self.ramp, label=self.name,
+                       pub_connections=self.pub_connections,
                        connect_timeout=240, settle_timeout=60)
 
 
@@ -85,8 +87,11 @@ ENTRIES: tuple[Entry, ...] = (
           actions=(Action(20, "restart", "kill -HUP {pid}"), Action(55, "restart", "kill -HUP {pid}"))),
     Entry("storm", "storm: 5,000 subscribers drop and reconnect at once", ("sluice",), "storm", 5000, rate=5,
           duration=20, actions=(Action(8, "storm"),)),
+    # Each generation has a producer of its own in an LLM app: 32 publisher connections (about 31
+    # generations each, one request at a time) rather than the default one per 250 streams, which
+    # would measure 4 round trips in a row, not the server.
     Entry("llm", "llm: 1,000 generations of 100 tokens at 30 tokens/s", ("sluice", "uvicorn"), "llm", 1000, rate=30,
-          tokens=100, duration=5),
+          tokens=100, duration=5, pub_connections=32),
     Entry("ws-json", "fanout over WebSocket JSON: 2,000 x 20/s", ("sluice",), "fanout", 2000, rate=20, duration=15,
           transport="ws-json"),
     Entry("ws-msgpack", "fanout over WebSocket msgpack: 2,000 x 20/s", ("sluice",), "fanout", 2000, rate=20,
@@ -313,6 +318,8 @@ def render(results: dict[str, Result], out: Path, doc: Path) -> str:
                    f"--transport {spec['transport']} --rate {spec['rate']:g} --duration {spec['duration']:g}")
         if spec["per_conn"] > 1:
             command += f" --per-conn {spec['per_conn']}"
+        if spec.get("pub_connections"):
+            command += f" --pub-connections {spec['pub_connections']}"
         lines += ["", f"Same as `{command}`; results in `{rel}/{entry.name}-*.json`."]
         for kind, _ in rows:
             for suffix in ("latency", "connections"):
