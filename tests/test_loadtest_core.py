@@ -130,6 +130,21 @@ def test_cli_refuses_non_loopback_and_spreads_actions() -> None:
     assert [a.at for a in acts] == [5, 7.5, 15, 22.5]
 
 
+@given(st.lists(st.integers(-5_000, 4_000_000_000_000), max_size=300))
+def test_histogram_from_ns_equals_recording_every_sample(samples: list[int]) -> None:
+    one_by_one = hist.new()
+    for v in samples:
+        one_by_one.record_value(max(hist.LOWEST_US, min(hist.HIGHEST_US, v // 1000)))
+    folded = hist.from_ns(samples)
+    assert folded.get_total_count() == one_by_one.get_total_count()
+    if samples:
+        assert folded.get_max_value() == one_by_one.get_max_value()
+        assert folded.get_min_value() == one_by_one.get_min_value()
+    for pct in (1.0, 50.0, 90.0, 99.0, 99.9, 100.0):
+        assert folded.get_value_at_percentile(pct) == one_by_one.get_value_at_percentile(pct)
+    assert hist.summary(folded) == hist.summary(one_by_one)
+
+
 def test_histogram_encoding_round_trip() -> None:
     h = hist.from_ns([1_000_000] * 99 + [50_000_000])
     total = hist.new()
