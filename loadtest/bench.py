@@ -88,8 +88,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("storm", "storm: 5,000 subscribers drop and reconnect at once", ("sluice",), "storm", 5000, rate=5,
           duration=20, actions=(Action(8, "storm"),)),
     # Each generation has a producer of its own in an LLM app: 32 publisher connections (about 31
-    # generations each, one request at a time) rather than the default one per 250 streams, which
-    # would measure 4 round trips in a row, not the server.
+    # generations each, one request at a time) rather than the default one per 250 streams, with
+    # which the run is bound by 4 requests in flight.
     Entry("llm", "llm: 1,000 generations of 100 tokens at 30 tokens/s", ("sluice", "uvicorn"), "llm", 1000, rate=30,
           tokens=100, duration=5, pub_connections=32),
     Entry("ws-json", "fanout over WebSocket JSON: 2,000 x 20/s", ("sluice",), "fanout", 2000, rate=20, duration=15,
