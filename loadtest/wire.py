@@ -129,6 +129,11 @@ class SSEDecoder:
         self.retry: int | None = None  # milliseconds, from the last ``retry:`` field
         self.comments = 0  # heartbeats and other comment lines
 
+    @property
+    def pending(self) -> bool:
+        """True while part of a block is buffered (the next bytes continue it)."""
+        return bool(self._buf)
+
     def feed(self, data: bytes) -> list[tuple[str | None, str, bytes]]:
         """The events completed by ``data``."""
         buf = self._buf + data if self._buf else data

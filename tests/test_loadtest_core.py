@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loadtest import hist, payload
 from loadtest.cli import actions, endpoint_of, parser
+from loadtest.clients.sse_h1 import harness_events
 from loadtest.publisher import llm_entries, rate_entries
 from loadtest.sysinfo import source_address
 from loadtest.track import Track, Verdict
@@ -191,3 +192,42 @@ def test_whole_chunks_take_the_fast_paths_and_agree_with_the_general_ones() -> N
     assert dec.feed(b"0\r\n\r\n") == b"" and dec.done
     with pytest.raises(ProtocolError):
         ChunkedDecoder().feed(b"zz\r\nab\r\n")
+
+
+_BLOCKS = st.one_of(
+    st.builds(lambda i, seq, t, pad: b"id: e-%d\ndata: %d %d%s\n\n" % (i, seq, t, b"." * pad),
+              st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**18), st.integers(0, 4)),
+    st.sampled_from([b"id: e-1\nevent: token\ndata: 1 2\n\n", b": heartbeat\n\n", b"retry: 1500\n\n",
+                     b"id: e-2\ndata: not harness\n\n", b"id: e-3\ndata: 1 2\ndata: 3\n\n", b"data: 4 5\n\n",
+                     b"event: sluice.end\ndata: {}\n\n", b"id:  e-4\ndata: 6 7\n\n", b"id: e-5\r\ndata: 8 9\r\n\r\n",
+                     b"id: e-6\n\n", b"xid: e-7\ndata: 1 2\n\n"]),
+)
+
+
+@given(st.lists(_BLOCKS, max_size=8))
+@settings(max_examples=500)
+def test_the_harness_event_scan_agrees_with_the_general_decoder(blocks: list[bytes]) -> None:
+    body = b"".join(blocks)
+    found = harness_events(body)
+    general = SSEDecoder().feed(body)
+    if found is None:
+        return  # left to the general decoder
+    assert found  # an empty body is never claimed
+    assert [(i.decode(), int(s), int(t)) for i, s, t in found] == [
+        (event_id, *payload.decode(data)) for event_id, etype, data in general if etype == "message"
+    ]
+    assert len(general) == len(found)  # nothing else was in the body
+    everything_plain = all(b.startswith(b"id: e-") and b.count(b"\n") == 3 and b"data: " in b for b in blocks)
+    assert everything_plain
+
+
+def test_the_harness_event_scan_takes_a_typical_write() -> None:
+    body = b"id: ab-1\ndata: 0 123...\n\nid: ab-2\ndata: 1 456\n\n"
+    assert harness_events(body) == [(b"ab-1", b"0", b"123"), (b"ab-2", b"1", b"456")]
+    assert harness_events(body + b": hb\n\n") is None
+    for other in (b"xid: e-7\ndata: 1 2\n\n", b"id:  e-4\ndata: 6 7\n\n", b"id: e-3\ndata: 1 2\ndata: 3\n\n",
+                  b"id: e-2\ndata: not harness\n\n", b"id: e-5\r\ndata: 8 9\r\n\r\n"):
+        assert harness_events(body + other) is None  # a block of another shape: the general path
+        assert harness_events(other + body) is None
+    assert harness_events(body[:-1]) is None
+    assert harness_events(b"") is None
