@@ -316,8 +316,7 @@ class Hub:
         this worker was told of, from the replay buffer; ``None`` when the buffer cannot say (it
         does not reach back to that position, or the stream moved past it by a hint or a close):
         the store must answer."""
-        tail = self._vouched_tail(stream)
-        return tail.after(seq) if tail is not None and tail.covers(epoch, seq) else None
+        return self.tails.after(stream, epoch, seq) if self._vouched_tail(stream) is not None else None
 
     def _vouched_tail(self, stream: str) -> Tail | None:
         """``stream``'s tail if it ends at the newest head its watchers were told of."""
