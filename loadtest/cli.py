@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--stagger", type=float, default=5.0, help="llm: spread generation starts over this many s")
     r.add_argument("--batch", type=int, default=1, help="events one publish may carry when behind the plan")
     r.add_argument("--pub-connections", type=int, default=0)
+    r.add_argument("--pub-transport", choices=["http", "ws"], default="http",
+                   help="publish by HTTP POST, or over WebSocket (sluice.json.v1; Sluice only, not deploy)")
     r.add_argument("--procs", type=int, default=0, help="subscriber processes (default: by fd limit and cores)")
     r.add_argument("--ramp", type=float, default=0.0, help="connects/s per process at the start (0: no pacing)")
     r.add_argument("--connect-timeout", type=float, default=120.0)
@@ -124,6 +126,7 @@ def run_command(args: argparse.Namespace) -> int:
             scenario=args.scenario, endpoint=endpoint, base=args.base, transport=args.transport, subs=args.subs,
             per_conn=args.per_conn, streams=args.streams, rate=args.rate, duration=args.duration, size=args.size,
             tokens=args.tokens, stagger=args.stagger, batch=args.batch, pub_connections=args.pub_connections,
+            pub_transport=args.pub_transport,
             procs=args.procs, ramp=args.ramp, connect_timeout=args.connect_timeout,
             settle_timeout=args.settle_timeout, server_pid=pid, actions=actions(args), fault=fault)
         result = Run(spec, progress=not args.quiet).execute()

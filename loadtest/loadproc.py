@@ -151,7 +151,8 @@ def _pub_snapshot(pub: Publisher) -> dict[str, Any]:
     lat = hist.encode(hist.from_ns(st.latencies)) if st.latencies else ""
     st.latencies = []
     return {"sent": sum(st.published.values()), "requests": st.requests, "retries": st.retries,
-            "failures": dict(st.failures), "lag_max": st.lag_max, "closed": st.closed, "request_latency": lat}
+            "failures": dict(st.failures), "lag_max": st.lag_max, "closed": st.closed, "request_latency": lat,
+            "transport": pub.schedule.transport}
 
 
 def main(pipe: Connection, plan: SubPlan | PubPlan) -> None:

@@ -1,5 +1,5 @@
 """The publishing side of a run: events at a planned rate, numbered per stream, over keep-alive
-HTTP/1.1 connections.
+HTTP/1.1 connections, or over WebSockets (``loadtest.wspub``; closes still go by HTTP).
 
 A stream is always published on the same connection, one request at a time, so the numbering is
 also the server's order. When requests fall behind the plan, events due for the same stream may
@@ -17,13 +17,17 @@ import uuid
 from dataclasses import dataclass, field
 
 import trio
+from trio_websocket import ConnectionClosed
 
 from loadtest import payload
 from loadtest.clients.common import CLIENT_ERRORS, Endpoint, connect_tcp, read_response, send_all
 from loadtest.wire import ProtocolError
+from loadtest.wspub import WsPubConn
 
 # failures after which a request is sent again
 RETRIED: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, ProtocolError)
+# failures that cost a WebSocket publish its events (not sent again: no idempotency key)
+WS_LOST: tuple[type[BaseException], ...] = (ConnectionClosed, *RETRIED)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Schedule:
     batch: int = 1  # most events per request
     connections: int = 1
     fault: tuple[str, int] | None = None  # ("drop" | "dup", seq): injected on stream 0
+    transport: str = "http"  # "http": POST; "ws": publish ops on a sluice.json.v1 WebSocket
 
 
 @dataclass
@@ -124,25 +129,40 @@ class Publisher:
 
     async def _lane(self, lane: list[tuple[float, int]], t0: float) -> None:
         conn = HttpConn(self.endpoint, self.source, self.timeout)
-        try:
-            i = 0
-            while i < len(lane):
-                at, index = lane[i]
-                await trio.sleep_until(t0 + at)
-                now = trio.current_time()
-                self.stats.lag_max = max(self.stats.lag_max, now - t0 - at)
-                if index < 0:
-                    await self._close(conn, -1 - index)
-                    i += 1
-                    continue
-                j = i + 1  # gather what is already due for the same stream, up to the batch size
-                while (j < len(lane) and j - i < self.schedule.batch and lane[j][1] == index
-                       and t0 + lane[j][0] <= now):
-                    j += 1
+        async with trio.open_nursery() as nursery:
+            ws = None
+            if self.schedule.transport == "ws":
+                ws = WsPubConn(self.endpoint, self.source, self.timeout, nursery)
+            try:
+                await self._run_lane(lane, t0, conn, ws)
+            finally:
+                conn.close()
+                if ws is not None:
+                    with trio.move_on_after(2, shield=True):
+                        await ws.aclose()
+
+    async def _run_lane(self, lane: list[tuple[float, int]], t0: float, conn: HttpConn, ws: WsPubConn | None) -> None:
+        """Publish ``lane``'s entries on their schedule: events over ``ws`` when there is one, else
+        over ``conn``, which also carries closes."""
+        i = 0
+        while i < len(lane):
+            at, index = lane[i]
+            await trio.sleep_until(t0 + at)
+            now = trio.current_time()
+            self.stats.lag_max = max(self.stats.lag_max, now - t0 - at)
+            if index < 0:
+                await self._close(conn, -1 - index)
+                i += 1
+                continue
+            j = i + 1  # gather what is already due for the same stream, up to the batch size
+            while (j < len(lane) and j - i < self.schedule.batch and lane[j][1] == index
+                   and t0 + lane[j][0] <= now):
+                j += 1
+            if ws is not None:
+                await self._publish_ws(ws, index, j - i)
+            else:
                 await self._publish(conn, index, j - i)
-                i = j
-        finally:
-            conn.close()
+            i = j
 
     def _numbers(self, index: int, count: int) -> list[int]:
         """The sequence numbers to send for ``count`` events, with the fault applied."""
@@ -182,6 +202,27 @@ class Publisher:
             self.stats.published[stream] += len(set(seqs))
         else:
             self.stats.failures[f"HTTP {status}"] = self.stats.failures.get(f"HTTP {status}", 0) + 1
+
+    async def _publish_ws(self, ws: WsPubConn, index: int, count: int) -> None:
+        stream = self.schedule.streams[index]
+        seqs = self._numbers(index, count)
+        if not seqs:
+            return
+        now = time.monotonic_ns()
+        datas = [payload.encode(s, now, self.schedule.size).decode() for s in seqs]
+        start = time.monotonic_ns()
+        try:
+            errors = await ws.publish(stream, datas)
+        except WS_LOST as exc:
+            key = f"WebSocket {type(exc).__name__}"
+            self.stats.failures[key] = self.stats.failures.get(key, 0) + 1
+            return
+        self.stats.requests += 1
+        self.stats.latencies.append(time.monotonic_ns() - start)
+        for code in errors:
+            self.stats.failures[f"WebSocket {code}"] = self.stats.failures.get(f"WebSocket {code}", 0) + 1
+        if not errors:
+            self.stats.published[stream] += len(set(seqs))
 
     async def _close(self, conn: HttpConn, index: int) -> None:
         status = await self._send(conn, "POST", self.endpoint.stream_path(self.schedule.streams[index]) + "/close")

@@ -50,7 +50,8 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
                                       + (" SATURATED" if lc.get("saturated") else "")))
     pub = result.get("publisher") or {}
     if pub:
-        out.append(("publisher", f"{pub.get('requests', 0):,} requests, {pub.get('retries', 0)} retries, "
+        over = " over WebSocket" if pub.get("transport") == "ws" else ""
+        out.append(("publisher", f"{pub.get('requests', 0):,} requests{over}, {pub.get('retries', 0)} retries, "
                                  f"behind plan at most {pub.get('lag_max', 0):.2f} s"
                                  + ("" if pub.get("complete") else "; STOPPED before the end of its plan")))
     for mark in result.get("marks", []):

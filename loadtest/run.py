@@ -97,7 +97,8 @@ class Run:
         else:
             entries = rate_entries(len(names), spec.rate, spec.duration)
         conns = spec.pub_connections or max(1, min(32, math.ceil(len(names) / 250)))
-        return Schedule(names, entries, size=spec.size, batch=spec.batch, connections=conns, fault=spec.fault)
+        return Schedule(names, entries, size=spec.size, batch=spec.batch, connections=conns, fault=spec.fault,
+                        transport=spec.pub_transport)
 
     # --- sampling ---------------------------------------------------------------------------
     def _server_pids(self) -> list[int]:

@@ -41,6 +41,7 @@ class RunSpec:
     stagger: float = 5.0  # llm: generations start spread over this many seconds
     batch: int = 1  # most events one publish request may carry when the publisher is behind
     pub_connections: int = 0  # 0: one per 250 streams, at least one, at most 32
+    pub_transport: str = "http"  # how the publisher appends: "http" (POST) or "ws" (sluice.json.v1)
     procs: int = 0  # subscriber processes; 0: enough for the fd limit, at least the core count
     ramp: float = 0.0  # connections per second per process at the start; 0: as fast as they go
     connect_timeout: float = 120.0
@@ -57,6 +58,11 @@ class RunSpec:
             raise ValueError(f"unknown scenario {self.scenario!r}; one of {', '.join(SCENARIOS)}")
         if self.scenario in ("storm", "deploy") and self.base not in ("fanout", "topics", "llm"):
             raise ValueError(f"storm and deploy run over fanout, topics or llm, not {self.base!r}")
+        if self.pub_transport not in ("http", "ws"):
+            raise ValueError(f"the publisher's transport is http or ws, not {self.pub_transport!r}")
+        if self.pub_transport == "ws" and (self.endpoint.kind != "sluice" or self.scenario == "deploy"):
+            # a WebSocket publish has no idempotency key: one lost with its socket cannot be retried
+            raise ValueError("--pub-transport ws needs a Sluice server and a run without restarts (not deploy)")
         if self.subs < 1 or self.per_conn < 1:
             raise ValueError("subs and per-conn must be at least 1")
         if self.run_id == "":

@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 
 from loadtest import hist, payload
 from loadtest.cli import actions, endpoint_of, parser
+from loadtest.clients.common import Endpoint
 from loadtest.clients.sse_h1 import harness_events
 from loadtest.publisher import llm_entries, rate_entries
+from loadtest.spec import RunSpec
 from loadtest.sysinfo import source_address
 from loadtest.track import Track, Verdict
 from loadtest.wire import ChunkedDecoder, ProtocolError, SSEDecoder, parse_head
@@ -231,3 +233,11 @@ def test_the_harness_event_scan_takes_a_typical_write() -> None:
         assert harness_events(other + body) is None
     assert harness_events(body[:-1]) is None
     assert harness_events(b"") is None
+
+
+def test_a_websocket_publisher_needs_sluice_and_a_run_without_restarts() -> None:
+    sluice, nchan = Endpoint("127.0.0.1", 1, "sluice"), Endpoint("127.0.0.1", 1, "nchan")
+    assert RunSpec(scenario="topics", endpoint=sluice, pub_transport="ws").pub_transport == "ws"
+    for scenario, endpoint, transport in [("topics", nchan, "ws"), ("deploy", sluice, "ws"), ("topics", sluice, "h3")]:
+        with pytest.raises(ValueError, match="transport"):
+            RunSpec(scenario=scenario, endpoint=endpoint, pub_transport=transport)

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from loadtest.clients.common import Endpoint
+from loadtest.publisher import HttpConn
 from loadtest.run import Run
 from loadtest.spec import Action, RunSpec
 from loadtest.targets import Target, open_target
+from loadtest.wspub import WsPubConn
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +129,29 @@ def test_cli_writes_json_and_plots_and_fails_on_loss(sluice: Target, tmp_path: P
     refused = subprocess.run([sys.executable, "-m", "loadtest.cli", "run", "idle", "--url", "http://10.1.2.3:80"],
                              capture_output=True, text=True, timeout=60, check=False)
     assert refused.returncode == 2 and "127.0.0.0/8" in refused.stderr
+
+
+def test_publishing_over_websocket_runs_clean_and_a_dropped_event_is_still_caught(sluice: Target) -> None:
+    r = run(sluice, "llm", subs=6, rate=50, tokens=15, stagger=0.3, batch=4, pub_transport="ws")
+    assert r["ok"], (r["verdict"], r["publisher"])
+    assert r["publisher"]["transport"] == "ws"
+    assert r["publisher"]["closed"] == 6  # closes go by HTTP: the WebSocket has no close op
+    assert r["delivered"] == 6 * 15 and r["verdict"]["ended"] == 6
+    bad = run(sluice, "fanout", subs=5, rate=50, duration=0.4, fault=("drop", 3), settle_timeout=3, pub_transport="ws")
+    assert not bad["ok"] and bad["verdict"]["lost"] == 5
+
+
+async def test_the_websocket_publisher_appends_in_order_and_reports_refusals(sluice: Target) -> None:
+    endpoint = Endpoint(sluice.host, sluice.port, sluice.kind)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            ws = WsPubConn(endpoint, "127.0.0.1", 10, nursery)
+            assert await ws.publish("wspub", ["a", "b", "c"]) == []
+            assert await ws.publish("bad stream name", ["x"]) == ["bad_stream"]
+            assert await ws.publish("wspub", ["d"]) == []  # the same socket goes on
+            await ws.aclose()
+        conn = HttpConn(endpoint, "127.0.0.1", 10)
+        status, body = await conn.request("GET", "/v1/streams/wspub/poll?from=start&timeout=0")
+        conn.close()
+    assert status == 200
+    assert [e["data"] for e in json.loads(body)["events"]] == ["a", "b", "c", "d"]

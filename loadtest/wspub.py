@@ -1,0 +1,89 @@
+"""Publishing over a WebSocket (``sluice.json.v1``), as a producer holding a socket does: one
+``publish`` op per event, sent back to back when several are due, and their ``published`` acks
+read in order (Sluice handles a socket's publishes in order, so the numbering stays the
+server's order).
+
+A WebSocket publish has no idempotency key, so a publish lost with its socket is not sent again:
+it is counted as a failure, and the socket is reopened for the next one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
+
+from loadtest.clients.common import Endpoint, connect_tcp
+from loadtest.clients.ws import JSON_PROTOCOL, PATH
+from loadtest.wire import ProtocolError
+
+
+class WsPubConn:
+    """One publishing WebSocket, opened on first use (its reader task in ``nursery``) and reopened
+    after it breaks."""
+
+    def __init__(self, endpoint: Endpoint, source: str, timeout: float, nursery: trio.Nursery) -> None:
+        self.endpoint = endpoint
+        self.source = source
+        self.timeout = timeout
+        self.nursery = nursery
+        self.ws: WebSocketConnection | None = None
+        self.ref = 0
+
+    async def _open(self) -> WebSocketConnection:
+        ep = self.endpoint
+        sock = await connect_tcp(ep.host, ep.port, self.source, self.timeout)
+        try:
+            ws = await wrap_client_stream(
+                self.nursery, trio.SocketStream(sock), f"{ep.host}:{ep.port}", PATH, subprotocols=[JSON_PROTOCOL],
+                extra_headers=[(n.encode(), v.encode()) for n, v in ep.auth_headers()],
+            )
+        except HandshakeError as exc:
+            sock.close()
+            raise ProtocolError(f"WebSocket handshake failed: {exc!r}") from exc
+        if ws.subprotocol != JSON_PROTOCOL:
+            await ws.aclose()
+            raise ProtocolError(f"server chose subprotocol {ws.subprotocol!r}, not {JSON_PROTOCOL}")
+        return ws
+
+    async def publish(self, stream: str, datas: list[str]) -> list[str]:
+        """Publish ``datas`` to ``stream`` in order and wait for every answer; return the ``code``
+        of each ``error`` op (an empty list: every event appended). Raises ``ConnectionClosed`` or
+        ``OSError`` when the socket broke (it is reopened next time), ``trio.TooSlowError`` after
+        ``timeout``."""
+        with trio.fail_after(self.timeout):
+            if self.ws is None:
+                self.ws = await self._open()
+            ws = self.ws
+            try:
+                first = self.ref + 1
+                for data in datas:
+                    self.ref += 1
+                    op = {"op": "publish", "stream": stream, "data": data, "ref": self.ref}
+                    await ws.send_message(json.dumps(op, separators=(",", ":")))
+                return await self._answers(ws, first, self.ref)
+            except (ConnectionClosed, OSError, trio.TooSlowError):
+                self.ws = None
+                await ws.aclose()
+                raise
+
+    async def _answers(self, ws: WebSocketConnection, first: int, last: int) -> list[str]:
+        """Read messages until the answers to refs ``first``..``last`` have come, in order; the
+        codes of the errors among them."""
+        errors: list[str] = []
+        want = first
+        while want <= last:
+            msg = json.loads(await ws.get_message())
+            if msg.get("ref") != want:
+                continue  # not an answer to these publishes (this socket subscribes to nothing)
+            if msg.get("op") != "published":
+                errors.append(str(msg.get("code")))
+            want += 1
+        return errors
+
+    async def aclose(self) -> None:
+        """Close the socket, if open."""
+        if self.ws is not None:
+            await self.ws.aclose()
+            self.ws = None
