@@ -154,12 +154,13 @@ class Publisher:
                 await self._close(conn, -1 - index)
                 i += 1
                 continue
-            j = i + 1  # gather what is already due for the same stream, up to the batch size
-            while (j < len(lane) and j - i < self.schedule.batch and lane[j][1] == index
-                   and t0 + lane[j][0] <= now):
+            j = i + 1  # gather what is already due, up to the batch size: for HTTP, of the same
+            # stream (one ndjson request); over a WebSocket, of any stream (ops sent back to back)
+            while (j < len(lane) and j - i < self.schedule.batch and t0 + lane[j][0] <= now
+                   and (lane[j][1] == index if ws is None else lane[j][1] >= 0)):
                 j += 1
             if ws is not None:
-                await self._publish_ws(ws, index, j - i)
+                await self._publish_ws(ws, [entry[1] for entry in lane[i:j]])
             else:
                 await self._publish(conn, index, j - i)
             i = j
@@ -203,26 +204,37 @@ class Publisher:
         else:
             self.stats.failures[f"HTTP {status}"] = self.stats.failures.get(f"HTTP {status}", 0) + 1
 
-    async def _publish_ws(self, ws: WsPubConn, index: int, count: int) -> None:
-        stream = self.schedule.streams[index]
-        seqs = self._numbers(index, count)
-        if not seqs:
-            return
+    async def _publish_ws(self, ws: WsPubConn, indexes: list[int]) -> None:
+        """One event for each stream of ``indexes``, in that order, as ops sent back to back."""
         now = time.monotonic_ns()
-        datas = [payload.encode(s, now, self.schedule.size).decode() for s in seqs]
+        items: list[tuple[str, str]] = []
+        owners: list[int] = []  # the position in ``indexes`` each item is for
+        counts: list[int] = []  # events each position adds when it is appended
+        for k, index in enumerate(indexes):
+            seqs = self._numbers(index, 1)
+            counts.append(len(set(seqs)))
+            for seq in seqs:
+                items.append((self.schedule.streams[index], payload.encode(seq, now, self.schedule.size).decode()))
+                owners.append(k)
+        if not items:
+            return
         start = time.monotonic_ns()
         try:
-            errors = await ws.publish(stream, datas)
+            codes = await ws.publish(items)
         except WS_LOST as exc:
             key = f"WebSocket {type(exc).__name__}"
             self.stats.failures[key] = self.stats.failures.get(key, 0) + 1
             return
         self.stats.requests += 1
         self.stats.latencies.append(time.monotonic_ns() - start)
-        for code in errors:
-            self.stats.failures[f"WebSocket {code}"] = self.stats.failures.get(f"WebSocket {code}", 0) + 1
-        if not errors:
-            self.stats.published[stream] += len(set(seqs))
+        refused = set()
+        for owner, code in zip(owners, codes, strict=True):
+            if code is not None:
+                refused.add(owner)
+                self.stats.failures[f"WebSocket {code}"] = self.stats.failures.get(f"WebSocket {code}", 0) + 1
+        for k, index in enumerate(indexes):
+            if k not in refused:
+                self.stats.published[self.schedule.streams[index]] += counts[k]
 
     async def _close(self, conn: HttpConn, index: int) -> None:
         status = await self._send(conn, "POST", self.endpoint.stream_path(self.schedule.streams[index]) + "/close")

@@ -1,7 +1,7 @@
 """Publishing over a WebSocket (``sluice.json.v1``), as a producer holding a socket does: one
-``publish`` op per event, sent back to back when several are due, and their ``published`` acks
-read in order (Sluice handles a socket's publishes in order, so the numbering stays the
-server's order).
+``publish`` op per event, sent back to back when several are due (of any streams), and their
+``published`` acks read in order (Sluice handles a socket's publishes in order, so each
+stream's numbering stays the server's order).
 
 A WebSocket publish has no idempotency key, so a publish lost with its socket is not sent again:
 it is counted as a failure, and the socket is reopened for the next one.
@@ -47,18 +47,18 @@ class WsPubConn:
             raise ProtocolError(f"server chose subprotocol {ws.subprotocol!r}, not {JSON_PROTOCOL}")
         return ws
 
-    async def publish(self, stream: str, datas: list[str]) -> list[str]:
-        """Publish ``datas`` to ``stream`` in order and wait for every answer; return the ``code``
-        of each ``error`` op (an empty list: every event appended). Raises ``ConnectionClosed`` or
-        ``OSError`` when the socket broke (it is reopened next time), ``trio.TooSlowError`` after
-        ``timeout``."""
+    async def publish(self, items: list[tuple[str, str]]) -> list[str | None]:
+        """Publish each ``(stream, data)`` of ``items``, in order, sent back to back, and wait for
+        every answer: per item ``None`` (appended) or the ``code`` of its ``error`` op. Raises
+        ``ConnectionClosed`` or ``OSError`` when the socket broke (it is reopened next time),
+        ``trio.TooSlowError`` after ``timeout``."""
         with trio.fail_after(self.timeout):
             if self.ws is None:
                 self.ws = await self._open()
             ws = self.ws
             try:
                 first = self.ref + 1
-                for data in datas:
+                for stream, data in items:
                     self.ref += 1
                     op = {"op": "publish", "stream": stream, "data": data, "ref": self.ref}
                     await ws.send_message(json.dumps(op, separators=(",", ":")))
@@ -68,19 +68,15 @@ class WsPubConn:
                 await ws.aclose()
                 raise
 
-    async def _answers(self, ws: WebSocketConnection, first: int, last: int) -> list[str]:
-        """Read messages until the answers to refs ``first``..``last`` have come, in order; the
-        codes of the errors among them."""
-        errors: list[str] = []
-        want = first
-        while want <= last:
+    async def _answers(self, ws: WebSocketConnection, first: int, last: int) -> list[str | None]:
+        """Read messages until the answers to refs ``first``..``last`` have come, in order."""
+        codes: list[str | None] = []
+        while len(codes) <= last - first:
             msg = json.loads(await ws.get_message())
-            if msg.get("ref") != want:
+            if msg.get("ref") != first + len(codes):
                 continue  # not an answer to these publishes (this socket subscribes to nothing)
-            if msg.get("op") != "published":
-                errors.append(str(msg.get("code")))
-            want += 1
-        return errors
+            codes.append(None if msg.get("op") == "published" else str(msg.get("code")))
+        return codes
 
     async def aclose(self) -> None:
         """Close the socket, if open."""

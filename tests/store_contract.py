@@ -131,6 +131,20 @@ class StoreContract:
             assert seqs(page) == [1, 2, 3]
             assert all(e.stream == "s" and e.epoch == result.events[0].epoch for e in page.events)
 
+    async def test_append_each_is_one_append_per_item_in_order(self, open_store: OpenStore) -> None:
+        async with harness(open_store) as h:
+            await h.store.close_stream("shut")
+            before = len(h.notices)
+            items = [("a", [ev("1")]), ("b", [ev("2"), ev("3")]), ("shut", [ev("x")]), ("a", [ev("4")])]
+            results = await h.store.append_each(items)
+            assert isinstance(results[2], StreamClosed)
+            appended = [r for r in results if isinstance(r, AppendResult)]
+            assert [seqs(r) for r in appended] == [[1], [1, 2], [2]]
+            heard = [n.events[-1].data for n in h.notices[before:] if isinstance(n, Appended)]
+            assert heard == [b"1", b"3", b"4"]  # in commit order
+            assert [e.data for e in (await h.store.read("a", 0, 10)).events] == [b"1", b"4"]
+            assert await h.store.append_each([]) == []
+
     async def test_streams_are_independent(self, open_store: OpenStore) -> None:
         async with harness(open_store) as h:
             a = await h.store.append("a", [ev(), ev()])

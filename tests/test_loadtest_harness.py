@@ -146,12 +146,12 @@ async def test_the_websocket_publisher_appends_in_order_and_reports_refusals(slu
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             ws = WsPubConn(endpoint, "127.0.0.1", 10, nursery)
-            assert await ws.publish("wspub", ["a", "b", "c"]) == []
-            assert await ws.publish("bad stream name", ["x"]) == ["bad_stream"]
-            assert await ws.publish("wspub", ["d"]) == []  # the same socket goes on
+            assert await ws.publish([("wspub", "a"), ("wspub", "b"), ("wspub", "c")]) == [None] * 3
+            assert await ws.publish([("wspub", "d"), ("bad stream name", "x")]) == [None, "bad_stream"]
+            assert await ws.publish([("wspub", "e")]) == [None]  # the same socket goes on
             await ws.aclose()
         conn = HttpConn(endpoint, "127.0.0.1", 10)
         status, body = await conn.request("GET", "/v1/streams/wspub/poll?from=start&timeout=0")
         conn.close()
     assert status == 200
-    assert [e["data"] for e in json.loads(body)["events"]] == ["a", "b", "c", "d"]
+    assert [e["data"] for e in json.loads(body)["events"]] == ["a", "b", "c", "d", "e"]

@@ -124,6 +124,9 @@ class WebSocket(Protocol):
     async def receive(self) -> str | bytes:
         """Return the next complete message; raise :class:`WebSocketClosed` once closed."""
 
+    def receive_nowait(self) -> str | bytes | None:
+        """The next complete message if one has arrived already, else ``None``; never waits."""
+
     def send_message(self, data: str | bytes) -> bool:
         """Queue one text (``str``) or binary (``bytes``) message; ``False`` if the socket is dead."""
 

@@ -166,15 +166,23 @@ class WsSession:
     async def receive(self) -> str | bytes:
         """Return the next complete message; raise :class:`WebSocketClosed` once closed."""
         while True:
-            if self._inbox:
-                message = self._inbox.popleft()
-                if self._room is not None:
-                    self._room.set()
+            message = self.receive_nowait()
+            if message is not None:
                 return message
             if self._closed is not None:
                 raise WebSocketClosed(*self._closed)
             self._receiver = trio.Event()
             await self._receiver.wait()
+
+    def receive_nowait(self) -> str | bytes | None:
+        """The next complete message if one has arrived already, else ``None`` (never waits;
+        once the socket is closed, :meth:`receive` says so)."""
+        if not self._inbox:
+            return None
+        message = self._inbox.popleft()
+        if self._room is not None:
+            self._room.set()
+        return message
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send a close frame and wait (at most ``CLOSE_WAIT`` seconds) for the peer's close or EOF."""

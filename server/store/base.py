@@ -125,6 +125,22 @@ class Store(abc.ABC):
         Raises ``ValueError`` for an empty ``events``.
         """
 
+    async def append_each(self, items: Sequence[tuple[str, Sequence[NewEvent]]]) -> list[AppendResult | StreamClosed]:
+        """Make each ``(stream, events)`` item an :meth:`append` of its own, in order, and return
+        their results in the items' order; an item whose stream is closed gets its
+        :class:`StreamClosed` there instead of raising it. Every item keeps :meth:`append`'s
+        promises (atomic, in order, durable before this returns, the listener told in commit
+        order); a backend may commit them together (SQLite: one transaction). Any other error
+        raises, as from :meth:`append`. The default appends one item after the other.
+        """
+        results: list[AppendResult | StreamClosed] = []
+        for stream, events in items:
+            try:
+                results.append(await self.append(stream, events))
+            except StreamClosed as exc:
+                results.append(exc)
+        return results
+
     @abc.abstractmethod
     async def read(self, stream: str, after_seq: int, limit: int) -> Page:
         """Return up to ``limit`` retained events with ``seq > after_seq`` in the current epoch."""

@@ -26,7 +26,7 @@ import trio
 
 from server.core.events import NewEvent, StreamInfo
 from server.core.groups import lone_error_unwrapped
-from server.store.base import AppendResult, Head, Notice, Page, Retention, Store
+from server.store.base import AppendResult, Head, Notice, Page, Retention, Store, StreamClosed
 from server.store.sqlite_ops import (
     AppendOp,
     BatchFailed,
@@ -140,6 +140,26 @@ class SqliteStore(Store):
         assert isinstance(value, AppendResult)
         return value
 
+    async def append_each(self, items: Sequence[tuple[str, Sequence[NewEvent]]]) -> list[AppendResult | StreamClosed]:
+        """As :meth:`Store.append_each`: every item is queued before any is waited for, so the
+        writer takes them into one transaction (up to ``max_batch`` requests), one fsync for all."""
+        requests = []
+        for stream, events in items:
+            if not events:
+                raise ValueError("append needs at least one event")
+            batch = tuple(NewEvent(str(e.type), bytes(e.data), bool(e.binary)) for e in events)
+            requests.append(await self._enqueue(AppendOp(stream, batch, None)))
+        results: list[AppendResult | StreamClosed] = []
+        for request in requests:
+            try:
+                value = await self._outcome(request)
+            except StreamClosed as exc:
+                results.append(exc)
+                continue
+            assert isinstance(value, AppendResult)
+            results.append(value)
+        return results
+
     async def read(self, stream: str, after_seq: int, limit: int) -> Page:
         """Return up to ``limit`` (at most :data:`MAX_READ_LIMIT`) retained events after ``after_seq``."""
         return await self._read(read_page, stream, after_seq, min(limit, MAX_READ_LIMIT))
@@ -187,13 +207,25 @@ class SqliteStore(Store):
     # -- writer -------------------------------------------------------------------------------
 
     async def _submit(self, op: WriteOp) -> OpValue:
+        return await self._outcome(await self._enqueue(op))
+
+    async def _enqueue(self, op: WriteOp) -> _Request:
+        """Queue ``op`` for the writer; without yielding when the queue has room (so requests
+        queued one after the other go in one transaction), else waiting for room."""
         if self._closing or self._failure is not None:
             raise StoreUnavailable("the store is closed or its writer stopped") from self._failure
         request = _Request(op)
         try:
-            await self._send.send(request)
+            try:
+                self._send.send_nowait(request)
+            except trio.WouldBlock:
+                await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StoreUnavailable("the store is closed") from self._failure
+        return request
+
+    async def _outcome(self, request: _Request) -> OpValue:
+        """Wait for ``request`` to be committed; its value, or raise its error."""
         await request.done.wait()
         outcome = request.outcome
         assert outcome is not None

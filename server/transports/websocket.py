@@ -2,6 +2,9 @@
 
 One socket carries any number of subscriptions, each a child task in the socket's nursery;
 publishes are handled in order, in the receive loop, so ``published`` acks come in send order.
+Publish ops that have arrived together (a producer sending without waiting for each ack) are
+committed together, up to ``PUBLISH_GROUP`` at a time (:meth:`Store.append_each`: with SQLite,
+one transaction and one fsync): each is still its own append with its own ack or error.
 Client mistakes get ``{"op": "error", "ref"?, "code", "message"}`` and the socket stays open;
 a frame of the wrong kind for the subprotocol closes it with 1003.
 
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgpack
 import trio
 
 from server.core.encoding import EncodedEvent, EventBatch, ws_end, ws_message, ws_reset
-from server.core.events import InvalidInput, check_stream
+from server.core.events import InvalidInput, NewEvent, check_stream
 from server.core.replay import Reset, Start, parse_start
 from server.edge.auth import Action
 from server.edge.limits import retry_after
@@ -31,11 +35,14 @@ from server.transports.batch import item_event
 from server.transports.context import Context
 from server.transports.guard import Access
 
+PUBLISH_GROUP = 64  # most publish ops already received that are committed together
 TOKEN_EXPIRED = 4401
 POLICY_VIOLATION = 1008
 JSON_PROTOCOL = "sluice.json.v1"
 MSGPACK_PROTOCOL = "sluice.msgpack.v1"
 Fmt = Literal["json", "msgpack"]
+# what a message that is not valid JSON / msgpack raises when decoded
+BAD_MESSAGE = (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError)
 
 
 class _CloseWith(Exception):
@@ -111,6 +118,7 @@ class _Session:
         return msgpack.unpackb(message, raw=False, max_map_len=64, max_array_len=64)
 
     async def handle(self, msg: Any) -> None:
+        """Answer one decoded message other than a publish (those go to :meth:`publish`)."""
         if not isinstance(msg, dict):
             self.error("bad_message", "messages are objects with an 'op'")
             return
@@ -124,8 +132,6 @@ class _Session:
                 scope = self.subs.pop(stream, None)
                 if scope is not None:
                     scope.cancel()
-            elif op == "publish":
-                await self.publish(msg, ref)
             elif op == "ping":
                 if not self.ws.take_ping():  # charged like Ping frames: a flood closes 1008
                     raise _CloseWith(POLICY_VIOLATION, "too many pings")
@@ -173,19 +179,52 @@ class _Session:
         if self.subs.get(stream) is scope:
             del self.subs[stream]
 
-    async def publish(self, msg: dict[str, Any], ref: object) -> None:
-        stream = check_stream(_str(msg.get("stream")))
-        event = item_event(msg, self.ctx.settings.max_event_bytes, where="publish")
-        self.admit("publish", stream, cost_bytes=len(event.data))
-        try:
-            result = await self.ctx.store.append(stream, [event])
-        except StreamClosed:
-            self.error("closed", f"stream {stream!r} is closed", ref)
-            return
-        reply: dict[str, Any] = {"op": "published", "id": result.ids[0]}
-        if ref is not None:
-            reply["ref"] = ref
-        self.send(reply)
+    async def publish(self, msgs: list[dict[str, Any]]) -> None:
+        """Check, authorise and charge each publish op, commit the admitted ones together, then
+        answer every op in order: ``published`` with its id, or an ``error``."""
+        admitted: list[tuple[str, Sequence[NewEvent]]] = []
+        refusals: list[InvalidInput | None] = []
+        for msg in msgs:
+            try:
+                stream = check_stream(_str(msg.get("stream")))
+                event = item_event(msg, self.ctx.settings.max_event_bytes, where="publish")
+                self.admit("publish", stream, cost_bytes=len(event.data))
+            except InvalidInput as exc:
+                refusals.append(exc)
+                continue
+            refusals.append(None)
+            admitted.append((stream, [event]))
+        results = iter(await self.ctx.store.append_each(admitted) if admitted else [])
+        for msg, refusal in zip(msgs, refusals, strict=True):
+            ref = msg.get("ref")
+            if refusal is not None:
+                self.error(refusal.code, refusal.message, ref)
+                continue
+            result = next(results)
+            if isinstance(result, StreamClosed):
+                self.error("closed", f"stream {msg.get('stream')!r} is closed", ref)
+                continue
+            reply: dict[str, Any] = {"op": "published", "id": result.ids[0]}
+            if ref is not None:
+                reply["ref"] = ref
+            self.send(reply)
+
+    def more_publishes(self, first: dict[str, Any]) -> tuple[list[dict[str, Any]], str | bytes | None]:
+        """``first`` and the publish ops right behind it that have arrived already (at most
+        ``PUBLISH_GROUP``), and the message after them that is not one (to handle next), if any."""
+        group = [first]
+        while len(group) < PUBLISH_GROUP:
+            message = self.ws.receive_nowait()
+            if message is None:
+                break
+            try:
+                msg = self.decode(message)
+            except (_CloseWith, *BAD_MESSAGE):
+                return group, message  # handled on its own turn, after these are answered
+            if not (isinstance(msg, dict) and msg.get("op") == "publish"):
+                return group, message
+            group.append(msg)
+        return group, None
 
 
 def _rate_refusal(wait: float) -> tuple[str, str]:
@@ -222,14 +261,22 @@ async def handle_ws(ex: Exchange, ctx: Context, access: Access) -> None:
         session = _Session(ws, ctx, fmt, nursery, access)
         try:
             with trio.CancelScope(deadline=access.deadline) as expiry:
+                held: str | bytes | None = None
                 while True:
-                    message = await ws.receive()
+                    if held is None:
+                        message = await ws.receive()
+                    else:  # the message that ended the last group of publishes
+                        message, held = held, None
                     try:
                         msg = session.decode(message)
-                    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                    except BAD_MESSAGE:
                         session.error("bad_message", "not a valid message for this subprotocol")
                         continue
-                    await session.handle(msg)
+                    if isinstance(msg, dict) and msg.get("op") == "publish":
+                        group, held = session.more_publishes(msg)
+                        await session.publish(group)
+                    else:
+                        await session.handle(msg)
             expired = expiry.cancelled_caught
         except _CloseWith as exc:
             await ws.close(exc.code, exc.reason)
