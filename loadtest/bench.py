@@ -54,6 +54,8 @@ class Entry:
     procs: int = 0
     ramp: float = 0.0  # connects per second per load process (0: as fast as they go)
     pub_connections: int = 0  # publisher connections, each one request at a time (0: the run's default)
+    pub_transport: str = "http"  # "ws": the publisher sends publish ops over WebSockets (Sluice only)
+    batch: int = 1  # most due events one publish carries (HTTP: ndjson; WebSocket: ops back to back)
 
     def spec(self, endpoint: Endpoint, pid: int, scale: float, time_scale: float = 1.0) -> RunSpec:
         """The run for one target; ``scale`` multiplies the subscriptions, ``time_scale`` the
@@ -64,7 +66,7 @@ class Entry:
                        subs=subs, per_conn=self.per_conn, rate=self.rate, duration=self.duration * time_scale,
                        tokens=max(5, round(self.tokens * time_scale)), stagger=min(5.0, self.duration) * time_scale,
                        server_pid=pid, actions=actions, procs=self.procs, ramp=self.ramp, label=self.name,
-                       pub_connections=self.pub_connections,
+                       pub_connections=self.pub_connections, pub_transport=self.pub_transport, batch=self.batch,
                        connect_timeout=240, settle_timeout=60)
 
 
@@ -92,6 +94,10 @@ ENTRIES: tuple[Entry, ...] = (
     # which the run is bound by 4 requests in flight.
     Entry("llm", "llm: 1,000 generations of 100 tokens at 30 tokens/s", ("sluice", "uvicorn"), "llm", 1000, rate=30,
           tokens=100, duration=5, pub_connections=32),
+    # The same generations relayed by 32 producers that each hold a WebSocket and send what is due
+    # (up to 16 tokens, of any of their generations) without waiting for each ack.
+    Entry("llm-ws", "llm: the same, published over 32 WebSockets, due tokens sent together", ("sluice",), "llm",
+          1000, rate=30, tokens=100, duration=5, pub_connections=32, pub_transport="ws", batch=16),
     Entry("ws-json", "fanout over WebSocket JSON: 2,000 x 20/s", ("sluice",), "fanout", 2000, rate=20, duration=15,
           transport="ws-json"),
     Entry("ws-msgpack", "fanout over WebSocket msgpack: 2,000 x 20/s", ("sluice",), "fanout", 2000, rate=20,
@@ -320,6 +326,10 @@ def render(results: dict[str, Result], out: Path, doc: Path) -> str:
             command += f" --per-conn {spec['per_conn']}"
         if spec.get("pub_connections"):
             command += f" --pub-connections {spec['pub_connections']}"
+        if spec.get("pub_transport", "http") != "http":
+            command += f" --pub-transport {spec['pub_transport']}"
+        if spec.get("batch", 1) > 1:
+            command += f" --batch {spec['batch']}"
         lines += ["", f"Same as `{command}`; results in `{rel}/{entry.name}-*.json`."]
         for kind, _ in rows:
             for suffix in ("latency", "connections"):
