@@ -11,6 +11,9 @@ from typing import Any
 
 import h11
 import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, TextMessage
+from wsproto.events import Request as WsRequest
 
 from server.app import Worker, serve
 from server.config import load_config
@@ -186,3 +189,23 @@ async def wait_live(ctx: Context, stream: str, count: int = 1) -> None:
         if sum(1 for w in watchers if getattr(w, "live", False)) >= count:
             return
         await trio.sleep(0.005)
+
+
+async def ws_ops_together(port: int, ops: list[dict[str, Any]], answers: int) -> list[dict[str, Any]]:
+    """Open a ``sluice.json.v1`` WebSocket, send every op of ``ops`` in one write (so they
+    arrive together), and return the first ``answers`` messages the server sends back."""
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    async with sock:
+        ws = WSConnection(ConnectionType.CLIENT)
+        await sock.send_all(ws.send(WsRequest(host="127.0.0.1", target="/v1/ws", subprotocols=["sluice.json.v1"])))
+        got: list[dict[str, Any]] = []
+        while len(got) < answers:
+            data = await sock.receive_some(65536)
+            assert data, "the server closed the connection"
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    await sock.send_all(b"".join(ws.send(TextMessage(data=json.dumps(op))) for op in ops))
+                elif isinstance(event, TextMessage):
+                    got.append(json.loads(event.data))
+        return got

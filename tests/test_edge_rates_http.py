@@ -13,7 +13,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from tests.client import Response, Running, request, start_sluice
+from tests.client import Response, Running, request, start_sluice, ws_ops_together
 
 SECRET = b"r" * 40
 
@@ -155,6 +155,19 @@ async def test_websocket_ops_are_rate_limited(nursery: trio.Nursery, tmp_path: P
         assert (await request(s.port, "GET", "/v1/streams/w/info")).json()["length"] == 2
     assert s.ctx.guard is not None  # refused operations are counted for /metrics
     assert s.ctx.guard.stats.rate_limited == {(413, "publish_bytes"): 1, (429, "publish"): 1, (429, "subscribe"): 1}
+
+
+async def test_publishes_that_arrive_together_are_each_charged_and_answered_in_order(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    s = await start_sluice(nursery, tmp_path, "sqlite", limits=rules({"route": "publish", "rate": 0.01, "burst": 2}))
+    ops = [{"op": "publish", "stream": "w", "data": str(i), "ref": i} for i in range(4)]
+    with trio.fail_after(30):
+        answers = await ws_ops_together(s.port, ops, 4)
+        assert (await request(s.port, "GET", "/v1/streams/w/info")).json()["length"] == 2
+    assert [(a["op"], a["ref"], a.get("code")) for a in answers] == [
+        ("published", 0, None), ("published", 1, None), ("error", 2, "rate_limited"), ("error", 3, "rate_limited")
+    ]
 
 
 async def test_a_publish_refused_on_its_size_gives_its_publish_token_back(

@@ -10,11 +10,8 @@ import msgpack
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, TextMessage
-from wsproto.events import Request as WsRequest
 
-from tests.client import Running, publish, request, start_sluice, wait_live
+from tests.client import Running, publish, request, start_sluice, wait_live, ws_ops_together
 
 
 class Client:
@@ -134,30 +131,15 @@ async def test_publishes_that_arrive_together_are_committed_together_and_answere
     s = await start_sluice(nursery, tmp_path, backend)
     with trio.fail_after(15):
         await request(s.port, "POST", "/v1/streams/shut/close")
-        sock = await trio.open_tcp_stream("127.0.0.1", s.port)
-        async with sock:
-            ws = WSConnection(ConnectionType.CLIENT)
-            await sock.send_all(ws.send(WsRequest(host="127.0.0.1", target="/v1/ws", subprotocols=["sluice.json.v1"])))
-            ops: list[dict[str, Any]] = [
-                *({"op": "publish", "stream": "g:a" if i % 2 else "g:b", "data": f"e{i}", "ref": i} for i in range(8)),
-                {"op": "publish", "stream": "no good", "data": "x", "ref": "bad"},
-                {"op": "publish", "stream": "shut", "data": "x", "ref": "shut"},
-                {"op": "publish", "stream": "g:a", "data": "last", "ref": "last"},
-                {"op": "subscribe", "stream": "g:a", "from": "start"},  # handled after the publishes
-            ]
-            commits = s.ctx.store.stats.commits if backend == "sqlite" else 0  # type: ignore[attr-defined]
-            got: list[dict[str, Any]] = []
-            accepted = False
-            while len(got) < len(ops) - 1 + 5:  # an answer per publish, then g:a's five events
-                ws.receive_data(await sock.receive_some(65536))
-                for event in ws.events():
-                    if isinstance(event, AcceptConnection):
-                        accepted = True
-                        wire = b"".join(ws.send(TextMessage(data=json.dumps(op))) for op in ops)
-                        await sock.send_all(wire)  # every op in one write: they arrive together
-                    elif isinstance(event, TextMessage):
-                        got.append(json.loads(event.data))
-            assert accepted
+        ops: list[dict[str, Any]] = [
+            *({"op": "publish", "stream": "g:a" if i % 2 else "g:b", "data": f"e{i}", "ref": i} for i in range(8)),
+            {"op": "publish", "stream": "no good", "data": "x", "ref": "bad"},
+            {"op": "publish", "stream": "shut", "data": "x", "ref": "shut"},
+            {"op": "publish", "stream": "g:a", "data": "last", "ref": "last"},
+            {"op": "subscribe", "stream": "g:a", "from": "start"},  # handled after the publishes
+        ]
+        commits = s.ctx.store.stats.commits if backend == "sqlite" else 0  # type: ignore[attr-defined]
+        got = await ws_ops_together(s.port, ops, len(ops) - 1 + 5)  # an answer per publish, g:a's five events
     answers, events = got[: len(ops) - 1], got[len(ops) - 1 :]
     assert [a.get("ref") for a in answers] == [*range(8), "bad", "shut", "last"]
     assert [a["op"] for a in answers] == ["published"] * 8 + ["error", "error", "published"]
