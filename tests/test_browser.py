@@ -187,13 +187,14 @@ async def publish_through(port: int, data: str) -> str:
             await trio.sleep(0.05)
 
 
-async def kill_every_worker(sup: Supervised) -> None:
-    """SIGKILL the live workers and wait until as many replacements report ``READY``."""
-    live = [pid for pid in sup.started() if Path(f"/proc/{pid}").exists()]
+async def kill_every_worker(sup: Supervised, slots: int) -> None:
+    """SIGKILL each slot's current worker (not one still draining after a reload) and wait until
+    as many replacements report ``READY``."""
+    current = [sup.started(slot)[-1] for slot in range(slots)]
     marker = len(sup.notes.messages)
-    for pid in live:
+    for pid in current:
         os.kill(pid, signal.SIGKILL)
-    for _ in live:
+    for _ in current:
         marker = await sup.notes.wait("STATUS=serving on", marker) + 1
 
 
@@ -218,7 +219,7 @@ async def test_a_browser_eventsource_resumes_across_a_deploy_and_a_crash_exactly
                     await sup.ready(reloading)
                     await pages.wait_for(origin, seen(6, opens=2))
 
-                    await kill_every_worker(sup)  # a crash: the connection just ends
+                    await kill_every_worker(sup, 2)  # a crash: the connection just ends
                     published += [(await publish_through(sup.port, f"token {i}"), f"token {i}") for i in range(6, 9)]
                     report = await pages.wait_for(origin, seen(9, opens=3))
 
