@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from loadtest.clients.common import Endpoint, connect_tcp
-from loadtest.clients.ws import JSON_PROTOCOL, PATH
+from loadtest.clients.ws import JSON_PROTOCOL, open_ws
 from loadtest.wire import ProtocolError
 
 
@@ -35,17 +35,12 @@ class WsPubConn:
         ep = self.endpoint
         sock = await connect_tcp(ep.host, ep.port, self.source, self.timeout)
         try:
-            ws = await wrap_client_stream(
-                self.nursery, trio.SocketStream(sock), f"{ep.host}:{ep.port}", PATH, subprotocols=[JSON_PROTOCOL],
-                extra_headers=[(n.encode(), v.encode()) for n, v in ep.auth_headers()],
-            )
-        except HandshakeError as exc:
-            sock.close()
-            raise ProtocolError(f"WebSocket handshake failed: {exc!r}") from exc
-        if ws.subprotocol != JSON_PROTOCOL:
-            await ws.aclose()
-            raise ProtocolError(f"server chose subprotocol {ws.subprotocol!r}, not {JSON_PROTOCOL}")
-        return ws
+            return await open_ws(ep, self.timeout, self.nursery, trio.SocketStream(sock), JSON_PROTOCOL)
+        except BaseException as exc:
+            sock.close()  # its reader task, if one was started, ends with it
+            if isinstance(exc, HandshakeError):
+                raise ProtocolError(f"WebSocket handshake failed: {exc!r}") from exc
+            raise
 
     async def publish(self, items: list[tuple[str, str]]) -> list[str | None]:
         """Publish each ``(stream, data)`` of ``items``, in order, sent back to back, and wait for

@@ -17,7 +17,7 @@ import msgpack
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
 
-from loadtest.clients.common import Conn, Load, open_socket
+from loadtest.clients.common import Conn, Endpoint, Load, open_socket
 from loadtest.track import Track
 from loadtest.wire import ProtocolError
 
@@ -74,7 +74,7 @@ async def _session(load: Load, conn: Conn, protocol: str, encode: Encode, decode
         try:
             async with trio.open_nursery() as nursery:
                 try:
-                    ws = await _open(load, nursery, trio.SocketStream(sock), protocol)
+                    ws = await open_ws(load.endpoint, load.timeout, nursery, trio.SocketStream(sock), protocol)
                     for track in tracks:
                         await ws.send_message(encode(subscribe_message(track)))
                     load.up(conn)
@@ -98,10 +98,11 @@ async def _session(load: Load, conn: Conn, protocol: str, encode: Encode, decode
             raise failure
 
 
-async def _open(load: Load, nursery: trio.Nursery, stream: trio.SocketStream, protocol: str) -> WebSocketConnection:
-    """The WebSocket handshake on ``stream``, its reader task in ``nursery``."""
-    ep = load.endpoint
-    with trio.fail_after(load.timeout):
+async def open_ws(ep: Endpoint, timeout: float, nursery: trio.Nursery, stream: trio.SocketStream,
+                  protocol: str) -> WebSocketConnection:
+    """The WebSocket handshake to ``ep`` on ``stream`` (with its auth headers) within ``timeout``,
+    its reader task in ``nursery``; ``ProtocolError`` if the server chose another subprotocol."""
+    with trio.fail_after(timeout):
         ws = await wrap_client_stream(
             nursery, stream, f"{ep.host}:{ep.port}", PATH, subprotocols=[protocol], message_queue_size=QUEUE,
             max_message_size=MAX_MESSAGE, receive_buffer_size=RECV,

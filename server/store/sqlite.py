@@ -76,6 +76,13 @@ class SqliteStats:
     failed_commits: int = 0
 
 
+def _append_op(stream: str, events: Sequence[NewEvent], key: str | None) -> AppendOp:
+    """The writer's op for one append (its own copy of the events); ``ValueError`` when empty."""
+    if not events:
+        raise ValueError("append needs at least one event")
+    return AppendOp(stream, tuple(NewEvent(str(e.type), bytes(e.data), bool(e.binary)) for e in events), key)
+
+
 @dataclass(eq=False, slots=True)
 class _Request:
     op: WriteOp
@@ -133,22 +140,14 @@ class SqliteStore(Store):
         self, stream: str, events: Sequence[NewEvent], *, idempotency_key: str | None = None
     ) -> AppendResult:
         """Append ``events`` atomically and in order, durably, honouring ``idempotency_key``."""
-        if not events:
-            raise ValueError("append needs at least one event")
-        batch = tuple(NewEvent(str(e.type), bytes(e.data), bool(e.binary)) for e in events)
-        value = await self._submit(AppendOp(stream, batch, idempotency_key))
+        value = await self._submit(_append_op(stream, events, idempotency_key))
         assert isinstance(value, AppendResult)
         return value
 
     async def append_each(self, items: Sequence[tuple[str, Sequence[NewEvent]]]) -> list[AppendResult | StreamClosed]:
         """As :meth:`Store.append_each`: every item is queued before any is waited for, so the
         writer takes them into one transaction (up to ``max_batch`` requests), one fsync for all."""
-        requests = []
-        for stream, events in items:
-            if not events:
-                raise ValueError("append needs at least one event")
-            batch = tuple(NewEvent(str(e.type), bytes(e.data), bool(e.binary)) for e in events)
-            requests.append(await self._enqueue(AppendOp(stream, batch, None)))
+        requests = [await self._enqueue(_append_op(stream, events, None)) for stream, events in items]
         results: list[AppendResult | StreamClosed] = []
         for request in requests:
             try:
