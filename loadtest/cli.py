@@ -6,7 +6,8 @@
     sluice-loadtest bench            # every figure of docs/PERFORMANCE.md, baselines included
 
 Targets must be on 127.0.0.0/8. Exit status 0 when the run was clean (nothing lost, duplicated
-or out of order, every connection held), 1 otherwise, 2 on bad arguments.
+or out of order, every connection held, within its time bound), 1 otherwise, 2 on bad arguments,
+an impossible run (refused before anything connects) or missing dependencies.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from loadtest import report
-from loadtest.clients import TRANSPORTS
+from loadtest import deps, report
 from loadtest.clients.common import Endpoint
-from loadtest.run import Run
-from loadtest.spec import SCENARIOS, Action, RunSpec
+from loadtest.serverpid import supervisor_pid
+from loadtest.spec import SCENARIOS, Action, RunSpec, publish_seconds
+from loadtest.targets import TRANSPORTS
+
+# Only modules of the standard library, trio and the harness's own pure ones are imported above:
+# the rest (trio-websocket, hdrhistogram...) is imported once ``deps`` found it installed.
+TRANSPORT_NAMES = sorted(set().union(*TRANSPORTS.values()))
 
 
 def endpoint_of(url: str, kind: str) -> Endpoint:
@@ -51,9 +56,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--token", help="a JWT sent as Authorization: Bearer by every client and the publisher")
     r.add_argument("--kind", default="sluice", choices=("sluice", "uvicorn", "nchan"), help="what --url runs")
     r.add_argument("--workers", type=int, default=2, help="with --start: server worker processes")
-    r.add_argument("--server-pid", type=int, help="with --url: the server's PID, to sample RSS and CPU")
+    r.add_argument("--server-pid", type=int, help="with --url: the server's PID, to sample RSS and CPU "
+                   "(default for Sluice: the supervisor pid its /metrics gives)")
     r.add_argument("--base", default="fanout", choices=("fanout", "topics", "llm"), help="traffic under storm/deploy")
-    r.add_argument("--transport", default="sse-h1", choices=sorted(TRANSPORTS))
+    r.add_argument("--transport", default="sse-h1", choices=TRANSPORT_NAMES)
     r.add_argument("--subs", type=int, default=100, help="subscriptions")
     r.add_argument("--per-conn", type=int, default=1, help="subscriptions per connection (sse-h2, ws)")
     r.add_argument("--streams", type=int, default=0, help="streams (default: 1, or one per subscription)")
@@ -89,14 +95,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def actions(args: argparse.Namespace) -> list[Action]:
-    """Restarts and kills spread evenly over the publishing time, plus storms."""
+def actions(args: argparse.Namespace, span: float | None = None) -> list[Action]:
+    """Restarts and kills spread evenly over the publishing time (``span`` seconds, default
+    ``--duration``), plus storms."""
     out = [Action(t, "storm") for t in args.storm_at]
     n = args.restarts + args.kills
     kinds = ["restart"] * args.restarts + ["kill"] * args.kills
     order = sorted(range(n), key=lambda i: (i % 2, i))  # interleave restarts and kills
     for slot, i in enumerate(order):
-        at = args.duration * (slot + 1) / (n + 1)
+        at = (args.duration if span is None else span) * (slot + 1) / (n + 1)
         out.append(Action(at, kinds[i], args.restart_cmd if kinds[i] == "restart" else args.kill_cmd))
     return sorted(out, key=lambda a: a.at)
 
@@ -113,22 +120,62 @@ def _target(args: argparse.Namespace) -> Iterator[tuple[Endpoint, int | None]]:
         yield Endpoint(target.host, target.port, target.kind, token=args.token), target.pid
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """``sluice-loadtest run``."""
+def planned(args: argparse.Namespace) -> RunSpec:
+    """The run the arguments ask for, checked before anything starts or connects (``ValueError``
+    says what is impossible); its endpoint is a placeholder (port 0) with ``--start``."""
     fault = None
     if args.fault:
         kind, _, seq = args.fault.partition(":")
         if kind not in ("drop", "dup") or not seq.isdigit():
             raise ValueError("--fault is drop:SEQ or dup:SEQ")
         fault = (kind, int(seq))
-    with _target(args) as (endpoint, pid):
-        spec = RunSpec(
-            scenario=args.scenario, endpoint=endpoint, base=args.base, transport=args.transport, subs=args.subs,
-            per_conn=args.per_conn, streams=args.streams, rate=args.rate, duration=args.duration, size=args.size,
-            tokens=args.tokens, stagger=args.stagger, batch=args.batch, pub_connections=args.pub_connections,
-            pub_transport=args.pub_transport,
-            procs=args.procs, ramp=args.ramp, connect_timeout=args.connect_timeout,
-            settle_timeout=args.settle_timeout, server_pid=pid, actions=actions(args), fault=fault)
+    if args.start and args.server_pid is not None:
+        raise ValueError("--server-pid goes with --url (with --start the harness knows the server it started)")
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    endpoint = endpoint_of(args.url, args.kind) if args.url else Endpoint("127.0.0.1", 0, args.start)
+    kind = args.base if args.scenario in ("storm", "deploy") else args.scenario
+    spec = RunSpec(
+        scenario=args.scenario, endpoint=dataclasses.replace(endpoint, token=args.token), base=args.base,
+        transport=args.transport, subs=args.subs,
+        per_conn=args.per_conn, streams=args.streams, rate=args.rate, duration=args.duration, size=args.size,
+        tokens=args.tokens, stagger=args.stagger, batch=args.batch, pub_connections=args.pub_connections,
+        pub_transport=args.pub_transport,
+        procs=args.procs, ramp=args.ramp, connect_timeout=args.connect_timeout,
+        settle_timeout=args.settle_timeout, server_pid=args.server_pid, fault=fault,
+        actions=actions(args, publish_seconds(kind, args.duration, args.tokens, args.rate, args.stagger)))
+    commands = any(a.kind in ("restart", "kill") for a in spec.actions)
+    if commands and args.url and args.kind != "sluice" and args.server_pid is None:
+        raise ValueError("--restarts and --kills against --url need --server-pid (their commands use {pid}/{child})")
+    return spec
+
+
+def server_pid(spec: RunSpec, started: int | None, *, quiet: bool) -> int | None:
+    """The process tree to sample: the server started, ``--server-pid``, or the supervisor pid a
+    Sluice server gives on ``/metrics`` (``ValueError`` when restarts or kills need it and it is
+    not found)."""
+    if started is not None or spec.server_pid is not None:
+        return started if started is not None else spec.server_pid
+    if spec.endpoint.kind != "sluice":
+        return None
+    pid, note = supervisor_pid(spec.endpoint)
+    if pid is None and any(a.kind in ("restart", "kill") for a in spec.actions):
+        raise ValueError(f"--restarts and --kills need the server's pid: {note}; give --server-pid")
+    if not quiet:
+        print(f"sluice-loadtest: server {note}" + ("" if pid else "; not sampling its RSS and CPU"),
+              file=sys.stderr, flush=True)
+    return pid
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``sluice-loadtest run``."""
+    from loadtest.run import Run
+
+    plan = planned(args)
+    with _target(args) as (endpoint, started):
+        spec = dataclasses.replace(plan, endpoint=endpoint)
+        spec = dataclasses.replace(spec, server_pid=server_pid(spec, started if args.start else None,
+                                                              quiet=args.quiet))
         result = Run(spec, progress=not args.quiet).execute()
     print(report.table(result))
     if args.json:
@@ -142,6 +189,10 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``sluice-loadtest``."""
     args = parser().parse_args(argv)
+    missing = deps.problem()
+    if missing:
+        print(f"sluice-loadtest: {missing}", file=sys.stderr)
+        sys.exit(2)
     try:
         if args.command == "run":
             sys.exit(run_command(args))

@@ -64,7 +64,11 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("crashed load processes", str(result["crashes"])))
     for sample in v.get("samples", [])[:3]:
         out.append(("example", sample))
-    out.append(("verdict", "OK" if result["ok"] else "FAILED"))
+    took = result.get("time") or {}
+    if took:
+        over = "; OVER TIME: stopped at its deadline, figures partial" if took["over_time"] else ""
+        out.append(("run time", f"{took['seconds']:.1f} s of at most {took['bound']:.0f} s{over}"))
+    out.append(("verdict", "OK" if result["ok"] else "FAILED" + (" (over time)" if took.get("over_time") else "")))
     return out
 
 
@@ -84,54 +88,87 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 def plot(result: dict[str, Any], directory: Path, name: str) -> list[Path]:
     """PNG plots of a run: latency over time, and connections and reconnects over time, each
     restart, kill and storm marked. Returns the files written."""
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    for suffix, fig in figures(result):
+        files.append(directory / f"{name}-{suffix}.png")
+        fig.savefig(files[-1], dpi=100)
+        plt.close(fig)
+    return files
+
+
+def figures(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The plots of :func:`plot` as matplotlib figures, each with its file name suffix: legends
+    outside the data (under the axes), counts and times as plain numbers, both count axes
+    starting at 0, and each action labelled inside the axes. Seconds are the report's clock (0:
+    the publisher's start, as for ``--storm-at``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
 
-    directory.mkdir(parents=True, exist_ok=True)
     tl = result["timeline"]
     if not tl:
         return []
     t = [row["t"] for row in tl]
-    files: list[Path] = []
+    title = f"{result['spec']['scenario']} · {result['spec']['transport']} · {result['spec']['endpoint']['kind']}"
+    span = (min(t), max(t))
+
+    def plain() -> ScalarFormatter:
+        fmt = ScalarFormatter(useOffset=False)
+        fmt.set_scientific(False)
+        return fmt
 
     def marks(ax: Any) -> None:
         for mark in result.get("marks", []):
             ax.axvline(mark["t"], color="tab:red", linestyle="--", linewidth=1)
-            ax.annotate(mark["kind"], (mark["t"], 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=8, color="tab:red")
+            right_half = span[1] > span[0] and (mark["t"] - span[0]) / (span[1] - span[0]) > 0.85
+            ax.annotate(f"{mark['kind']} {mark['t']:g} s", (mark["t"], 0.97), xycoords=("data", "axes fraction"),
+                        xytext=(-4 if right_half else 4, 0), textcoords="offset points", rotation=90, va="top",
+                        ha="right" if right_half else "left", fontsize=10, color="tab:red",
+                        bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
 
-    title = f"{result['spec']['scenario']} · {result['spec']['transport']} · {result['spec']['endpoint']['kind']}"
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    def frame(ax: Any) -> None:
+        ax.set_xlabel("seconds since publishing started")
+        ax.xaxis.set_major_formatter(plain())
+        if span[1] > span[0]:
+            ax.set_xlim(*span)
+        ax.grid(True, alpha=0.3)
+
+    out: list[tuple[str, Any]] = []
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
     for key, style in (("p50", "-"), ("p99", "-"), ("max", ":")):
         ys = [row["latency"].get(key) for row in tl]
         ax.plot(t, [y if y is not None else float("nan") for y in ys], style, label=key)
-    ax.set_xlabel("seconds")
+    frame(ax)
     ax.set_ylabel("publish → deliver, ms")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plain())
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_title(title)
-    ax.legend(loc="upper left")
+    fig.legend(loc="outside lower center", ncols=3, frameon=False)  # below the axes, off the data
     marks(ax)
-    fig.tight_layout()
-    files.append(directory / f"{name}-latency.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    out.append(("latency", fig))
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(t, [row["connected"] for row in tl], label="connections up")
-    ax.set_xlabel("seconds")
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    conns = [row["connected"] for row in tl]
+    ax.plot(t, conns, label="connections up")
+    frame(ax)
     ax.set_ylabel("connections")
     ax2 = ax.twinx()
     rec = [row["reconnects"] for row in tl]
-    ax2.plot(t, [b - a for a, b in zip([0, *rec[:-1]], rec, strict=True)], color="tab:orange", label="reconnects/s")
+    per_second = [b - a for a, b in zip([0, *rec[:-1]], rec, strict=True)]
+    ax2.plot(t, per_second, color="tab:orange", label="reconnects/s")
     ax2.set_ylabel("reconnects per second")
+    for axis, values in ((ax, conns), (ax2, per_second)):  # both from 0: their zeros on one line
+        axis.set_ylim(0, max(1.0, max(values, default=0) * 1.08))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.yaxis.set_major_formatter(plain())
     ax.set_title(title)
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="lower left")
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)  # below the axes, off the data
     marks(ax)
-    fig.tight_layout()
-    files.append(directory / f"{name}-connections.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
-    return files
+    out.append(("connections", fig))
+    return out

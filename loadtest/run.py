@@ -5,6 +5,14 @@ Phases: connect every subscription (up to ``connect_timeout``); then either hold
 start the publisher and the planned actions; when the publisher is done, ask every subscriber
 process to finish once it holds every published event (up to ``settle_timeout``); check every
 transcript. Every phase is bounded in time, and the run stops its processes itself.
+
+The whole run has a hard deadline, :attr:`RunSpec.time_bound` seconds after it starts (connect
+timeout + publishing time + settle timeout + :data:`loadtest.spec.OVERHEAD`): past it, the
+phases end early, every process is asked for what it has, and the result says ``over_time``.
+
+One clock: every time in the result (the timeline's ``t``, each mark's ``t`` and ``at``) is in
+seconds since the publisher started (``idle``: since holding started), the clock ``--storm-at``
+and the other actions are given in; the connect phase has negative times.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from loadtest.sysinfo import CpuMeter, machine, process_tree, raise_nofile, rss_
 from loadtest.track import Verdict
 
 PROGRESS_EVERY = 1.0
+STOP_RESERVE = 10.0  # seconds of the run's time bound kept for gathering results and stopping processes
 SATURATED = 0.9  # a load process busier than this share of a core may be what limits the run
 
 
@@ -74,7 +83,9 @@ class Run:
         self.server_cpu = CpuMeter()
         self.load_cpu = CpuMeter()
         self.t0 = time.monotonic()
-        self.t_pub: float | None = None
+        self.hard_end = self.t0 + spec.time_bound - STOP_RESERVE
+        self.over_time = False
+        self.t_pub: float | None = None  # when the publisher started (idle: when holding started)
         self.commands: list[dict[str, Any]] = []
 
     # --- plans ------------------------------------------------------------------------------
@@ -188,19 +199,39 @@ class Run:
         per_proc = ""
         if row["phase"] == "connect" and len(self.subs) > 1:
             per_proc = " (" + " ".join(str(p.last.get("connected", 0)) for p in self.subs) + ")"
-        print(f"[{row['t']:6.1f}s {row['phase']:>7}] conns {row['connected']}/{self.spec.conn_count}{per_proc} "
+        t = row["t"] - (self.t_pub - self.t0 if self.t_pub is not None else 0.0)  # the report's clock, once known
+        print(f"[{t:6.1f}s {row['phase']:>7}] conns {row['connected']}/{self.spec.conn_count}{per_proc} "
               f"fail {row['failures']} | events {row['events']} ({rate:.0f}/s){p99} | reconn {row['reconnects']}"
               f" | pub {row['published']}{cpu}", file=sys.stderr, flush=True)
 
     def _wait(self, seconds: float, phase: str, until: Any = None) -> None:
-        """Pump messages and tick once a second for ``seconds`` or until ``until()``."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self._pump(min(PROGRESS_EVERY, end - time.monotonic()))
-            self._tick(phase)
+        """Pump messages and tick once a second for ``seconds`` or until ``until()``, running
+        each action when it is due; never past the run's deadline (then the run is over time)."""
+        wanted = time.monotonic() + seconds
+        end = min(wanted, self.hard_end)
+        while (now := time.monotonic()) < end:
+            step = min(PROGRESS_EVERY, end - now)
+            due = self._due()
+            for_action = due is not None and due - now < step
+            if due is not None and for_action:
+                step = max(0.0, due - now)
+            if any(p.result is None for p in [*self.subs, *([self.pub] if self.pub else [])]):
+                self._pump(step)
+            else:
+                time.sleep(step)  # nothing left to hear from: only the clock
             self._run_actions()
+            if not for_action:
+                self._tick(phase)
             if until is not None and until():
                 return
+        if wanted > self.hard_end and not (until is not None and until()):
+            self.over_time = True
+
+    def _due(self) -> float | None:
+        """When the next action is due (``time.monotonic()``), if any."""
+        if self.t_pub is None or not self._pending:
+            return None
+        return self.t_pub + self._pending[0].at
 
     # --- actions ----------------------------------------------------------------------------
     def _run_actions(self) -> None:
@@ -209,17 +240,22 @@ class Run:
         now = time.monotonic() - self.t_pub
         while self._pending and self._pending[0].at <= now:
             action = self._pending.pop(0)
-            mark = {"t": round(time.monotonic() - self.t0, 3), "kind": action.kind}
+            mark = {"t": round(time.monotonic() - self.t_pub, 3), "at": action.at, "kind": action.kind}
             if action.kind == "storm":
                 for p in self.subs:
                     p.send("storm")
             else:
                 cmd = self._expand(action.command)
                 mark["command"] = cmd
-                done = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=60, check=False)
-                mark["exit"] = done.returncode
-                if done.returncode:
-                    mark["stderr"] = done.stderr[-300:]
+                limit = min(60.0, max(1.0, self.hard_end - time.monotonic()))
+                try:
+                    done = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=limit, check=False)
+                except subprocess.TimeoutExpired:
+                    mark["exit"], mark["stderr"] = None, f"still running after {limit:.0f} s: abandoned"
+                else:
+                    mark["exit"] = done.returncode
+                    if done.returncode:
+                        mark["stderr"] = done.stderr[-300:]
             self.marks.append(mark)
 
     _pending: list[Action]
@@ -235,6 +271,8 @@ class Run:
         """Do the run; the result (also what is written to the JSON file)."""
         raise_nofile()
         spec = self.spec
+        self.t0 = time.monotonic()
+        self.hard_end = self.t0 + spec.time_bound - STOP_RESERVE
         self._second = []
         self._pending = sorted(spec.actions, key=lambda a: a.at)
         before = self._sample()
@@ -245,11 +283,13 @@ class Run:
         try:
             return self._execute(before)
         finally:
-            for p in [*self.subs, *([self.pub] if self.pub else [])]:
+            procs = [*self.subs, *([self.pub] if self.pub else [])]
+            for p in procs:
                 p.send("stop")
-            self._pump(5.0)
-            for p in [*self.subs, *([self.pub] if self.pub else [])]:
-                p.stop()
+            stop_by = self.hard_end + STOP_RESERVE
+            self._pump(min(5.0, max(0.0, stop_by - 5.0 - time.monotonic())))
+            for p in procs:
+                p.stop(min(10.0, max(0.0, stop_by - 5.0 - time.monotonic())))
 
     def _connected(self) -> int:
         return sum(p.last.get("connected", 0) for p in self.subs)
@@ -265,6 +305,7 @@ class Run:
         load_start = dict(self.load_cpu.last)
         window: dict[str, Any] = {}
         if spec.kind == "idle":
+            self.t_pub = time.monotonic()
             self._wait(spec.duration, "hold")
             end = self._sample()
             held = self._connected()
@@ -281,6 +322,8 @@ class Run:
             if pub.result is None:  # behind its plan past the deadline: stop it, check what it did publish
                 pub.send("stop")
                 self._wait(10, "publish", lambda: pub.result is not None)
+            if pub.result is None and self.over_time:  # the run's deadline: hear what it published
+                self._pump(min(2.0, max(0.0, self.hard_end + STOP_RESERVE / 2 - time.monotonic())))
             published = (pub.result or {}).get("published", {})
             for p in self.subs:
                 p.send("finish", published, spec.settle_timeout)
@@ -296,7 +339,7 @@ class Run:
         for p in self.subs:
             if p.result is None:
                 p.send("stop")
-        self._pump(15.0)
+        self._pump(min(15.0, max(0.0, self.hard_end + STOP_RESERVE / 2 - time.monotonic())))
         return self._result(before, at_hold, end, held=held, connect_s=connect_s, window=window)
 
     def _result(self, before: dict[str, Any], at_hold: dict[str, Any], end: dict[str, Any], *, held: int,
@@ -314,6 +357,9 @@ class Run:
             events += res.get("events", 0)
         pub = self.pub.result if self.pub and self.pub.result else {}
         published = sum(pub.get("published", {}).values()) if pub else 0
+        zero = (self.t_pub - self.t0) if self.t_pub is not None else 0.0
+        timeline = [{**row, "t": round(row["t"] - zero, 3)} for row in self.timeline]
+        took = time.monotonic() - self.t0
         out: dict[str, Any] = {
             "spec": {**asdict(spec), "endpoint": asdict(spec.endpoint)},
             "machine": machine(),
@@ -331,8 +377,9 @@ class Run:
             "errors": errors,
             "crashes": {p.name: p.crash for p in [*self.subs, *([self.pub] if self.pub else [])] if p.crash},
             "marks": self.marks,
-            "timeline": self.timeline,
+            "timeline": timeline,
             "window": window,
+            "time": {"seconds": round(took, 2), "bound": round(spec.time_bound, 2), "over_time": self.over_time},
         }
         if at_hold.get("server_rss_kib") and before.get("server_rss_kib") and held:
             out["server_rss_kib_per_conn"] = round((at_hold["server_rss_kib"] - before["server_rss_kib"]) / held, 2)
@@ -348,7 +395,7 @@ class Run:
             out["load_cpu"] = {"cores_used": round(busy, 2), "processes": nprocs, "busiest": round(busiest, 2),
                                "saturated": busiest > SATURATED,
                                "us_per_event": round(window["load_cpu_s"] / events * 1e6, 2) if events else None}
-        out["ok"] = verdict.clean and not out["crashes"] and held == spec.conn_count and (
+        out["ok"] = verdict.clean and not out["crashes"] and not self.over_time and held == spec.conn_count and (
             spec.kind == "idle" or (published > 0 and pub.get("complete", False)))
         return out
 

@@ -7,9 +7,21 @@ import os
 from dataclasses import dataclass, field
 
 from loadtest.clients.common import Endpoint
+from loadtest.targets import TRANSPORTS
 
 SCENARIOS = ("idle", "fanout", "topics", "llm", "storm", "deploy")
 MAX_CONNS_PER_PROCESS = 15_000  # below this box's hard limit of 20,000 open files per process
+# Seconds a run may take beyond its connect and settle timeouts and publishing time: the pause
+# before publishing, stopping the publisher, asking for results, and stopping the load processes.
+OVERHEAD = 20.0
+
+
+def publish_seconds(kind: str, duration: float, tokens: int, rate: float, stagger: float) -> float:
+    """How long the publishing of traffic ``kind`` lasts: ``duration``, or for ``llm`` the last
+    generation's start (``stagger``) plus its ``tokens`` at ``rate`` per second."""
+    if kind == "llm":
+        return stagger + tokens / rate if rate > 0 else stagger
+    return duration
 
 
 @dataclass(frozen=True)
@@ -65,8 +77,66 @@ class RunSpec:
             raise ValueError("--pub-transport ws needs a Sluice server and a run without restarts (not deploy)")
         if self.subs < 1 or self.per_conn < 1:
             raise ValueError("subs and per-conn must be at least 1")
+        problems = self.problems()
+        if problems:
+            raise ValueError("impossible run: " + "; ".join(problems))
         if self.run_id == "":
             self.run_id = os.urandom(3).hex()
+
+    def problems(self) -> list[str]:
+        """What makes this run impossible (or pointless: something it asks for could never
+        happen), in the command line's terms; empty when it can run."""
+        out: list[str] = []
+        kind, transport, nstreams = self.kind, self.transport, self.stream_count
+        positive = {"--duration": self.duration, "--rate": self.rate, "--connect-timeout": self.connect_timeout,
+                    "--settle-timeout": self.settle_timeout}
+        out += [f"{name} must be above 0, not {value:g}" for name, value in positive.items() if not value > 0]
+        at_least = {"--tokens": (self.tokens, 1), "--batch": (self.batch, 1), "--size": (self.size, 0),
+                    "--streams": (self.streams, 0), "--procs": (self.procs, 0),
+                    "--pub-connections": (self.pub_connections, 0)}
+        out += [f"{name} must be at least {low}, not {value}" for name, (value, low) in at_least.items()
+                if value < low]
+        if self.stagger < 0 or self.ramp < 0:
+            out.append("--stagger and --ramp cannot be negative")
+        supported = TRANSPORTS.get(self.endpoint.kind)
+        if supported is not None and transport not in supported:
+            out.append(f"{self.endpoint.kind} speaks only {', '.join(sorted(supported))}, not {transport}")
+        if transport == "sse-h1" and self.per_conn > 1:
+            out.append("--per-conn above 1 needs sse-h2, ws-json, ws-msgpack or longpoll (an SSE/HTTP/1.1 "
+                       "connection carries one subscription)")
+        if transport.startswith("ws-") and self.per_conn > nstreams:
+            out.append(f"--per-conn {self.per_conn} over {transport} needs at least {self.per_conn} streams (a "
+                       f"WebSocket subscribes to a stream once) but the run has {nstreams}; lower --per-conn"
+                       + (" or use topics" if kind == "fanout" else " or raise --streams"))
+        if kind == "llm" and self.endpoint.kind == "nchan":
+            out.append("nchan has no close, so no llm traffic")
+        if self.scenario == "storm" and not any(a.kind == "storm" for a in self.actions):
+            out.append("storm needs at least one --storm-at")
+        if self.scenario == "deploy" and not any(a.kind in ("restart", "kill") for a in self.actions):
+            out.append("deploy needs --restarts or --kills")
+        if kind == "idle" and self.actions:
+            out.append("idle publishes nothing, so it has no time line for --storm-at, --restarts or --kills")
+        if kind == "idle" and self.fault:
+            out.append("idle publishes nothing, so there is nothing for --fault to drop or duplicate")
+        if self.pub_transport == "ws" and any(a.kind in ("restart", "kill") for a in self.actions):
+            out.append("--pub-transport ws cannot survive --restarts or --kills (a lost publish is not retried)")
+        late = [a.at for a in self.actions if not 0 <= a.at < self.publish_seconds]
+        if kind != "idle" and late:
+            out.append(f"actions must fall within the {self.publish_seconds:g} s of publishing, not at "
+                       + ", ".join(f"{t:g}" for t in late) + " s")
+        return out
+
+    @property
+    def publish_seconds(self) -> float:
+        """How long the publisher's plan lasts (idle: how long connections are held); the
+        clock of ``--storm-at`` and of every time in the report starts at its beginning."""
+        return publish_seconds(self.kind, self.duration, self.tokens, self.rate, self.stagger)
+
+    @property
+    def time_bound(self) -> float:
+        """The hard deadline of a whole run, in seconds from its start: connecting, publishing,
+        settling and stopping. Past it the run stops and reports what it has, marked over time."""
+        return self.connect_timeout + self.publish_seconds + self.settle_timeout + OVERHEAD
 
     @property
     def kind(self) -> str:

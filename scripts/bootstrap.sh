@@ -1,5 +1,7 @@
-# Sourced by scripts/serve and scripts/test: makes .venv (Python >= 3.11) with Sluice installed.
-# Re-installs only when pyproject.toml changed since the last install.
+# Sourced by scripts/serve, scripts/test, scripts/bench and scripts/loadtest: makes .venv
+# (Python >= 3.11) with Sluice installed.
+# The argument names the extras ("", test, loadtest); re-installs only when pyproject.toml changed
+# since they were last installed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${SLUICE_VENV:-$ROOT/.venv}"
@@ -36,8 +38,24 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 
+# One stamp per set of extras installed, newer than pyproject.toml while that install is current.
+# A set is also there when one that includes it is: every install has the bare package, and
+# `test` includes `loadtest`, so scripts/serve, scripts/test and scripts/loadtest share one venv.
+case "$EXTRAS" in
+    "") COVERED_BY=("" loadtest test) ;;
+    loadtest) COVERED_BY=(loadtest test) ;;
+    *) COVERED_BY=("$EXTRAS") ;;
+esac
+installed() {
+    local extra stamp
+    for extra in "${COVERED_BY[@]}"; do
+        stamp="$VENV/.sluice-installed${extra:+-$extra}"
+        if [ -f "$stamp" ] && ! [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then return 0; fi
+    done
+    return 1
+}
 STAMP="$VENV/.sluice-installed${EXTRAS:+-$EXTRAS}"
-if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+if ! installed; then
     echo "sluice: installing into $VENV" >&2
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${EXTRAS:+[$EXTRAS]}" >&2

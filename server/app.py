@@ -21,14 +21,14 @@ from typing import Any
 
 import trio
 
-from server.app_edge import edge_hooks
+from server.app_edge import Admission, edge_hooks
 from server.config import Config
 from server.core.hub import Hub
 from server.http.listener import bind_tcp_listener
 from server.http.server import HttpServer, serve_http
 from server.http.tls import make_server_ssl_context
 from server.observability.host import HostMetrics, metrics_dir
-from server.observability.metrics import Samples, collect
+from server.observability.metrics import Samples, add_connection_refusals, collect
 from server.process.gctune import FreezePolicy, tune_gc
 from server.process.peers import PeerBus, open_peer_bus
 from server.store.base import Listener, Notice, Store
@@ -142,12 +142,18 @@ def _open_bus(
     )
 
 
-def _samples(ctx: Context, engine: list[HttpServer], bus: PeerBus | None) -> Samples:
-    """This worker's live counters: hub, engine, guard, bus and store (a store with a ``stats`` record)."""
+def _samples(
+    ctx: Context, engine: list[HttpServer], bus: PeerBus | None, admission: Admission | None = None
+) -> Samples:
+    """This worker's live counters: hub, engine, guard, bus, store (a store with a ``stats``
+    record) and the connection caps' refusals."""
     guard = ctx.guard
     http = engine[0].stats if engine else None
     store = getattr(ctx.store, "stats", None)
-    return collect(ctx.hub.stats, http, guard.stats if guard else None, bus.stats if bus else None, store)
+    samples = collect(ctx.hub.stats, http, guard.stats if guard else None, bus.stats if bus else None, store)
+    if admission is not None:
+        add_connection_refusals(samples, admission.refused)
+    return samples
 
 
 def store_listener(hub: Hub, bus: PeerBus | None) -> Listener:
@@ -204,7 +210,9 @@ async def _serve(
             store.set_listener(store_listener(hub, bus))
             ctx = Context(store=store, hub=hub, settings=settings_from(config), guard=guard_from(config))
             engine: list[HttpServer] = []  # filled once the engine runs (its stats are its own)
-            metrics = HostMetrics(metrics_dir(peers_dir), partial(_samples, ctx, engine, bus))
+            limits = config.limits
+            admission = Admission(config) if limits.max_connections or limits.max_connections_per_address else None
+            metrics = HostMetrics(metrics_dir(peers_dir), partial(_samples, ctx, engine, bus, admission))
             handler = make_handler(ctx, metrics=metrics.render)
             http: HttpServer = await nursery.start(
                 partial(
@@ -213,7 +221,8 @@ async def _serve(
                     handler,
                     limits=config.http_limits(),
                     ssl_context=ssl_context,
-                    hooks=edge_hooks(config),
+                    hooks=edge_hooks(config, admission),
+                    allow_plaintext=config.server.tls_allow_plaintext,
                 )
             )
             engine.append(http)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from server.config import Config, ConfigError, Override, Resolved, resolve_config
 from server.config_render import render_toml
 
+log = logging.getLogger("server.config")
+
 EXIT_CONFIG = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -113,6 +115,11 @@ def render_effective(resolved: Resolved) -> str:
     return "\n".join(header) + "\n" + render_toml(resolved.config, notes=notes)
 
 
+def _warn(resolved: Resolved) -> None:
+    for warning in resolved.warnings:
+        log.warning("%s", warning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sluice`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
@@ -131,16 +138,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sluice: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
+        for warning in resolved.warnings:
+            print(f"sluice: warning: {warning}", file=sys.stderr)
         sys.stdout.write(render_effective(resolved))
         return 0
 
     config = resolved.config
     configure_logging(config.server.log_level)
+    _warn(resolved)
     supervisor = importlib.import_module("server.process.supervisor")
     overrides, config_path = overrides_from_args(args), args.config
 
     def reread() -> Config:  # on SIGHUP: the file and environment again, the same flags
-        return resolve_config(overrides, config_path=config_path).config
+        again = resolve_config(overrides, config_path=config_path)
+        _warn(again)
+        return again.config
 
     try:
         return int(supervisor.run_supervisor(config, reread))

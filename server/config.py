@@ -4,7 +4,8 @@
   Unknown sections and keys are errors (typos never pass silently).
 * Every key can be set from the environment as ``SLUICE_<SECTION>_<KEY>`` (``SLUICE_SERVER_PORT``);
   the text is parsed to the key's type. ``SLUICE_*`` variables whose second word is not a section
-  name are ignored; within a known section an unknown key is an error.
+  name are ignored, with a warning (:func:`unknown_env_vars`) unless they are Sluice's own
+  (:data:`OTHER_ENV_VARS`); within a known section an unknown key is an error.
 * Command-line values (:class:`Override`) are applied last.
 
 Every problem raises :class:`ConfigError`, whose message names the key and where its value came
@@ -48,6 +49,17 @@ from server.store.base import Retention
 
 ENV_PREFIX = "SLUICE_"
 CONFIG_ENV = "SLUICE_CONFIG"
+OTHER_ENV_VARS = frozenset(
+    {
+        CONFIG_ENV,
+        "SLUICE_WORKER_CONFIG",  # the supervisor hands each worker its configuration (server.process.worker)
+        "SLUICE_WORKER_CRASH_SLOTS",  # fault injection for the crash policy (server.process.worker)
+        "SLUICE_VENV",  # scripts/bootstrap.sh: where to make the virtualenv
+    }
+)
+"""The ``SLUICE_*`` variables that are Sluice's own without naming a configuration key."""
+OTHER_ENV_PREFIXES = ("SLUICE_TEST_",)
+"""Prefixes of ``SLUICE_*`` variables owned by the test suite and its scripts."""
 
 Kind = Literal["int", "float", "str", "path", "choice", "bool", "list", "optlist", "tables"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -64,9 +76,10 @@ class ServerConfig:
     workers: int = 0  # 0: one per CPU (one with the memory store), resolved at start
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_allow_plaintext: bool = False  # with TLS: also serve plaintext HTTP/1.1 and h2c (default: 400 / close)
     log_level: LogLevel = "info"
     sighup: SighupAction = "restart"
-    max_event_bytes: int = 1024 * 1024
+    max_event_bytes: int = 256 * 1024  # every transport's encoding of it fits common clients' defaults
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_events: int = 1000
 
@@ -298,6 +311,7 @@ class Resolved:
     config: Config
     sources: Mapping[str, str]
     config_path: str | None
+    warnings: tuple[str, ...] = ()  # problems that do not stop the start (see unknown_env_vars)
 
 
 def load_config(
@@ -361,7 +375,26 @@ def resolve_config(
             raise ConfigError(str(exc), key=f"[{section}]", source=given[0] if given else None) from None
     config = Config(**built)
     cross_check(config, sources)
-    return Resolved(config, dict(sources), path)
+    return Resolved(config, dict(sources), path, tuple(unknown_env_vars(env)))
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``SLUICE_*`` variable in ``environ`` (default ``os.environ``), in name
+    order, that sets no configuration key and is not one of Sluice's own (:data:`OTHER_ENV_VARS`,
+    :data:`OTHER_ENV_PREFIXES`): such a variable is ignored, most likely a typo. The warning names
+    the nearest known variable when there is a close one (``SLUICE_SEVER_PORT``: did you mean
+    ``SLUICE_SERVER_PORT``?)."""
+    env = os.environ if environ is None else environ
+    known = [spec.env_var for keys in KEYS.values() for spec in keys.values()]
+    names = set(known) | OTHER_ENV_VARS
+    warnings = []
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in names or var.startswith(OTHER_ENV_PREFIXES):
+            continue
+        close = difflib.get_close_matches(var, [*known, CONFIG_ENV], n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]}?" if close else " (settings are SLUICE_<SECTION>_<KEY>: see docs/CONFIG.md)"
+        warnings.append(f"environment variable {var} is not a Sluice setting and is ignored{hint}")
+    return warnings
 
 
 def _hint(name: str, known: Mapping[str, object]) -> str:

@@ -33,6 +33,22 @@ def cross_check(config: Config, sources: Mapping[str, str]) -> None:
             )
 
     at_most("server.max_event_bytes", "server.max_body_bytes")
+    ws_floor = ws_publish_floor(config.server.max_event_bytes)
+    if config.http.ws_max_message < ws_floor:
+        if "server.max_event_bytes" in sources and "http.ws_max_message" not in sources:
+            key = "server.max_event_bytes"
+            raise ConfigError(
+                f"needs http.ws_max_message of at least {ws_floor} (its base64 publish op), "
+                f"got {config.http.ws_max_message}",
+                key=key,
+                source=sources.get(key),
+            )
+        raise ConfigError(
+            f"must be at least {ws_floor} (the base64 publish op of a server.max_event_bytes event), "
+            f"got {config.http.ws_max_message}",
+            key="http.ws_max_message",
+            source=sources.get("http.ws_max_message"),
+        )
     at_most("http.send_low_water", "http.send_buffer")
     at_most("longpoll.default_timeout", "longpoll.max_timeout")
     drain = config.drain
@@ -69,6 +85,16 @@ def cross_check(config: Config, sources: Mapping[str, str]) -> None:
             jwks = config.auth.jwks_file
             key = "auth.jwks_file" if jwks and (not config.auth.keys or repr(jwks) in str(exc)) else "auth.keys"
             raise ConfigError(str(exc), key=key, source=sources.get(key)) from None
+
+
+WS_PUBLISH_MARGIN = 4096  # bytes of a publish op besides its base64 data (op, stream, type, ref)
+
+
+def ws_publish_floor(max_event_bytes: int) -> int:
+    """The smallest ``http.ws_max_message`` that carries the ``sluice.json.v1`` publish op of a
+    binary event of ``max_event_bytes`` (base64: 4 bytes per 3, plus ``WS_PUBLISH_MARGIN``), so
+    an event just past the limit is answered with a ``too_large`` error op, not close 1009."""
+    return 4 * ((max_event_bytes + 2) // 3) + WS_PUBLISH_MARGIN
 
 
 def check_tls(config: Config) -> None:

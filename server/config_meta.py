@@ -86,13 +86,20 @@ META: dict[str, Meta] = {
         "PEM certificate chain; enables TLS and HTTP/2 over ALPN (needs tls_key)", ANY_PATH, "/etc/sluice/cert.pem"
     ),
     "server.tls_key": Meta("PEM private key for tls_cert", ANY_PATH, "/etc/sluice/key.pem"),
+    "server.tls_allow_plaintext": Meta(
+        "With TLS: also serve plaintext HTTP/1.1 and h2c on the same port (false: plaintext gets a 400"
+        " tls_required, an h2c preface is closed)"
+    ),
     "server.log_level": Meta("Logging threshold: critical, error, warning, info or debug"),
     "server.sighup": Meta(
         "What SIGHUP (systemctl reload) does: restart = reload the TLS certificate in place, then a rolling "
         "restart onto the code and configuration on disk; certificate = only the in-place certificate reload "
         "(no connection closed)"
     ),
-    "server.max_event_bytes": Meta("Largest data of one event in bytes (larger: 413)"),
+    "server.max_event_bytes": Meta(
+        "Largest data of one event in bytes (larger: 413); text whose JSON-escaped form is longer than "
+        "4x this less 1 KiB is refused too, so an event fits a 4x-this WebSocket message (1 MiB by default)"
+    ),
     "server.max_body_bytes": Meta("Largest publish request body in bytes, batches included (larger: 413)"),
     "server.max_batch_events": Meta("Most events in one batch publish"),
     "store.backend": Meta("sqlite (durable, shared by the host's workers) or memory (one worker, not durable)"),
@@ -111,7 +118,10 @@ META: dict[str, Meta] = {
     "http.send_low_water": Meta("Queued bytes at or below which a waiting writer resumes"),
     "http.h2_max_concurrent_streams": Meta("HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection"),
     "http.h2_max_inbound_frame": Meta("HTTP/2 SETTINGS_MAX_FRAME_SIZE in bytes (16384..16777215)", H2_FRAME),
-    "http.ws_max_message": Meta("Largest inbound WebSocket message in bytes (larger: close 1009)"),
+    "http.ws_max_message": Meta(
+        "Largest inbound WebSocket message in bytes (larger: close 1009); at least the base64 publish op "
+        "of a server.max_event_bytes binary event, so a too-large event gets a too_large error op instead"
+    ),
     "http.ws_ping_interval": Meta("Seconds between server pings on an idle WebSocket (0: never)", NON_NEGATIVE_SECONDS),
     "sse.retry_ms": Meta("Reconnect delay sent in the SSE retry: field, in milliseconds"),
     "sse.retry_jitter_ms": Meta("Random 0..N milliseconds added to retry_ms per connection", NON_NEGATIVE_INT),
@@ -196,9 +206,17 @@ META.update(
             "Open connections per worker (more: 503 + Retry-After, answered at accept; 0: no cap)", NON_NEGATIVE_INT
         ),
         "limits.max_connections_per_address": Meta(
-            "Open connections per client address per worker (more: 503 + Retry-After; 0: no cap)", NON_NEGATIVE_INT
+            "Open connections per client address per host, split between the workers (more: 503 + Retry-After,"
+            " logged; 0: no cap; behind a balancer without PROXY protocol, the balancer's address)",
+            NON_NEGATIVE_INT,
         ),
         "limits.retry_after_seconds": Meta("Retry-After sent with the 503 of a connection cap"),
+        "limits.refusal_log_interval": Meta(
+            "Seconds between warnings for one address refused by limits.max_connections_per_address"
+        ),
+        "limits.refusal_log_max_addresses": Meta(
+            "Addresses a worker remembers for limits.refusal_log_interval (more: the oldest is forgotten)"
+        ),
         "limits.h2_max_resets_per_second": Meta(
             "HTTP/2 stream resets a connection may cause per second (more: GOAWAY)"
         ),

@@ -191,9 +191,23 @@ async def wait_live(ctx: Context, stream: str, count: int = 1) -> None:
         await trio.sleep(0.005)
 
 
+WS_MARKERS = ("subscribed", "live")
+"""The ops that tell a WebSocket subscriber where it starts and that it is live."""
+
+
+async def ws_json(ws: Any) -> dict[str, Any]:
+    """The next ``sluice.json.v1`` message on a trio-websocket connection, skipping the
+    ``subscribed`` and ``live`` markers."""
+    while True:
+        msg: dict[str, Any] = json.loads(await ws.get_message())
+        if msg.get("op") not in WS_MARKERS:
+            return msg
+
+
 async def ws_ops_together(port: int, ops: list[dict[str, Any]], answers: int) -> list[dict[str, Any]]:
     """Open a ``sluice.json.v1`` WebSocket, send every op of ``ops`` in one write (so they
-    arrive together), and return the first ``answers`` messages the server sends back."""
+    arrive together), and return the first ``answers`` messages the server sends back (the
+    ``subscribed`` and ``live`` markers left out)."""
     sock = await trio.open_tcp_stream("127.0.0.1", port)
     async with sock:
         ws = WSConnection(ConnectionType.CLIENT)
@@ -207,5 +221,7 @@ async def ws_ops_together(port: int, ops: list[dict[str, Any]], answers: int) ->
                 if isinstance(event, AcceptConnection):
                     await sock.send_all(b"".join(ws.send(TextMessage(data=json.dumps(op))) for op in ops))
                 elif isinstance(event, TextMessage):
-                    got.append(json.loads(event.data))
+                    msg = json.loads(event.data)
+                    if msg.get("op") not in WS_MARKERS:
+                        got.append(msg)
         return got

@@ -137,7 +137,11 @@ class App:
 
 @asynccontextmanager
 async def running_server(
-    app: App | None = None, *, limits: HttpLimits | None = None, ssl_context: object = None
+    app: App | None = None,
+    *,
+    limits: HttpLimits | None = None,
+    ssl_context: object = None,
+    allow_plaintext: bool = False,
 ) -> AsyncIterator[tuple[HttpServer, int, App]]:
     """Serve ``app`` on 127.0.0.1, port 0; yields (server, port, app) and stops on exit."""
     app = app or App()
@@ -151,6 +155,7 @@ async def running_server(
                     app,
                     limits=limits or HttpLimits(),
                     ssl_context=ssl_context,  # type: ignore[arg-type]
+                    allow_plaintext=allow_plaintext,
                     task_status=task_status,
                 )
             )

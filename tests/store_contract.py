@@ -22,6 +22,7 @@ from server.store.base import (
     AppendResult,
     Closed,
     Deleted,
+    IdempotencyKeyReused,
     Notice,
     Page,
     Retention,
@@ -329,11 +330,70 @@ class StoreContract:
             assert not fresh.duplicate and seqs(fresh) == [2] and fresh.ids != original.ids
             assert (await h.store.append("s", [ev()], idempotency_key="k")).ids == fresh.ids
 
-    async def test_idempotency_keys_belong_to_one_stream(self, open_store: OpenStore) -> None:
+    async def test_a_key_reused_on_another_stream_is_refused(self, open_store: OpenStore) -> None:
         async with harness(open_store, Retention(idempotency_window=100)) as h:
             a = await h.store.append("a", [ev()], idempotency_key="k")
-            b = await h.store.append("b", [ev()], idempotency_key="k")
-            assert not a.duplicate and not b.duplicate and a.ids != b.ids
+            notices = len(h.notices)
+            with pytest.raises(IdempotencyKeyReused):
+                await h.store.append("b", [ev()], idempotency_key="k")
+            assert await h.store.info("b") is None and len(h.notices) == notices
+            await h.store.append("b", [ev()])
+            with pytest.raises(IdempotencyKeyReused):
+                await h.store.append("b", [ev()], idempotency_key="k")
+            assert (await h.store.append("a", [ev()], idempotency_key="k")).ids == a.ids
+
+    @pytest.mark.parametrize(
+        "changed",
+        [
+            [ev("y")],
+            [ev("x", "other")],
+            [ev("x", binary=True)],
+            [ev("x"), ev("x")],
+            [ev("xx")],
+        ],
+        ids=["data", "type", "encoding", "more-events", "longer-data"],
+    )
+    async def test_a_key_reused_with_different_events_is_refused(
+        self, open_store: OpenStore, changed: list[NewEvent]
+    ) -> None:
+        async with harness(open_store, Retention(idempotency_window=100)) as h:
+            original = await h.store.append("s", [ev("x")], idempotency_key="k")
+            notices = len(h.notices)
+            with pytest.raises(IdempotencyKeyReused):
+                await h.store.append("s", changed, idempotency_key="k")
+            assert len(h.notices) == notices and seqs(await h.store.read("s", 0, 10)) == [1]
+            retry = await h.store.append("s", [ev("x")], idempotency_key="k")
+            assert retry.duplicate and retry.ids == original.ids
+
+    async def test_a_batch_retry_must_match_the_whole_batch(self, open_store: OpenStore) -> None:
+        async with harness(open_store, Retention(idempotency_window=100)) as h:
+            batch = [ev("a", "t1"), ev(b"\x00", "t2", binary=True), ev("c")]
+            original = await h.store.append("s", batch, idempotency_key="k")
+            for changed in (batch[:2], [*batch, ev("d")], [batch[1], batch[0], batch[2]], [*batch[:2], ev("C")]):
+                with pytest.raises(IdempotencyKeyReused):
+                    await h.store.append("s", changed, idempotency_key="k")
+            retry = await h.store.append("s", list(batch), idempotency_key="k")
+            assert retry.duplicate and retry.ids == original.ids
+            assert seqs(await h.store.read("s", 0, 10)) == [1, 2, 3]
+
+    async def test_a_mismatch_is_refused_even_after_close(self, open_store: OpenStore) -> None:
+        async with harness(open_store, Retention(idempotency_window=100)) as h:
+            await h.store.append("s", [ev("x")], idempotency_key="k")
+            await h.store.close_stream("s")
+            with pytest.raises(IdempotencyKeyReused):
+                await h.store.append("s", [ev("y")], idempotency_key="k")
+
+    async def test_a_key_is_free_again_after_the_window_or_its_streams_delete(self, open_store: OpenStore) -> None:
+        async with harness(open_store, Retention(idempotency_window=100)) as h:
+            await h.store.append("a", [ev("x")], idempotency_key="k")
+            h.clock.advance(101)
+            b = await h.store.append("b", [ev("y")], idempotency_key="k")
+            assert not b.duplicate
+            with pytest.raises(IdempotencyKeyReused):
+                await h.store.append("a", [ev("x")], idempotency_key="k")
+            await h.store.delete("b")
+            again = await h.store.append("a", [ev("z")], idempotency_key="k")
+            assert not again.duplicate
 
     async def test_idempotent_retry_of_a_publish_before_close_is_a_duplicate(self, open_store: OpenStore) -> None:
         async with harness(open_store, Retention(idempotency_window=100)) as h:

@@ -226,3 +226,33 @@ def test_check_config_subprocess_with_example_file() -> None:
     values = tomllib.loads(result.stdout)
     assert values["store"]["backend"] == "memory"
     assert values["server"]["port"] == 8080
+
+
+def test_check_config_subprocess_warns_about_a_misspelt_variable() -> None:
+    result = run_cli(
+        "check-config",
+        env={"SLUICE_SEVER_PORT": "1", "SLUICE_VENV": "/opt/venv", "SLUICE_TEST_NO_NCHAN": "1", "SLUICE_CONFIG": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "sluice: warning: environment variable SLUICE_SEVER_PORT is not a Sluice setting and is ignored;"
+        " did you mean SLUICE_SERVER_PORT?\n"
+    )
+    assert tomllib.loads(result.stdout)["server"]["port"] == 8080
+    assert run_cli("check-config", env={"SLUICE_SERVER_PORT": "9000"}).stderr == ""
+
+
+def test_serve_logs_unknown_variables_as_warnings(
+    monkeypatch: pytest.MonkeyPatch, fake_app: list[Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("SLUICE_LIMIT_MAX_CONNECTIONS", "5")
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["serve"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    expected = (
+        "environment variable SLUICE_LIMIT_MAX_CONNECTIONS is not a Sluice setting and is ignored;"
+        " did you mean SLUICE_LIMITS_MAX_CONNECTIONS?"
+    )
+    assert warnings == [expected, expected]  # at start, and again when the configuration is read again
+    assert fake_app[0].limits.max_connections == Config().limits.max_connections

@@ -19,6 +19,7 @@ from server.config import (
     Override,
     load_config,
     resolve_config,
+    unknown_env_vars,
 )
 from server.config_render import render_example, render_reference, render_toml
 from server.http.base import HttpLimits
@@ -52,7 +53,8 @@ def test_defaults() -> None:
     assert config.server.tls_cert is None and config.server.tls_key is None
     assert not config.server.tls_enabled
     assert config.server.log_level == "info"
-    assert config.server.max_event_bytes == 1048576
+    assert config.server.max_event_bytes == 262144
+    assert config.http.ws_max_message == 2097152
     assert config.server.max_body_bytes == 8388608
     assert config.server.max_batch_events == 1000
     assert config.store.backend == "sqlite"
@@ -169,6 +171,29 @@ def test_unknown_key_in_a_known_env_section_is_an_error() -> None:
     assert str(error) == "config error: server.prot: unknown key; did you mean 'port'? (from SLUICE_SERVER_PROT)"
 
 
+def test_unknown_sluice_variables_are_reported_with_the_nearest_name() -> None:
+    environ = {
+        "SLUICE_SEVER_PORT": "1",
+        "SLUICE_SERVER_PORT": "9000",
+        "SLUICE_CONFIG": "",
+        "SLUICE_WORKER_CONFIG": "{}",
+        "SLUICE_WORKER_CRASH_SLOTS": "1",
+        "SLUICE_VENV": "/opt/venv",
+        "SLUICE_TEST_NO_NCHAN": "1",
+        "SLUICE_NOTHING_LIKE_IT": "x",
+        "OTHER": "x",
+    }
+    assert unknown_env_vars(environ) == [
+        "environment variable SLUICE_NOTHING_LIKE_IT is not a Sluice setting and is ignored"
+        " (settings are SLUICE_<SECTION>_<KEY>: see docs/CONFIG.md)",
+        "environment variable SLUICE_SEVER_PORT is not a Sluice setting and is ignored;"
+        " did you mean SLUICE_SERVER_PORT?",
+    ]
+    resolved = resolve_config(environ=environ)
+    assert resolved.config.server.port == 9000 and resolved.warnings == tuple(unknown_env_vars(environ))
+    assert resolve_config(environ={"SLUICE_SERVER_PORT": "9000"}).warnings == ()
+
+
 def test_message_format_matches_the_documented_example() -> None:
     error = error_of(environ={"SLUICE_HTTP_MAX_HEADER_BYTES": "-3"})
     assert str(error) == (
@@ -240,7 +265,15 @@ def test_zero_means_no_limit_where_documented() -> None:
         ),
         (
             {"server": {"max_body_bytes": 10}},
-            "server.max_body_bytes: must be at least server.max_event_bytes (1048576), got 10",
+            "server.max_body_bytes: must be at least server.max_event_bytes (262144), got 10",
+        ),
+        (
+            {"http": {"ws_max_message": 100_000}},
+            "http.ws_max_message: must be at least 353624 (the base64 publish op of a server.max_event_bytes event)",
+        ),
+        (
+            {"server": {"max_event_bytes": 2_000_000}},
+            "server.max_event_bytes: needs http.ws_max_message of at least 2670764 (its base64 publish op)",
         ),
         ({"http": {"send_low_water": 2_000_000}}, "http.send_low_water: must not exceed http.send_buffer"),
         ({"longpoll": {"max_timeout": 10}}, "longpoll.max_timeout: must be at least longpoll.default_timeout"),

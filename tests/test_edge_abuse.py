@@ -115,7 +115,9 @@ async def test_ws_ping_flood_closes_1008(nursery: trio.Nursery, tmp_path: Path) 
 
 
 async def test_fragmented_uncompressed_message_is_capped(nursery: trio.Nursery, tmp_path: Path) -> None:
-    s = await start_sluice(nursery, tmp_path, "memory", http={"ws_max_message": 64 * 1024})
+    s = await start_sluice(
+        nursery, tmp_path, "memory", http={"ws_max_message": 64 * 1024}, server={"max_event_bytes": 32 * 1024}
+    )
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream("127.0.0.1", s.port)
         async with stream:

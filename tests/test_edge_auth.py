@@ -262,6 +262,16 @@ def test_kidless_keys_are_tried_when_kid_names_none(make: MakeVerifier, keys: Ke
     assert verifier.verify(sign(keys, "RS256", claims(), kid="issuer-side-id"), NOW).subject == "u1"
 
 
+def test_a_token_without_kid_is_told_why_no_key_checks_it(files: dict[str, str], keys: Keys) -> None:
+    named = Verifier(AuthConfig(enabled=True, keys=(KeySpec("HS256", files["HS256"], kid="k1"),)))
+    assert named.verify(sign(keys, "HS256", claims(), kid="k1"), NOW).subject == "u1"
+    error = refused(named, sign(keys, "HS256", claims()), "key")
+    assert error.message == "the token has no kid, and every HS256 key is configured with one"
+    # an algorithm with no key at all says so, kid or not
+    assert refused(named, sign(keys, "ES256", claims()), "key").message == "no ES256 key is configured"
+    assert refused(named, sign(keys, "HS256", claims(), kid="k2"), "key").message == "unknown key"
+
+
 SMALL_RSA_JWK = {
     k: v
     for k, v in json.loads(

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from tests.client import Running, open_sse, publish, request, start_sluice, wait_live
+from tests.client import Running, open_sse, publish, request, start_sluice, wait_live, ws_json
 from tests.test_edge_auth import craft
 
 SECRET = b"k" * 40
@@ -228,15 +228,15 @@ async def test_websocket_auth_and_4401_at_expiry(
         token = a.token(exp=a.now() + 30)
         async with open_websocket_url(ws_url(port, f"?access_token={token}"), subprotocols=["sluice.json.v1"]) as ws:
             await ws.send_message(json.dumps({"op": "subscribe", "stream": "other"}))
-            err = json.loads(await ws.get_message())
+            err = await ws_json(ws)
             assert (err["op"], err["code"]) == ("error", "forbidden")
             await ws.send_message(json.dumps({"op": "publish", "stream": "chat:2", "data": "x", "ref": 1}))
-            err = json.loads(await ws.get_message())
+            err = await ws_json(ws)
             assert (err["op"], err["code"], err["ref"]) == ("error", "forbidden", 1)
             await ws.send_message(json.dumps({"op": "subscribe", "stream": "chat:1", "from": "start"}))
             await wait_live(a.s.ctx, "chat:1")
             await ws.send_message(json.dumps({"op": "publish", "stream": "chat:1", "data": "ok", "ref": 2}))
-            got = [json.loads(await ws.get_message()) for _ in range(2)]
+            got = [await ws_json(ws) for _ in range(2)]
             assert {m["op"] for m in got} == {"published", "event"}
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
@@ -251,9 +251,9 @@ async def test_websocket_upgrade_with_anonymous_rights(
     with trio.fail_after(30):
         async with open_websocket_url(ws_url(a.s.port), subprotocols=["sluice.json.v1"]) as ws:
             await ws.send_message(json.dumps({"op": "subscribe", "stream": "chat:1"}))
-            err = json.loads(await ws.get_message())
+            err = await ws_json(ws)
             assert (err["op"], err["code"]) == ("error", "unauthorized")
             await ws.send_message(json.dumps({"op": "subscribe", "stream": "public:a", "from": "start"}))
             await wait_live(a.s.ctx, "public:a")
             await ws.send_message(json.dumps({"op": "ping"}))
-            assert json.loads(await ws.get_message()) == {"op": "pong"}
+            assert await ws_json(ws) == {"op": "pong"}

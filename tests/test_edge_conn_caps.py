@@ -4,6 +4,7 @@ cap, and how refusals look on HTTP/1.1, h2c and TLS."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import ssl
 from pathlib import Path
@@ -17,6 +18,7 @@ from server.http.h2conn import PREFACE
 from tests.abuse_helpers import ROUND_DEADLINE, MemoryWatch, bystander, check_memory
 from tests.client import Running, start_sluice
 from tests.haproxy import get, open_from, read_head, read_to_eof
+from tests.supervised import supervisor
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 REFUSED_BODY = b'{"error":"overloaded","message":"too many connections"}'
@@ -167,7 +169,7 @@ async def test_total_cap_refuses_http11_h2c_and_tls(nursery: trio.Nursery, tmp_p
         nursery,
         tmp_path,
         "memory",
-        server={"tls_cert": str(pem), "tls_key": str(pem)},
+        server={"tls_cert": str(pem), "tls_key": str(pem), "tls_allow_plaintext": True},  # plaintext beside TLS
         limits={"max_connections": cap, "retry_after_seconds": 7},
     )
     port = running.port
@@ -219,3 +221,49 @@ async def _refused(port: int, source: str) -> None:
     status, headers = await read_head(stream, buf)
     assert (status, headers["retry-after"]) == (503, "7")
     await stream.aclose()
+
+
+@pytest.mark.slow
+async def test_the_per_address_cap_is_per_host_over_two_workers(tmp_path: Path) -> None:
+    """Two workers with a per-address cap of 4 per host admit 4 connections from one address in
+    all (each its share, 2; SO_REUSEPORT spreads the connections), not 8; the refusals are
+    logged at most once per worker and address, and counted in /metrics."""
+    cap, attempts, source = 4, 24, "127.0.3.1"
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    args = ("--workers", "2", "--set", f"limits.max_connections_per_address={cap}")
+    with trio.fail_after(60):
+        async with supervisor(tmp_path, *args, env={"RUNTIME_DIRECTORY": str(run)}) as sup:
+            await sup.ready()
+            held: list[trio.SocketStream] = []
+            for _ in range(attempts):  # one at a time: the kernel picks the worker by the source port
+                stream = await open_from(source, sup.port)
+                status, _, _ = await get(stream)
+                if status == 200:
+                    held.append(stream)
+                else:
+                    assert status == 503
+                    await stream.aclose()
+            assert len(held) == cap
+            bystander_stream = await open_from("127.0.3.2", sup.port)  # other addresses are not held back
+            assert (await get(bystander_stream))[0] == 200
+
+            refused = attempts - cap
+            sample = 'sluice_edge_connections_refused_total{reason="per_address"}'
+            while True:  # host totals: the other worker's count arrives with its next snapshot
+                scraper = await open_from("127.0.3.3", sup.port)
+                status, _, body = await get(scraper, "/metrics")
+                await scraper.aclose()
+                assert status == 200
+                found = re.search(rf"^{re.escape(sample)} (\d+)$", body.decode(), re.M)
+                if found and int(found.group(1)) == refused:
+                    break
+                assert found is None or int(found.group(1)) < refused, body.decode()
+                await trio.sleep(0.1)
+
+            warnings = re.findall(rf"WARNING .*refused a connection from {re.escape(source)}: (.*)", sup.log())
+            assert 1 <= len(warnings) <= 2, warnings  # at most once per worker within refusal_log_interval
+            expected = f"limits.max_connections_per_address ({cap} per host, 2 on this worker of 2)"
+            assert all(w.startswith(expected) for w in warnings), warnings
+            for stream in [*held, bystander_stream]:
+                await stream.aclose()

@@ -19,6 +19,7 @@ from server.edge.limits import (
     LimitsConfig,
     RateLimits,
     RateRule,
+    RefusalLog,
     parse_rules,
     request_key_of,
     retry_after,
@@ -229,6 +230,45 @@ def test_ten_thousand_connects_from_one_address() -> None:
     assert (counter.active, len(counter)) == (0, 0)
 
 
+def test_connection_counter_counts_refusals_by_cap() -> None:
+    counter = ConnectionCounter(per_address=1, total=2)
+    assert counter.acquire("a") and counter.refusal("a") == "per_address" and counter.refusal("b") is None
+    assert not counter.acquire("a")
+    assert counter.acquire("b") and counter.refusal("c") == "total"
+    assert not counter.acquire("c") and not counter.acquire("a")  # both caps reached: counted as total
+    assert counter.refused == {"total": 2, "per_address": 1}
+
+
+@pytest.mark.parametrize(("cap", "workers", "share"), [(8000, 1, 8000), (4, 2, 2), (5, 2, 3), (1, 4, 1), (0, 3, 0)])
+def test_the_per_address_cap_is_per_host_shared_out_between_workers(cap: int, workers: int, share: int) -> None:
+    config = LimitsConfig(max_connections_per_address=cap)
+    assert config.per_address_per_worker(workers) == share
+    counter = config.connection_counter(workers)
+    assert (counter.max_per_address, counter.max_total) == (share, config.max_connections)
+    with pytest.raises(ValueError, match="workers"):
+        config.per_address_per_worker(0)
+
+
+def test_default_caps_agree() -> None:
+    config = LimitsConfig()
+    # one address never holds more than one worker can, whatever the worker count
+    assert 0 < config.max_connections_per_address <= config.max_connections
+
+
+def test_refusal_log_logs_each_key_once_per_interval_and_forgets_the_oldest() -> None:
+    log = RefusalLog(interval=60.0, max_keys=2)
+    assert log.note("a", 0.0) == 0
+    assert [log.note("a", t) for t in (1.0, 2.0, 59.9)] == [None, None, None]
+    assert log.note("a", 60.0) == 3  # three held back since the last one logged
+    assert log.note("b", 61.0) == 0 and log.note("c", 62.0) == 0
+    assert len(log) == 2  # bounded: "a" (refused longest ago) is forgotten
+    assert log.note("a", 63.0) == 0 and log.note("c", 64.0) is None
+    with pytest.raises(ValueError):
+        RefusalLog(interval=1.0, max_keys=0)
+    with pytest.raises(ValueError, match="refusal_log_interval"):
+        LimitsConfig(refusal_log_interval=0)
+
+
 def test_connection_counter_zero_means_unlimited() -> None:
     counter = ConnectionCounter(per_address=0, total=0)
     assert all(counter.acquire("a") for _ in range(5000))
@@ -310,7 +350,7 @@ def test_limits_config_defaults_and_factories() -> None:
     config = LimitsConfig()
     assert config.rules == ()
     assert not config.rate_limits()
-    counter = config.connection_counter()
+    counter = config.connection_counter()  # one worker: the whole per-host cap
     assert (counter.max_total, counter.max_per_address) == (config.max_connections, config.max_connections_per_address)
     for bucket in (config.h2_reset_bucket(), config.h2_stream_bucket(), config.ws_ping_bucket()):
         assert bucket.take(0.0) == 0.0

@@ -13,7 +13,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from tests.client import Response, Running, request, start_sluice, ws_ops_together
+from tests.client import Response, Running, request, start_sluice, ws_json, ws_ops_together
 
 SECRET = b"r" * 40
 
@@ -137,7 +137,7 @@ async def test_websocket_ops_are_rate_limited(nursery: trio.Nursery, tmp_path: P
 
             async def op(msg: dict[str, Any]) -> dict[str, Any]:
                 await ws.send_message(json.dumps(msg))
-                return json.loads(await ws.get_message())  # type: ignore[no-any-return]
+                return await ws_json(ws)
 
             err = await op({"op": "publish", "stream": "big", "data": "123456", "ref": 0})
             assert (err["op"], err["code"], err["ref"]) == ("error", "too_large", 0)
@@ -148,7 +148,7 @@ async def test_websocket_ops_are_rate_limited(nursery: trio.Nursery, tmp_path: P
             assert (err["op"], err["code"], err["ref"]) == ("error", "rate_limited", 3)
             assert "retry after 100 s" in err["message"]
             assert (await op({"op": "subscribe", "stream": "w", "from": "start"}))["op"] == "event"
-            assert json.loads(await ws.get_message())["data"] == "2"
+            assert (await ws_json(ws))["data"] == "2"
             err = await op({"op": "subscribe", "stream": "y"})
             assert (err["op"], err["code"]) == ("error", "rate_limited")
             assert await op({"op": "ping"}) == {"op": "pong"}  # the socket stays open

@@ -1,4 +1,5 @@
-"""TLS on the shared port: ALPN h2 and http/1.1, curl and a Python client, plaintext beside it."""
+"""TLS on the shared port: ALPN h2 and http/1.1, curl and a Python client, plaintext beside it
+only when allowed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import trio
 import trustme
 
 from server.http.base import HttpLimits
+from server.http.h2conn import PREFACE
 from server.http.tls import make_server_ssl_context
 from tests.http_helpers import connect, read_response, read_until_eof, running_server
 
@@ -82,14 +84,37 @@ async def test_curl_over_tls_h2_and_http11(server_context: ssl.SSLContext) -> No
             assert (version, body) == (b"1.1", b"x" * 300000)
 
 
-async def test_plaintext_and_tls_share_the_port(server_context: ssl.SSLContext) -> None:
+async def test_plaintext_and_tls_share_the_port_when_allowed(server_context: ssl.SSLContext) -> None:
     with trio.fail_after(10):
-        async with running_server(ssl_context=server_context) as (_, port, _app):
+        async with running_server(ssl_context=server_context, allow_plaintext=True) as (_, port, _app):
             sock = await connect(port)
             await sock.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
             status, _, body = await read_response(sock, bytearray())
             assert status == 200
             assert json.loads(body)["scheme"] == "http"
+
+
+async def test_plaintext_on_the_tls_port_is_refused_by_default(ca: trustme.CA, server_context: ssl.SSLContext) -> None:
+    with trio.fail_after(10):
+        async with running_server(ssl_context=server_context) as (server, port, _app):
+            sock = await connect(port)
+            await sock.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = await read_until_eof(sock)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 ")
+            assert json.loads(body)["error"] == "tls_required"
+            sock = await connect(port)
+            await sock.send(PREFACE)
+            assert await read_until_eof(sock) == b""
+            assert server.stats.plaintext_refused == 2
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", port, ssl_context=_client_context(ca, ["http/1.1"]), https_compatible=True
+            )
+            await stream.send_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_tls_without_a_context_is_closed() -> None:

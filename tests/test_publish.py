@@ -46,6 +46,50 @@ async def test_idempotency_key(sluice: Running) -> None:
         assert info["length"] == 2
 
 
+REUSED = {"error": "idempotency_key_reused", "message": "this Idempotency-Key was already used for a different request"}
+
+
+async def test_a_reused_idempotency_key_with_a_different_request_is_422(sluice: Running) -> None:
+    port = sluice.port
+    with trio.fail_after(20):
+        first = await publish(port, "reuse:a", "x", type_="t", idempotency_key="k")
+        different = [
+            ("/v1/streams/reuse:a?type=t", b"y", TEXT),  # data
+            ("/v1/streams/reuse:a?type=u", b"x", TEXT),  # type
+            ("/v1/streams/reuse:a?type=t", b"x", {"content-type": "application/octet-stream"}),  # encoding
+            ("/v1/streams/reuse:b?type=t", b"x", TEXT),  # stream
+        ]
+        for path, body, headers in different:
+            r = await request(port, "POST", path, body, {**headers, "idempotency-key": "k"})
+            assert (r.status, r.json()) == (422, REUSED), (path, r.status, r.body)
+            assert r.headers["content-type"].startswith("application/json")
+        assert await publish(port, "reuse:a", "x", type_="t", idempotency_key="k") == first
+        info = (await request(port, "GET", "/v1/streams/reuse:a/info")).json()
+        assert info["length"] == 1
+        assert (await request(port, "GET", "/v1/streams/reuse:b/info")).status == 404
+
+
+async def test_a_batch_retry_must_repeat_the_whole_batch(sluice: Running) -> None:
+    port = sluice.port
+    nd = {"content-type": "application/x-ndjson", "idempotency-key": "b1"}
+    batch = b'{"type":"a","data":"1"}\n{"data":{"k":1}}\n'
+    with trio.fail_after(20):
+        r = await request(port, "POST", "/v1/streams/reuse:batch", batch, nd)
+        assert r.status == 201
+        ids = r.json()["ids"]
+        respelt = b'{"type":"a","data":"1"}\n{"data":{"k": 1}}'
+        again = await request(port, "POST", "/v1/streams/reuse:batch", respelt, nd)
+        assert (again.status, again.json()) == (201, {"ids": ids})  # the same events, spelt otherwise
+        for body in (b'{"type":"a","data":"1"}\n', batch + b'{"data":"3"}\n'):
+            r = await request(port, "POST", "/v1/streams/reuse:batch", body, nd)
+            assert (r.status, r.json()) == (422, REUSED)
+        mp = msgpack.packb([{"type": "a", "data": "1"}, {"data": '{"k":1}'}])
+        r = await request(port, "POST", "/v1/streams/reuse:batch", mp, {**nd, "content-type": "application/msgpack"})
+        assert (r.status, r.json()) == (201, {"ids": ids})
+        info = (await request(port, "GET", "/v1/streams/reuse:batch/info")).json()
+        assert info["length"] == 2
+
+
 async def test_bad_input_gets_clear_errors_and_nothing_is_appended(sluice: Running) -> None:
     port = sluice.port
     with trio.fail_after(20):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from server.core.events import NewEvent
 from server.core.ids import format_id
-from server.store.base import Appended, Closed, Deleted, Notice, Retention, Store, StreamClosed
+from server.store.base import Appended, Closed, Deleted, IdempotencyKeyReused, Notice, Retention, Store, StreamClosed
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from tests.store_contract import FakeClock, OpenStore, StoreContract
@@ -67,7 +67,7 @@ class Model:
 
     retention: Retention
     streams: dict[str, ModelStream] = field(default_factory=dict)
-    keys: dict[tuple[str, str], tuple[str, list[str], float]] = field(default_factory=dict)
+    keys: dict[str, tuple[str, str, list[str], float, tuple[bytes, ...]]] = field(default_factory=dict)
     issued: dict[str, set[int]] = field(default_factory=dict)
     epochs: dict[str, set[str]] = field(default_factory=dict)
 
@@ -88,12 +88,16 @@ class Model:
         ):
             stream.retained.pop(0)
 
-    def key_live(self, stream: str, key: str, now: float) -> list[str] | None:
-        found = self.keys.get((stream, key))
-        if found is None or stream not in self.streams or found[0] != self.streams[stream].epoch:
+    def key_live(self, key: str, now: float) -> tuple[str, list[str], tuple[bytes, ...]] | None:
+        """The live record of ``key``: its stream, the ids and the data it appended."""
+        found = self.keys.get(key)
+        if found is None:
+            return None
+        stream, epoch, ids, ts, data = found
+        if stream not in self.streams or epoch != self.streams[stream].epoch:
             return None
         window = self.retention.idempotency_window
-        return found[1] if window <= 0 or now - found[2] < window else None
+        return (stream, ids, data) if window <= 0 or now - ts < window else None
 
 
 async def _check_against_model(retention: Retention, ops: list[tuple[object, ...]]) -> None:
@@ -109,11 +113,15 @@ async def _check_against_model(retention: Retention, ops: list[tuple[object, ...
             name, sizes, key = op[1], op[2], op[3]
             assert isinstance(name, str) and isinstance(sizes, list) and (key is None or isinstance(key, str))
             batch = [NewEvent("message", bytes([65 + i % 26]) * size) for i, size in enumerate(sizes)]
-            duplicate_of = model.key_live(name, key, now) if key is not None else None
+            found = model.key_live(key, now) if key is not None else None
             state = model.streams.get(name)
-            if duplicate_of is not None:
+            if found is not None and (found[0], found[2]) != (name, tuple(e.data for e in batch)):
+                with pytest.raises(IdempotencyKeyReused):
+                    await store.append(name, batch, idempotency_key=key)
+                assert heard == []
+            elif found is not None:
                 result = await store.append(name, batch, idempotency_key=key)
-                assert result.duplicate and result.ids == duplicate_of and result.events == [] and heard == []
+                assert result.duplicate and result.ids == found[1] and result.events == [] and heard == []
             elif state is not None and state.closed:
                 with pytest.raises(StreamClosed):
                     await store.append(name, batch, idempotency_key=key)
@@ -137,7 +145,7 @@ async def _check_against_model(retention: Retention, ops: list[tuple[object, ...
                 model.enforce(state, now)
                 assert state.retained and state.retained[-1][0] == state.last_seq
                 if key is not None:
-                    model.keys[(name, key)] = (state.epoch, result.ids, now)
+                    model.keys[key] = (name, state.epoch, result.ids, now, tuple(e.data for e in batch))
         elif kind == "close":
             name = str(op[1])
             info = await store.close_stream(name)

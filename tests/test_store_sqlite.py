@@ -15,7 +15,7 @@ import trio.testing
 
 from server.core.events import NewEvent
 from server.core.ids import parse_id
-from server.store.base import Appended, AppendResult, Notice, Retention
+from server.store.base import Appended, AppendResult, IdempotencyKeyReused, Notice, Retention
 from server.store.sqlite import StoreUnavailable, open_sqlite_store
 from server.store.sqlite_schema import SCHEMA_VERSION, SchemaError
 from tests.store_contract import DEADLINE, FakeClock
@@ -58,7 +58,7 @@ async def test_seqs_continue_after_restart_even_when_everything_was_trimmed(tmp_
         async with open_sqlite_store(path, retention, clock=clock) as store:
             info = await store.info("s")
             assert info is not None and (info.first_seq, info.last_seq, info.length) == (0, 5, 0)
-            retry = await store.append("s", [ev("0")], idempotency_key="k")
+            retry = await store.append("s", [ev(str(i)) for i in range(5)], idempotency_key="k")
             assert retry.duplicate and retry.ids == old.ids
             new = await store.append("s", [ev("again")])
             assert new.events[0].seq == 6 and new.events[0].epoch == old.events[0].epoch
@@ -255,6 +255,53 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with trio.fail_after(DEADLINE), pytest.raises(SchemaError):
         async with open_sqlite_store(path):
             pass
+
+
+V1_SCHEMA = """
+CREATE TABLE streams (name TEXT NOT NULL PRIMARY KEY, epoch TEXT NOT NULL, last_seq INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL, length INTEGER NOT NULL, bytes INTEGER NOT NULL, closed INTEGER NOT NULL,
+    last_ts REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE events (stream TEXT NOT NULL, seq INTEGER NOT NULL, type TEXT NOT NULL, data BLOB NOT NULL,
+    binary INTEGER NOT NULL, ts REAL NOT NULL, PRIMARY KEY (stream, seq)) WITHOUT ROWID;
+CREATE INDEX events_by_ts ON events (ts);
+CREATE TABLE idempotency (stream TEXT NOT NULL, key TEXT NOT NULL, epoch TEXT NOT NULL,
+    first_seq INTEGER NOT NULL, count INTEGER NOT NULL, ts REAL NOT NULL, PRIMARY KEY (stream, key)) WITHOUT ROWID;
+CREATE INDEX idempotency_by_ts ON idempotency (ts);
+INSERT INTO streams VALUES ('s', '0123456789', 2, 1, 2, 2, 0, 999990.0);
+INSERT INTO events VALUES ('s', 1, 'message', X'61', 0, 999990.0), ('s', 2, 'message', X'62', 0, 999990.0);
+INSERT INTO idempotency VALUES ('s', 'old', '0123456789', 1, 2, 999990.0);
+PRAGMA user_version=1;
+"""
+
+
+async def test_a_version_1_file_is_migrated_and_its_keys_still_replay(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    conn.close()
+    with trio.fail_after(DEADLINE):
+        async with open_sqlite_store(path, clock=FakeClock()) as store:
+            info = await store.info("s")
+            assert info is not None and (info.epoch, info.first_seq, info.last_seq) == ("0123456789", 1, 2)
+            page = await store.read("s", 0, 10)
+            assert [e.data for e in page.events] == [b"a", b"b"]
+            # A key written without a fingerprint matches any events on its own stream ...
+            retry = await store.append("s", [ev("anything")], idempotency_key="old")
+            assert retry.duplicate and retry.ids == [e.id for e in page.events]
+            # ... but not another stream.
+            with pytest.raises(IdempotencyKeyReused):
+                await store.append("t", [ev("a")], idempotency_key="old")
+            new = await store.append("s", [ev("c")], idempotency_key="new")
+            assert new.events[0].seq == 3
+            with pytest.raises(IdempotencyKeyReused):
+                await store.append("s", [ev("d")], idempotency_key="new")
+
+            def version() -> int:
+                return int(store._writer.execute("PRAGMA user_version").fetchone()[0])
+
+            assert await trio.to_thread.run_sync(version) == SCHEMA_VERSION
+        async with open_sqlite_store(path, clock=FakeClock()) as store:
+            assert (await store.append("s", [ev("c")], idempotency_key="new")).ids == new.ids
 
 
 async def test_exceptions_from_the_block_are_not_wrapped(tmp_path: Path) -> None:

@@ -25,12 +25,22 @@ class Client:
         await self.ws.send_message(json.dumps(obj) if self.fmt == "json" else msgpack.packb(obj))
 
     async def recv(self) -> dict[str, Any]:
+        """The next message other than the ``subscribed`` and ``live`` markers."""
+        while True:
+            msg = await self.recv_any()
+            if msg.get("op") not in MARKERS:
+                return msg
+
+    async def recv_any(self) -> dict[str, Any]:
         raw = await self.ws.get_message()
         if self.fmt == "json":
             assert isinstance(raw, str)
             return json.loads(raw)  # type: ignore[no-any-return]
         assert isinstance(raw, bytes)
         return msgpack.unpackb(raw, raw=False)  # type: ignore[no-any-return]
+
+
+MARKERS = ("subscribed", "live")
 
 
 def url(port: int) -> str:

@@ -38,7 +38,10 @@ class Sink(Protocol):
     more (gone, or its bounded buffer overflowed), which ends the subscription.
 
     A sink may also have ``deliver_batch(batch: EventBatch) -> bool``, sending every event of a
-    batch at once (one write); live batches that come exactly next then go through it.
+    batch at once (one write); live batches that come exactly next then go through it;
+    ``went_live() -> None``, called once, the first time the subscription is live (its replay,
+    if any, delivered); and ``fell_behind() -> bool``, asked when the sink refused output: True
+    if its connection was cut for falling behind (a slow consumer), not because the client left.
     """
 
     def deliver(self, enc: EncodedEvent) -> bool:
@@ -54,7 +57,12 @@ class Sink(Protocol):
         """Nothing was sent for a heartbeat interval (SSE sends a comment)."""
 
     async def drain(self) -> None:
-        """Wait until the connection has room again (backpressure during replay)."""
+        """Wait until the connection has room again (backpressure during replay); may raise
+        ``trio.BrokenResourceError`` or ``trio.ClosedResourceError`` once the connection is gone,
+        which ends the subscription like a refused delivery."""
+
+
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class Watcher(Protocol):
@@ -87,6 +95,7 @@ class Subscription:
         "_heartbeat",
         "_hub",
         "_live_mark",
+        "_on_live",
         "_parked",
         "_pending_reset",
         "_running",
@@ -109,6 +118,7 @@ class Subscription:
         self.start = start
         self.sink: Sink = _NO_SINK
         self._deliver_batch: Callable[[EventBatch], bool] | None = None  # the sink's, if it has one
+        self._on_live: Callable[[], None] | None = None  # the sink's went_live, until it was called
         self._heartbeat = heartbeat
         self.epoch: str | None = None
         self.last_seq = 0  # the last seq delivered (or the position it resumes after)
@@ -271,12 +281,33 @@ class Subscription:
 
     def _die(self) -> None:
         """The connection can take no more: stop, and leave the hub at once (no further fan-out
-        reaches it while its task unwinds)."""
+        reaches it while its task unwinds). Counted in ``dropped`` when the connection was cut
+        for falling behind, else in ``subscriptions_gone`` (the client left)."""
         if not self.done:
-            self._hub.stats.dropped += 1
+            fell_behind = getattr(self.sink, "fell_behind", None)
+            if fell_behind is not None and fell_behind():
+                self._hub.stats.dropped += 1
+            else:
+                self._hub.stats.subscriptions_gone += 1
         self.done = True
         self._hub.remove(self.stream, self)
         self._poke()
+
+    async def _drain(self) -> None:
+        """Wait for the sink's connection to have room; a connection gone meanwhile ends the
+        subscription (as a refused delivery would), quietly."""
+        try:
+            await self.sink.drain()
+        except _GONE:
+            self._die()
+
+    def _go_live(self) -> None:
+        """Replay is done: deliver live from now on (the sink hears it the first time)."""
+        self.live = True
+        hook = self._on_live
+        if hook is not None:
+            self._on_live = None
+            hook()
 
     def _reset(self, reset: Reset) -> None:
         self._hub.stats.resets[reset.reason] += 1
@@ -312,19 +343,21 @@ class Subscription:
             self._live_mark = None
             self._closed_seen = False
             if self._from_memory():
-                await self.sink.drain()
+                await self._drain()
                 if self.done:
                     return
                 if self._caught_up():
-                    self.live = True
+                    self._go_live()
                     return
                 continue
             page = await hub.store.read(self.stream, self.last_seq, page_size)
             info = page.info
             if info is None:  # no such stream (yet, or any more): the first event comes live
-                await self.sink.drain()  # a page (an empty one) was read: sinks may act on it
+                await self._drain()  # a page (an empty one) was read: sinks may act on it
+                if self.done:
+                    return
                 if self._live_mark is None and not self._closed_seen:
-                    self.live = True
+                    self._go_live()
                     return
                 continue
             if self.epoch is None:
@@ -359,7 +392,7 @@ class Subscription:
             hub.stats.delivered += delivered
             if self.done:
                 return
-            await self.sink.drain()
+            await self._drain()
             if self.done:  # stopped (or died) while the connection drained
                 return
             if len(page.events) >= page_size or not self._caught_up():
@@ -367,7 +400,7 @@ class Subscription:
             if info.closed and self.last_seq >= info.last_seq:
                 self._finish()
                 return
-            self.live = True
+            self._go_live()
             return
 
     def _from_memory(self) -> bool:
@@ -421,6 +454,7 @@ class Subscription:
         """
         self.sink = sink
         self._deliver_batch = getattr(sink, "deliver_batch", None)
+        self._on_live = getattr(sink, "went_live", None)
         self._running = True
         if self._heartbeat is not None:
             self._hub.watch_heartbeat(self, self._heartbeat)

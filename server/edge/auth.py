@@ -14,7 +14,10 @@ Rules chosen here, beyond API.md:
 * Key choice: a header ``kid`` naming a configured key selects that key only; otherwise (no
   ``kid``, or one naming no key) the keys *without* a kid whose algorithm matches are tried, at
   most :data:`MAX_CANDIDATES` of them (more kid-less keys of one alg are a configuration error).
-  A ``kid`` that selects nothing is ``401 unknown key``.
+  A ``kid`` that selects nothing is ``401 unknown key``; a token without ``kid`` when every key of
+  its algorithm has one is ``401 the token has no kid, and every <alg> key is configured with one``
+  (a key with a ``kid`` only ever checks tokens naming it), and one whose algorithm has no key at
+  all is ``401 no <alg> key is configured``.
 * ``exp`` is required; ``nbf`` is honoured; both allow ``leeway_seconds``. ``iat`` is optional
   (a number when present). With ``audience`` set the token's ``aud`` must contain it; without
   it a token carrying ``aud`` is refused (RFC 7519 4.1.3). With ``issuer`` set ``iss`` must equal it.
@@ -253,6 +256,14 @@ class Verifier:
         """Whether tokens and rules are checked at all."""
         return self.config.enabled
 
+    def _no_candidate(self, alg: str, kid: str | None) -> str:
+        """Why no configured key can check a token with header ``alg`` and ``kid``."""
+        if kid is not None:
+            return "unknown key"
+        if any(key.alg == alg for key in self._by_kid.values()):
+            return f"the token has no kid, and every {alg} key is configured with one"
+        return f"no {alg} key is configured"
+
     def extract(self, headers: Iterable[tuple[bytes, bytes]], query: Mapping[str, str] | str | None) -> str | None:
         """:func:`extract_token` with this configuration's cookie, parameter and size limit."""
         c = self.config
@@ -332,7 +343,7 @@ class Verifier:
         else:
             candidates = tuple(k for k in self._unnamed if k.alg == alg)
             if not candidates:
-                raise _unauthorized("unknown key" if kid is not None else "no key for the token algorithm", "key")
+                raise _unauthorized(self._no_candidate(alg, kid), "key")
         for key in candidates:
             try:
                 claims = jwt.decode(

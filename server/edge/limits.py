@@ -21,6 +21,7 @@ from server.edge.cookies import cookie_value
 from server.edge.patterns import compile_pattern
 
 Route = Literal["connect", "subscribe", "publish", "publish_bytes"]
+Refusal = Literal["total", "per_address"]
 ROUTES: tuple[Route, ...] = ("connect", "subscribe", "publish", "publish_bytes")
 KeyKind = Literal["address", "header", "query", "cookie", "claim"]
 PatternCompiler = Callable[[str], Callable[[str], bool]]
@@ -61,9 +62,11 @@ class Ticket:
 class ConnectionCounter:
     """Exact counts of open connections, capped per address and in total (0 disables a cap).
 
-    Addresses with no open connection have no entry, so memory follows the open connections."""
+    Addresses with no open connection have no entry, so memory follows the open connections.
+    ``refused`` counts the refusals by :data:`Refusal` reason (``total`` wins when both caps are
+    reached)."""
 
-    __slots__ = ("_active", "_by_address", "max_per_address", "max_total")
+    __slots__ = ("_active", "_by_address", "max_per_address", "max_total", "refused")
 
     def __init__(self, per_address: int, total: int) -> None:
         if per_address < 0 or total < 0:
@@ -72,16 +75,25 @@ class ConnectionCounter:
         self.max_total = total
         self._by_address: dict[str, int] = {}
         self._active = 0
+        self.refused: dict[str, int] = {"total": 0, "per_address": 0}  # by Refusal
+
+    def refusal(self, address: str) -> Refusal | None:
+        """Which cap a connection from ``address`` would meet now (``None``: it would be admitted)."""
+        if self.max_total and self._active >= self.max_total:
+            return "total"
+        if self.max_per_address and self._by_address.get(address, 0) >= self.max_per_address:
+            return "per_address"
+        return None
 
     def acquire(self, address: str) -> bool:
         """Count one more connection from ``address`` and return True, or return False (counting
-        nothing) if either cap is reached. Pair every True with exactly one :meth:`release`."""
-        if self.max_total and self._active >= self.max_total:
+        only the refusal in ``refused``) if either cap is reached. Pair every True with exactly one
+        :meth:`release`."""
+        reason = self.refusal(address)
+        if reason is not None:
+            self.refused[reason] += 1
             return False
-        count = self._by_address.get(address, 0)
-        if self.max_per_address and count >= self.max_per_address:
-            return False
-        self._by_address[address] = count + 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
         self._active += 1
         return True
 
@@ -109,6 +121,38 @@ class ConnectionCounter:
     def __len__(self) -> int:
         """Addresses with at least one open connection."""
         return len(self._by_address)
+
+
+class RefusalLog:
+    """Which refusals to log: the first for a key, then at most one per ``interval`` seconds per
+    key, remembering at most ``max_keys`` keys (the one refused longest ago is forgotten first, and
+    a forgotten key is logged again at its next refusal). :meth:`note` also counts the refusals
+    it held back, so the next logged line can say how many there were."""
+
+    __slots__ = ("_seen", "interval", "max_keys")
+
+    def __init__(self, interval: float, max_keys: int) -> None:
+        if interval < 0 or max_keys < 1:
+            raise ValueError("interval must be >= 0 and max_keys >= 1")
+        self.interval = interval
+        self.max_keys = max_keys
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (last logged at, held back since)
+
+    def note(self, key: str, now: float) -> int | None:
+        """Record one refusal for ``key`` at ``now``: ``None`` when it is not to be logged, else
+        the number of refusals for ``key`` held back since the last one logged."""
+        seen = self._seen.pop(key, None)
+        if seen is not None and now - seen[0] < self.interval:
+            self._seen[key] = (seen[0], seen[1] + 1)
+            return None
+        self._seen[key] = (now, 0)
+        while len(self._seen) > self.max_keys:
+            del self._seen[next(iter(self._seen))]
+        return seen[1] if seen is not None else 0
+
+    def __len__(self) -> int:
+        """Keys remembered."""
+        return len(self._seen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,14 +272,25 @@ def parse_rules(items: Sequence[object]) -> tuple[RateRule, ...]:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """The ``[limits]`` section. Connection caps are per worker (0: unlimited) and checked at
-    accept; per-connection rates bound HTTP/2 resets and stream opens (rapid reset) and WebSocket
-    pings. ``rules`` is empty by default: no request is rate limited unless configured, because
-    clients behind one NAT or proxy share an address and a default would throttle them."""
+    """The ``[limits]`` section. Connection caps (0: unlimited) are checked at accept:
+    ``max_connections`` per worker (each worker is a process with its own open-files limit),
+    ``max_connections_per_address`` per host, split between the workers (see
+    :meth:`per_address_per_worker`). Per-connection rates bound HTTP/2 resets and stream opens
+    (rapid reset) and WebSocket pings. ``rules`` is empty by default: no request is rate limited
+    unless configured, because clients behind one NAT or proxy share an address and a default
+    would throttle them."""
 
-    max_connections: int = 20_000  # per worker; ~15 KiB each when idle
-    max_connections_per_address: int = 1_000  # generous: NATs and proxies share one address
+    # per worker; ~15 KiB each when idle. With the descriptors a worker keeps for itself
+    # (server.process.rlimit.SPARE_FILES) it fits a hard open-files limit of 16,064 or more.
+    max_connections: int = 16_000
+    # per host; at most what one worker holds, so it agrees with max_connections whatever the
+    # worker count: half of it, so one address cannot take a one-worker host on its own. Generous
+    # otherwise: NATs share an address, and behind a balancer without PROXY protocol every client
+    # has the balancer's.
+    max_connections_per_address: int = 8_000
     retry_after_seconds: int = 5  # Retry-After on the 503 when a connection cap is reached
+    refusal_log_interval: float = 60.0  # seconds between warnings for one address over its cap
+    refusal_log_max_addresses: int = 1024  # addresses remembered for that
     h2_max_resets_per_second: float = 100.0
     h2_reset_burst: float = 200.0
     h2_max_streams_per_second: float = 200.0
@@ -245,7 +300,12 @@ class LimitsConfig:
     rules: tuple[RateRule, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "max_connections_per_address", "retry_after_seconds"):
+        for name in (
+            "max_connections",
+            "max_connections_per_address",
+            "retry_after_seconds",
+            "refusal_log_max_addresses",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
@@ -255,10 +315,28 @@ class LimitsConfig:
             positive(name, getattr(self, name))
         if not all(isinstance(rule, RateRule) for rule in self.rules):
             raise ValueError("rules: must be RateRule objects")
+        positive("refusal_log_interval", self.refusal_log_interval)
+        if self.refusal_log_max_addresses < 1:
+            raise ValueError(f"refusal_log_max_addresses: must be at least 1, got {self.refusal_log_max_addresses}")
 
-    def connection_counter(self) -> ConnectionCounter:
-        """A fresh counter with this config's caps (one per worker)."""
-        return ConnectionCounter(self.max_connections_per_address, self.max_connections)
+    def per_address_per_worker(self, workers: int) -> int:
+        """The share of ``max_connections_per_address`` one of ``workers`` workers admits:
+        ``ceil(cap / workers)`` (0 stays unlimited). Workers share no memory, and the kernel
+        spreads one address's connections over them by a hash of the connection's addresses and
+        ports (``SO_REUSEPORT``), so the host admits at most about the cap, and may refuse a little
+        earlier when the spread is uneven."""
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        return math.ceil(self.max_connections_per_address / workers)
+
+    def connection_counter(self, workers: int = 1) -> ConnectionCounter:
+        """A fresh counter for one of ``workers`` workers: ``max_connections`` and this worker's
+        share of the per-address cap (:meth:`per_address_per_worker`)."""
+        return ConnectionCounter(self.per_address_per_worker(workers), self.max_connections)
+
+    def refusal_log(self) -> RefusalLog:
+        """A fresh :class:`RefusalLog` for the per-address refusals of one worker."""
+        return RefusalLog(self.refusal_log_interval, self.refusal_log_max_addresses)
 
     def h2_reset_bucket(self) -> TokenBucket:
         """A fresh per-connection bucket for HTTP/2 stream resets (RST_STREAM either way)."""

@@ -61,7 +61,7 @@ class HttpLimits:
     send_low_water: int = 64 * 1024  # ``drain`` returns once the queue is at or below this
     h2_max_concurrent_streams: int = 128
     h2_max_inbound_frame: int = 16 * 1024
-    ws_max_message: int = 1024 * 1024  # inbound message size; over -> close 1009
+    ws_max_message: int = 2 * 1024 * 1024  # inbound message size; over -> close 1009
     ws_ping_interval: float = 30.0  # server pings an idle WebSocket this often (0: never)
     max_connection_age: float = 0.0  # seconds after accept when a connection is asked to close (0: never)
     max_connection_age_jitter: float = 0.1  # each connection's age limit is scaled by a random 1 +/- this
@@ -105,6 +105,10 @@ class ResponseStream(Protocol):
     def buffered(self) -> int:
         """Bytes queued and not yet handed to the kernel for this response's connection."""
 
+    def fell_behind(self) -> bool:
+        """True once the response (or its connection) was cut for falling behind: a slow
+        consumer or a stalled write, not the client leaving."""
+
     async def drain(self) -> None:
         """Wait until the connection's queue is at or below the low-water mark.
 
@@ -136,6 +140,9 @@ class WebSocket(Protocol):
     @property
     def buffered(self) -> int:
         """Bytes queued and not yet handed to the kernel."""
+
+    def fell_behind(self) -> bool:
+        """As :meth:`ResponseStream.fell_behind`."""
 
     async def drain(self) -> None:
         """As :meth:`ResponseStream.drain`."""

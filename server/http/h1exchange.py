@@ -366,6 +366,10 @@ class H1Exchange:
         """Bytes queued on this connection and not yet handed to the kernel."""
         return self._outbox.buffered
 
+    def fell_behind(self) -> bool:
+        """True once the connection was cut as a slow consumer (or for a stalled write)."""
+        return self._outbox.fell_behind
+
     async def drain(self) -> None:
         """Wait until the connection's queue is at or below the low-water mark."""
         await self._outbox.drain()

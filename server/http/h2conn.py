@@ -478,6 +478,7 @@ class H2Driver:
         if stream.dead:
             return
         if slow:
+            stream.slow = True
             self.stats.slow_consumers += 1
             log.info("resetting HTTP/2 stream %d of %s: slow consumer", stream.sid, self.conn.client)
         self._blocked.pop(stream, None)

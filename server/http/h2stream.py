@@ -52,6 +52,7 @@ class H2Stream:
         "request",
         "scope",
         "sid",
+        "slow",
     )
 
     def __init__(self, driver: H2Driver, sid: int, request: Request, h2s: h2.stream.H2Stream) -> None:
@@ -65,6 +66,7 @@ class H2Stream:
         self._streaming = False
         self._head_only = request.method == "HEAD"
         self.dead = False  # reset (by either side) or the connection is gone
+        self.slow = False  # reset by the server for falling behind
         self.ended = False  # END_STREAM sent
         self.end_after_pending = False
         self.handler_finished = False
@@ -273,6 +275,10 @@ class H2Stream:
     def buffered(self) -> int:
         """Bytes waiting for this stream's flow-control window plus the connection's queue."""
         return self.pending_bytes + self._d.outbox.buffered
+
+    def fell_behind(self) -> bool:
+        """True once this stream was reset as a slow consumer, or its connection was cut as one."""
+        return self.slow or self._d.outbox.fell_behind
 
     async def drain(self) -> None:
         """Wait until this stream's pending bytes and the connection queue are at low water."""

@@ -52,6 +52,7 @@ class Outbox:
         "_parked",
         "_pull",
         "_pull_pending",
+        "_reason",
         "_sock",
         "_stats",
         "_stream",
@@ -74,6 +75,7 @@ class Outbox:
         self._stats = stats
         self._on_dead: Callable[[str], None] | None = on_dead
         self._dead = False
+        self._reason = ""  # why the connection was killed (SLOW_CONSUMER, SEND_TIMEOUT, ...)
         self._inflight = 0  # TLS: bytes taken off the queue and inside send_all
         self._nursery: trio.Nursery | None = None
         self._writer: trio.lowlevel.Task | None = None
@@ -109,6 +111,12 @@ class Outbox:
     def buffered(self) -> int:
         """Bytes accepted by :meth:`write` and not yet handed to the kernel."""
         return len(self._buf) + self._inflight
+
+    @property
+    def fell_behind(self) -> bool:
+        """True once the connection was killed for falling behind: its queue passed
+        ``send_buffer`` (slow consumer) or a write made no progress for ``send_timeout``."""
+        return self._reason in (SLOW_CONSUMER, SEND_TIMEOUT)
 
     def write(self, data: bytes | bytearray | memoryview) -> bool:
         """Hand ``data`` to the connection without blocking; ``False`` if the connection is dead.
@@ -161,6 +169,7 @@ class Outbox:
         if self._dead:
             return
         self._dead = True
+        self._reason = reason
         if reason == SLOW_CONSUMER:
             self._stats.slow_consumers += 1
             log.info("closing slow consumer: %d bytes queued", len(self._buf) + self._inflight)

@@ -2,7 +2,10 @@
 
 One port serves everything: a first byte of 0x16 is a TLS ClientHello (HTTP/2 or HTTP/1.1 by
 ALPN; closed if no TLS context is configured); plaintext that starts with the HTTP/2 connection
-preface is h2c with prior knowledge; anything else is HTTP/1.1.
+preface is h2c with prior knowledge; anything else is HTTP/1.1. With a TLS context, plaintext is
+refused unless ``allow_plaintext``: HTTP/1.1 gets the fixed ``400`` of
+:data:`~server.http.tls.TLS_REQUIRED_RESPONSE`, an h2c preface is closed (both counted in
+``stats.plaintext_refused``).
 
 Before that, the edge has its say (see :mod:`server.http.hooks`): a peer that is a trusted load
 balancer must open with a PROXY v1/v2 header, read without touching the bytes after it, which
@@ -45,6 +48,7 @@ from server.http.listener import accept_loop
 from server.http.readwatch import ReadWatch
 from server.http.refusal import refusal_response, websocket_refusal
 from server.http.stats import HttpStats
+from server.http.tls import TLS_REQUIRED_RESPONSE
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +56,16 @@ DEFAULT_LIMITS = HttpLimits()
 TLS_RECORD_HANDSHAKE = 0x16
 ROTATION_TICK = 1.0  # the age sweeper looks for connections past their age at least this often
 ABORT_GRACE = 1.0  # seconds connections cut at a drain's deadline get to unwind before drain returns
+# what a send or wait on a connection whose client has left raises (logged at debug, not as a failure)
+PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
 
 class HttpServer:
     """One engine instance: its handler, limits, counters and registry of live connections.
 
     ``connections`` holds every connection from accept until its task ends (a drain walks it and
-    calls :meth:`Connection.request_close`); ``stats`` holds the counters.
+    calls :meth:`Connection.request_close`); ``stats`` holds the counters. ``allow_plaintext``
+    (only meaningful with ``ssl_context``): serve HTTP/1.1 and h2c beside TLS instead of refusing.
     """
 
     def __init__(
@@ -68,8 +75,10 @@ class HttpServer:
         limits: HttpLimits = DEFAULT_LIMITS,
         ssl_context: ssl.SSLContext | None = None,
         hooks: EdgeHooks = NO_HOOKS,
+        allow_plaintext: bool = False,
     ) -> None:
         self.handler = handler
+        self.allow_plaintext = allow_plaintext
         self.hooks = hooks
         self.limits = limits
         self.ssl_context = ssl_context
@@ -261,6 +270,9 @@ class HttpServer:
                     await driver.run()
                 await conn.close_gracefully()
                 nursery.cancel_scope.cancel()
+        except* PEER_GONE as group:  # the client left mid-answer: normal, counted, no traceback
+            stats.peer_gone += 1
+            log.debug("connection from %s ended by the peer: %r", conn.client, group.exceptions[0])
         except* Exception as group:
             log.exception("connection from %s failed (%d errors)", conn.client, len(group.exceptions))
         finally:
@@ -327,6 +339,12 @@ class HttpServer:
                 data += more
         if not data:
             return None
+        if self.ssl_context is not None and not self.allow_plaintext:
+            self.stats.plaintext_refused += 1
+            if not data.startswith(PREFACE):  # h2c prior knowledge: closed without an answer
+                conn.outbox.write(TLS_REQUIRED_RESPONSE)
+            log.debug("plaintext from %s on a TLS port: refused", conn.client)
+            return None
         if data.startswith(PREFACE):
             return H2Driver(conn, nursery, self.handler, limits, self.stats, scheme="http", initial=data)
         return H1Driver(
@@ -387,12 +405,14 @@ async def serve_http(
     limits: HttpLimits = DEFAULT_LIMITS,
     ssl_context: ssl.SSLContext | None = None,
     hooks: EdgeHooks = NO_HOOKS,
+    allow_plaintext: bool = False,
     task_status: trio.TaskStatus[HttpServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve ``handler`` on ``listeners`` forever (HTTP/1.1, h2c, and with ``ssl_context`` TLS
-    with ALPN h2/http/1.1, all on each port). ``task_status.started(server)`` hands back the
+    with ALPN h2/http/1.1, all on each port; with ``ssl_context``, plaintext is refused unless
+    ``allow_plaintext``). ``task_status.started(server)`` hands back the
     :class:`HttpServer` (stats, live connections) once accepting. Cancel to stop: every
     connection and handler is cancelled with it. ``hooks``: the edge's say (see
     :mod:`server.http.hooks`)."""
-    server = HttpServer(handler, limits=limits, ssl_context=ssl_context, hooks=hooks)
+    server = HttpServer(handler, limits=limits, ssl_context=ssl_context, hooks=hooks, allow_plaintext=allow_plaintext)
     await server.serve(listeners, task_status=task_status)

@@ -1,10 +1,20 @@
-"""TLS for the engine: one server context offering HTTP/2 and HTTP/1.1 by ALPN."""
+"""TLS for the engine: one server context offering HTTP/2 and HTTP/1.1 by ALPN, and the answer
+to plaintext on a TLS port (refused unless the server is told to serve it beside TLS)."""
 
 from __future__ import annotations
 
 import ssl
 
 ALPN_PROTOCOLS = ["h2", "http/1.1"]
+TLS_REQUIRED_BODY = b'{"error":"tls_required","message":"this port serves HTTPS only"}'
+TLS_REQUIRED_RESPONSE = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Content-Length: %d\r\n"
+    b"Connection: close\r\n\r\n%b" % (len(TLS_REQUIRED_BODY), TLS_REQUIRED_BODY)
+)
+"""The fixed answer to a plaintext HTTP/1.1 request on a TLS port that does not serve plaintext
+(the connection then closes); an h2c prior-knowledge preface gets no answer, only the close."""
 
 
 def make_server_ssl_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:

@@ -31,6 +31,10 @@ answering each ``/metrics`` request, and when it stops; a write is a temporary f
   few, and it happens once a second and once per scrape; a thread hop would cost more than the
   read. Nothing here ever waits on a lock another process holds.
 * Without ``peers_dir`` (one in-process worker), only this worker's counters are rendered.
+* **Which server this is**: a worker given ``peers_dir`` runs under a supervisor (the supervisor
+  passes its runtime directory to the workers it starts, as their parent), so it renders
+  ``sluice_supervisor_info{pid="<its parent's pid>"} 1``: the process whose tree is the whole
+  server, for tools on the host (the load-test harness) that must not guess it from process names.
 * A runtime directory kept across restarts (``RuntimeDirectoryPreserve=``) keeps the retired
   counters too: the totals then continue from the last run instead of starting from zero.
 """
@@ -49,7 +53,7 @@ from typing import Any
 
 import trio
 
-from server.observability.metrics import WORKERS, Samples, render
+from server.observability.metrics import SUPERVISOR_INFO, WORKERS, Samples, key, render
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,8 @@ class HostMetrics:
         self.alive = alive
         self.clock = clock
         self.pid = os.getpid()
+        # a peers_dir comes from the supervisor, which started this worker: its parent
+        self.supervisor: int | None = os.getppid() if directory is not None else None
         self.name = f"{self.pid}-{secrets.token_hex(4)}{SUFFIX}"  # unique even for workers sharing a process
         self._last: tuple[float, Samples] | None = None  # (time.monotonic(), samples) of the last write
         if directory is not None:
@@ -225,8 +231,12 @@ class HostMetrics:
         return out
 
     def render(self) -> bytes:
-        """``/metrics``: the host's totals in the text format."""
-        return render(self.totals())
+        """``/metrics``: the host's totals in the text format, and the supervisor's pid as an
+        info gauge when this worker has one."""
+        samples = self.totals()
+        if self.supervisor is not None:
+            samples.gauges[key(SUPERVISOR_INFO, {"pid": self.supervisor})] = 1
+        return render(samples)
 
     # ---- folding ----------------------------------------------------------------------------
 

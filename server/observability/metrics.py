@@ -33,6 +33,7 @@ BUS_GAUGES = frozenset({"peers"})
 STORE_SKIP = frozenset({"largest_batch"})  # a maximum: adding it up over workers means nothing
 HTTP_PREFIX, BUS_PREFIX, STORE_PREFIX = "sluice_http_", "sluice_bus_", "sluice_store_"
 WORKERS = "sluice_workers"
+SUPERVISOR_INFO = "sluice_supervisor_info"  # pid="<supervisor pid>", value 1
 
 HELP: dict[str, str] = {
     "sluice_published_total": "Events committed and fanned out",
@@ -42,7 +43,8 @@ HELP: dict[str, str] = {
     "sluice_replay_buffered": "Events held in the in-memory replay buffer",
     "sluice_subscriptions": "Open subscriptions",
     "sluice_subscriptions_total": "Subscriptions opened",
-    "sluice_dropped_total": "Subscriptions ended because their connection could take no more",
+    "sluice_dropped_total": "Subscriptions ended because their connection was cut for falling behind (slow consumer)",
+    "sluice_subscriptions_gone_total": "Subscriptions ended because their client left before the stream ended",
     "sluice_resets_total": "Resets sent, by reason",
     "sluice_http_connections_open": "Open client connections",
     "sluice_http_connections_total": "Client connections accepted",
@@ -54,10 +56,14 @@ HELP: dict[str, str] = {
     "sluice_http_drain_aborted_total": "Connections still open at a drain's deadline, cut",
     "sluice_http_h2_calm_total": "HTTP/2 connections ended with GOAWAY ENHANCE_YOUR_CALM",
     "sluice_http_connections_refused_total": "Connections turned away at accept by a connection cap",
+    "sluice_http_plaintext_refused_total": "Plaintext connections refused on a TLS port (400, or closed for h2c)",
     "sluice_http_ws_ping_floods_total": "WebSockets closed for sending pings too fast",
+    "sluice_http_peer_gone_total": "Connections whose tasks ended on an error from a client that had left",
     "sluice_edge_auth_refused_total": "Requests and WebSocket operations refused by auth or origin",
     "sluice_edge_rate_limited_total": "Requests refused by rate rules (429, or 413: never fits)",
+    "sluice_edge_connections_refused_total": "Connections turned away at accept, by the cap reached",
     "sluice_bus_peers": "Other workers this worker's notice bus knows",
+    "sluice_supervisor_info": "The supervisor process of these workers, as its pid label (always 1)",
     "sluice_store_commits_total": "Store transactions committed (requests / commits: mean group-commit size)",
     "sluice_store_requests_total": "Write requests carried by committed store transactions",
     "sluice_store_events_total": "Events appended to the store by this host",
@@ -139,6 +145,13 @@ def add_edge(samples: Samples, edge: EdgeStats) -> None:
         samples.counters[key("sluice_edge_auth_refused_total", {"status": status, "reason": reason})] = n
     for (status, route), n in edge.rate_limited.items():
         samples.counters[key("sluice_edge_rate_limited_total", {"status": status, "route": route})] = n
+
+
+def add_connection_refusals(samples: Samples, refused: Mapping[str, int]) -> None:
+    """Add the connection caps' refusals by reason (``total``, ``per_address``), every reason
+    present even at 0 so a dashboard sees the series before the first refusal."""
+    for reason, n in refused.items():
+        samples.counters[key("sluice_edge_connections_refused_total", {"reason": reason})] = n
 
 
 def collect(

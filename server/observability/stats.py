@@ -19,7 +19,8 @@ class HubStats:
     replay_buffered: int = 0  # events held in the in-memory replay buffer now
     subscriptions: int = 0  # currently registered subscriptions
     subscriptions_total: int = 0
-    dropped: int = 0  # subscriptions ended because their connection could take no more (gone or slow)
+    dropped: int = 0  # subscriptions ended because their connection was cut for falling behind (slow consumer)
+    subscriptions_gone: int = 0  # subscriptions ended because their client left (closed or reset the connection)
     resets: dict[str, int] = field(default_factory=lambda: {"gone": 0, "epoch": 0, "invalid": 0})
 
     def as_dict(self) -> dict[str, object]:

@@ -7,6 +7,7 @@ shared suite in ``tests/store_contract.py``.
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -16,6 +17,29 @@ from server.core.events import Event, NewEvent, StreamInfo
 
 class StreamClosed(Exception):
     """Raised by :meth:`Store.append` when the stream is closed (HTTP 409)."""
+
+
+class IdempotencyKeyReused(Exception):
+    """Raised by :meth:`Store.append` when its idempotency key is live for a different request
+    (another stream, or other events) (HTTP 422 ``idempotency_key_reused``). Nothing was appended."""
+
+
+FINGERPRINT_BYTES = 16
+"""Length of a :func:`fingerprint` (a BLAKE2b digest)."""
+
+
+def fingerprint(events: Sequence[NewEvent]) -> bytes:
+    """A digest of ``events`` as an idempotent request is told apart by: each event's type,
+    text-or-binary mark and data, in order. Equal lists give equal digests; any change in one of
+    those, or in the number or order of events, gives another (barring a BLAKE2b collision)."""
+    h = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
+    h.update(len(events).to_bytes(8, "big"))
+    for e in events:
+        etype = str(e.type).encode("utf-8", "surrogatepass")
+        h.update(len(etype).to_bytes(8, "big") + etype + (b"b" if e.binary else b"t"))
+        h.update(len(e.data).to_bytes(8, "big"))
+        h.update(e.data)
+    return h.digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +143,13 @@ class Store(abc.ABC):
     ) -> AppendResult:
         """Append ``events`` atomically and in order; create the stream (new epoch) if needed.
 
-        Raises :class:`StreamClosed` if the stream is closed. With ``idempotency_key`` seen for
-        this stream within the ``idempotency_window`` (even if the stream was closed since),
-        appends nothing and returns the original ids, no events, and ``duplicate=True``.
-        Raises ``ValueError`` for an empty ``events``.
+        Raises :class:`StreamClosed` if the stream is closed. Idempotency keys are global (one
+        namespace for every stream) and live for the ``idempotency_window`` from their first
+        append, or until their stream is deleted. With ``idempotency_key`` live for this stream
+        and the same events (see :func:`fingerprint`), even if the stream was closed since,
+        appends nothing and returns the original ids, no events, and ``duplicate=True``; live for
+        another stream or for other events, appends nothing and raises
+        :class:`IdempotencyKeyReused`. Raises ``ValueError`` for an empty ``events``.
         """
 
     async def append_each(self, items: Sequence[tuple[str, Sequence[NewEvent]]]) -> list[AppendResult | StreamClosed]:

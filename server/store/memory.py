@@ -22,11 +22,13 @@ from server.store.base import (
     AppendResult,
     Closed,
     Deleted,
+    IdempotencyKeyReused,
     Notice,
     Page,
     Retention,
     Store,
     StreamClosed,
+    fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,15 +40,17 @@ MAX_READ_LIMIT = 10_000
 """Largest number of events one :meth:`MemoryStore.read` returns, whatever ``limit`` asks for."""
 
 DEFAULT_MAX_IDEMPOTENCY_KEYS = 100_000
-"""Default cap on remembered idempotency keys per stream (oldest forgotten first)."""
+"""Default cap on remembered idempotency keys, all streams together (oldest forgotten first)."""
 
 
 @dataclass(frozen=True, slots=True)
 class _Key:
+    stream: str
     epoch: str
     first_seq: int
     count: int
     ts: float
+    fingerprint: bytes
 
 
 @dataclass(slots=True)
@@ -58,7 +62,6 @@ class _Stream:
     nbytes: int = 0
     events: deque[Event] = field(default_factory=deque)
     stamps: deque[float] = field(default_factory=deque)
-    keys: OrderedDict[str, _Key] = field(default_factory=OrderedDict)
 
     def info(self, name: str) -> StreamInfo:
         first = self.events[0].seq if self.events else 0
@@ -75,7 +78,7 @@ class MemoryStore(Store):
 
     ``retention`` bounds what each stream keeps; ``clock`` (seconds, like :func:`time.time`) stamps
     events and idempotency keys, so tests can move time deterministically. At most
-    ``max_idempotency_keys`` keys are remembered per stream, oldest forgotten first, so that memory
+    ``max_idempotency_keys`` keys are remembered in all, oldest forgotten first, so that memory
     stays bounded even with an unlimited ``idempotency_window``.
     """
 
@@ -92,6 +95,7 @@ class MemoryStore(Store):
         self._clock = clock
         self._max_keys = max_idempotency_keys
         self._streams: dict[str, _Stream] = {}
+        self._keys: OrderedDict[str, _Key] = OrderedDict()
         self._closed = False
 
     async def append(
@@ -103,10 +107,14 @@ class MemoryStore(Store):
         await self._enter()
         now = self._clock()
         state = self._streams.get(stream)
-        if state is not None and idempotency_key is not None:
-            self._forget_keys(state, now)
-            key = state.keys.get(idempotency_key)
+        digest = b""
+        if idempotency_key is not None:
+            self._forget_keys(now)
+            digest = fingerprint(events)
+            key = self._keys.get(idempotency_key)
             if key is not None and self._key_live(key, now):
+                if key.stream != stream or key.fingerprint != digest:
+                    raise IdempotencyKeyReused(idempotency_key)
                 ids = [format_id(key.epoch, key.first_seq + i) for i in range(key.count)]
                 return AppendResult(ids=ids, duplicate=True)
         if state is None:
@@ -126,10 +134,11 @@ class MemoryStore(Store):
         state.last_seq = appended[-1].seq
         self._enforce(state, now)
         if idempotency_key is not None:
-            state.keys[idempotency_key] = _Key(state.epoch, first_seq, len(appended), now)
-            state.keys.move_to_end(idempotency_key)
-            while len(state.keys) > self._max_keys:
-                state.keys.popitem(last=False)
+            keys = self._keys
+            keys[idempotency_key] = _Key(stream, state.epoch, first_seq, len(appended), now, digest)
+            keys.move_to_end(idempotency_key)
+            while len(keys) > self._max_keys:
+                keys.popitem(last=False)
         self._tell(Appended(appended))
         return AppendResult(ids=[e.id for e in appended], events=appended)
 
@@ -182,13 +191,14 @@ class MemoryStore(Store):
         dropped = 0
         for state in self._streams.values():
             dropped += self._expire(state, now)
-            self._forget_keys(state, now)
+        self._forget_keys(now)
         return dropped
 
     async def aclose(self) -> None:
         """Forget everything; later calls raise ``RuntimeError``."""
         self._closed = True
         self._streams.clear()
+        self._keys.clear()
         await trio.lowlevel.checkpoint()
 
     async def _enter(self) -> None:
@@ -217,11 +227,15 @@ class MemoryStore(Store):
             state.drop_oldest()
 
     def _key_live(self, key: _Key, now: float) -> bool:
+        """Within the window, and its stream not deleted since (a stream created again has a new epoch)."""
         window = self._retention.idempotency_window
-        return window <= 0 or now - key.ts < window
+        if window > 0 and now - key.ts >= window:
+            return False
+        state = self._streams.get(key.stream)
+        return state is not None and state.epoch == key.epoch
 
-    def _forget_keys(self, state: _Stream, now: float) -> None:
-        keys = state.keys
+    def _forget_keys(self, now: float) -> None:
+        keys = self._keys
         while keys and not self._key_live(next(iter(keys.values())), now):
             keys.popitem(last=False)
 

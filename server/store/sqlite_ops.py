@@ -20,10 +20,12 @@ from server.store.base import (
     Closed,
     Deleted,
     Head,
+    IdempotencyKeyReused,
     Notice,
     Page,
     Retention,
     StreamClosed,
+    fingerprint,
 )
 
 
@@ -127,21 +129,52 @@ def _row(r: Sequence[Any]) -> _Row:
     return _Row(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6])
 
 
-def _load_keyed(
-    conn: sqlite3.Connection, stream: str, key: str
-) -> tuple[_Row | None, tuple[str, int, int, float] | None]:
-    """The stream's row and its idempotency key's record ``(epoch, first_seq, count, ts)``, in one
-    statement."""
-    r = conn.execute(
+@dataclass(frozen=True, slots=True)
+class _KeyRecord:
+    """One ``idempotency`` row; ``fingerprint`` is ``None`` for a row written before schema 2."""
+
+    stream: str
+    epoch: str
+    first_seq: int
+    count: int
+    ts: float
+    fingerprint: bytes | None
+
+
+def _load_keyed(conn: sqlite3.Connection, stream: str, key: str) -> tuple[_Row | None, list[_KeyRecord]]:
+    """The stream's row and every record of the idempotency key ``key`` (on any stream), in one
+    statement (one record, but files written before keys were global may hold one per stream)."""
+    rows = conn.execute(
         "SELECT s.epoch, s.last_seq, s.first_seq, s.length, s.bytes, s.closed, s.last_ts,"
-        " k.epoch, k.first_seq, k.count, k.ts"
-        " FROM streams AS s LEFT JOIN idempotency AS k ON k.stream = s.name AND k.key = ?"
-        " WHERE s.name = ?",
-        (key, stream),
-    ).fetchone()
-    if r is None:
-        return None, None
-    return _row(r), (None if r[7] is None else (r[7], r[8], r[9], r[10]))
+        " k.stream, k.epoch, k.first_seq, k.count, k.ts, k.fingerprint"
+        " FROM (SELECT ? AS name, ? AS key) AS q"
+        " LEFT JOIN streams AS s ON s.name = q.name"
+        " LEFT JOIN idempotency AS k ON k.key = q.key",
+        (stream, key),
+    ).fetchall()
+    first = rows[0]
+    row = None if first[0] is None else _row(first)
+    records = [_KeyRecord(r[7], r[8], r[9], r[10], r[11], r[12]) for r in rows if r[7] is not None]
+    return row, records
+
+
+def _replay(
+    op: AppendOp, row: _Row | None, records: list[_KeyRecord], now: float, window: float
+) -> Outcome | None:
+    """The outcome of an append whose key has ``records``: the original ids for the same request,
+    :class:`IdempotencyKeyReused` for another one, or ``None`` when no record is live (append)."""
+    stream = op.stream
+    live = [k for k in records if _key_live(k.ts, now, window)]
+    # A record of this stream from an earlier epoch (the stream was dropped since) is dead.
+    own = [k for k in live if k.stream == stream and row is not None and k.epoch == row.epoch]
+    if own:
+        k = own[0]
+        if k.fingerprint is not None and k.fingerprint != fingerprint(op.events):
+            return Outcome(error=IdempotencyKeyReused(op.key))
+        return Outcome(AppendResult(ids=[format_id(k.epoch, k.first_seq + i) for i in range(k.count)], duplicate=True))
+    if any(k.stream != stream for k in live):
+        return Outcome(error=IdempotencyKeyReused(op.key))
+    return None
 
 
 def _save(conn: sqlite3.Connection, stream: str, row: _Row) -> None:
@@ -205,11 +238,10 @@ def _append(conn: sqlite3.Connection, op: AppendOp, now: float, retention: Reten
     if op.key is None:
         row = _load(conn, stream)
     else:
-        row, k = _load_keyed(conn, stream, op.key)
-        window = retention.idempotency_window
-        if row is not None and k is not None and k[0] == row.epoch and _key_live(k[3], now, window):
-            ids = [format_id(k[0], k[1] + i) for i in range(k[2])]
-            return Outcome(AppendResult(ids=ids, duplicate=True))
+        row, records = _load_keyed(conn, stream, op.key)
+        replay = _replay(op, row, records, now, retention.idempotency_window)
+        if replay is not None:
+            return replay
     if row is None:
         row = _Row(new_epoch(), last_ts=now)
     elif row.closed:
@@ -231,8 +263,9 @@ def _append(conn: sqlite3.Connection, op: AppendOp, now: float, retention: Reten
     _save(conn, stream, row)
     if op.key is not None:
         conn.execute(
-            "INSERT OR REPLACE INTO idempotency (stream, key, epoch, first_seq, count, ts) VALUES (?, ?, ?, ?, ?, ?)",
-            (stream, op.key, row.epoch, first_seq, len(events), now),
+            "INSERT OR REPLACE INTO idempotency (stream, key, epoch, first_seq, count, ts, fingerprint)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (stream, op.key, row.epoch, first_seq, len(events), now, fingerprint(op.events)),
         )
     return Outcome(AppendResult(ids=[e.id for e in events], events=events), notices=[Appended(events)])
 

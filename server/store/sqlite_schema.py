@@ -8,8 +8,13 @@ Layout (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
   stream and every trim removes a prefix (retained seqs stay contiguous).
 * ``events``: ``(stream, seq)`` keyed, ``WITHOUT ROWID`` so a stream's events are stored together
   in seq order; ``ts`` is indexed for the age sweep.
-* ``idempotency``: ``(stream, key)`` -> the ids it produced (``epoch``, ``first_seq``, ``count``);
-  ``ts`` is indexed so expired keys go in one range delete.
+* ``idempotency``: ``(stream, key)`` -> the ids it produced (``epoch``, ``first_seq``, ``count``)
+  and the request's ``fingerprint`` (:func:`server.store.base.fingerprint` of its events);
+  ``key`` is indexed, since keys are one namespace for every stream, and ``ts`` so expired keys
+  go in one range delete. A row written before version 2 has a ``NULL`` fingerprint: it matches
+  any events on its own stream (such rows age out within one idempotency window).
+
+Version 1 files are migrated in place (a column and an index are added); nothing is rewritten.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes the WAL file is truncated to after a checkpoint, so it cannot stay large forever."""
@@ -59,6 +64,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 CREATE INDEX IF NOT EXISTS idempotency_by_ts ON idempotency (ts);
 """
+
+_KEY_INDEX = "CREATE INDEX IF NOT EXISTS idempotency_by_key ON idempotency (key)"
 
 
 class SchemaError(RuntimeError):
@@ -133,4 +140,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         for statement in _DDL.split(";"):
             if statement.strip():
                 conn.execute(statement)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(idempotency)")}
+        if "fingerprint" not in columns:
+            conn.execute("ALTER TABLE idempotency ADD COLUMN fingerprint BLOB")
+        conn.execute(_KEY_INDEX)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

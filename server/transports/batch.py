@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from json.encoder import encode_basestring
 from typing import Any
 
 import msgpack
@@ -48,6 +49,33 @@ def _check_size(data: bytes, max_event_bytes: int) -> None:
         raise TooLarge("too_large", f"event data exceeds {max_event_bytes} bytes")
 
 
+JSON_MESSAGE_FACTOR = 4  # an event's sluice.json.v1 message is at most this many times max_event_bytes
+ENVELOPE_ALLOWANCE = 1024  # bytes of that message kept for its other fields (op, stream, id, type)
+WORST_ESCAPE = 6  # a control character is sent as \u00XX
+
+
+def json_data_limit(max_event_bytes: int) -> int:
+    """The longest JSON-escaped text data accepted: ``4 x max_event_bytes`` less the envelope
+    allowance (1 KiB, or ``max_event_bytes`` itself when smaller), so with ``max_event_bytes`` of
+    at least 1 KiB every event's ``sluice.json.v1`` message is at most ``4 x max_event_bytes``
+    bytes (binary data, base64 there, is 4/3 of its size and always fits)."""
+    return JSON_MESSAGE_FACTOR * max_event_bytes - min(ENVELOPE_ALLOWANCE, max_event_bytes)
+
+
+def check_encoded_size(event: NewEvent, max_event_bytes: int) -> None:
+    """Refuse (``too_large``) text whose JSON string form (quotes, backslashes and control
+    characters escaped) is longer than :func:`json_data_limit`: within ``max_event_bytes`` as
+    bytes, but too large once a text transport carries it."""
+    limit = json_data_limit(max_event_bytes)
+    data = event.data
+    if event.binary or len(data) * WORST_ESCAPE <= limit:
+        return
+    text = data.decode("utf-8", "replace")
+    escaped = len(data) + len(encode_basestring(text)) - 2 - len(text)  # each escape adds ASCII bytes
+    if escaped > limit:
+        raise TooLarge("too_large", f"event data exceeds {limit} bytes once escaped for JSON")
+
+
 def _utf8(data: bytes) -> None:
     try:
         data.decode("utf-8")
@@ -65,10 +93,14 @@ def single_event(body: bytes, content_type: str | None, event_type: str | None, 
             body.decode("utf-8")
         except UnicodeDecodeError:
             return NewEvent(etype, body, True)
-        return NewEvent(etype, body, False)
+        event = NewEvent(etype, body, False)
+        check_encoded_size(event, max_event_bytes)
+        return event
     if is_text_type(mtype):
         _utf8(body)
-        return NewEvent(etype, body, False)
+        event = NewEvent(etype, body, False)
+        check_encoded_size(event, max_event_bytes)
+        return event
     return NewEvent(etype, body, True)
 
 
@@ -101,6 +133,7 @@ def item_event(item: Any, max_event_bytes: int, *, where: str) -> NewEvent:
     else:
         event = NewEvent(etype, json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), False)
     _check_size(event.data, max_event_bytes)
+    check_encoded_size(event, max_event_bytes)
     return event
 
 

@@ -16,7 +16,7 @@ from server.transports.guard import Guard
 class Settings:
     """Transport-level limits and timings (filled from the validated Config by ``server.app``)."""
 
-    max_event_bytes: int = 1024 * 1024
+    max_event_bytes: int = 256 * 1024
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_events: int = 1000
     retry_ms: int = 2000

@@ -14,7 +14,7 @@ import trio
 from server.core.encoding import EncodedEvent
 from server.core.replay import Reset
 from server.http.base import Exchange, HTTPError
-from server.transports.context import Context, send_json
+from server.transports.context import JSON_HEADERS, Context, send_json
 from server.transports.guard import Access
 from server.transports.sse import start_of
 
@@ -121,3 +121,13 @@ async def handle_poll(ex: Exchange, ctx: Context, stream: str, access: Access) -
             "end": sink.end_seen,
         },
     )
+
+
+async def handle_poll_head(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
+    """``HEAD`` on a long-poll: GET's checks (a bad start position or ``timeout`` is 400) and GET's
+    status and content type, at once: nothing is subscribed or waited for, and since the body GET
+    would send is not known yet, there is no ``content-length``."""
+    start_of(ex)
+    _timeout(ex, ctx)
+    resp = await ex.open_stream(200, JSON_HEADERS)
+    await resp.finish()

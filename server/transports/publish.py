@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from server.core.events import InvalidInput, NewEvent
 from server.http.base import Exchange, HTTPError
-from server.store.base import StreamClosed
+from server.store.base import IdempotencyKeyReused, StreamClosed
 from server.transports.batch import (
     MSGPACK_TYPES,
     NDJSON,
@@ -35,11 +35,16 @@ def _idempotency_key(ex: Exchange) -> str | None:
 
 
 async def append(ctx: Context, stream: str, events: list[NewEvent], key: str | None) -> list[str]:
-    """Append and return the ids; a closed stream is 409."""
+    """Append and return the ids; a closed stream is 409, an idempotency key already used for a
+    different request (another stream, type, encoding or data) is 422 ``idempotency_key_reused``."""
     try:
         result = await ctx.store.append(stream, events, idempotency_key=key)
     except StreamClosed:
         raise HTTPError(409, "closed", f"stream {stream!r} is closed") from None
+    except IdempotencyKeyReused:
+        raise HTTPError(
+            422, "idempotency_key_reused", "this Idempotency-Key was already used for a different request"
+        ) from None
     return result.ids
 
 

@@ -2,6 +2,11 @@
 
 With a :class:`~server.transports.guard.Guard` configured (auth, rate rules or CORS), every
 request under ``/v1/`` goes through it; ``/healthz``, ``/readyz`` and ``/metrics`` stay open.
+
+``HEAD`` is answered wherever ``GET`` is (RFC 9110 9.3.2), with GET's status and headers and no
+body (the engine drops it, keeping GET's ``content-length``). Where GET's work is long-lived, HEAD
+has its own handler that only validates and answers the head: an SSE HEAD never subscribes, a
+long-poll HEAD never waits (and has no ``content-length``: the body is not known yet).
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from server.edge.limits import Route
 from server.http.base import Exchange, Handler, HTTPError
 from server.transports.context import Context, send_json
 from server.transports.guard import OPEN, Access, Target
-from server.transports.longpoll import handle_poll
+from server.transports.longpoll import handle_poll, handle_poll_head
 from server.transports.publish import handle_close, handle_delete, handle_info, handle_publish
-from server.transports.sse import handle_sse
+from server.transports.sse import handle_sse, handle_sse_head
 from server.transports.websocket import handle_ws
 
 StreamHandler = Callable[[Exchange, Context, str, Access], Awaitable[None]]
@@ -31,13 +36,15 @@ STREAM_RULE = "stream names are 1-200 chars of [A-Za-z0-9._~:@-], no empty segme
 _STREAM_ROUTES: dict[str, dict[str, Endpoint]] = {
     "": {
         "GET": (handle_sse, "subscribe", "subscribe"),
+        "HEAD": (handle_sse_head, "subscribe", "subscribe"),
         "POST": (handle_publish, "publish", "publish"),
         "DELETE": (handle_delete, "publish", None),
     },
     "/close": {"POST": (handle_close, "publish", None)},
-    "/info": {"GET": (handle_info, "subscribe", None)},
-    "/poll": {"GET": (handle_poll, "subscribe", "subscribe")},
+    "/info": {"GET": (handle_info, "subscribe", None), "HEAD": (handle_info, "subscribe", None)},
+    "/poll": {"GET": (handle_poll, "subscribe", "subscribe"), "HEAD": (handle_poll_head, "subscribe", "subscribe")},
 }
+GET_OR_HEAD = ("GET", "HEAD")
 
 
 def _not_allowed(allowed: list[str]) -> HTTPError:
@@ -75,8 +82,8 @@ def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Ha
             (handler, action, rate), stream = _stream_endpoint(req.path, req.method)
             return Target(partial(_call_stream, handler, ctx, stream), action, stream, rate)
         if req.path == "/v1/ws":
-            if req.method != "GET":
-                raise _not_allowed(["GET"])
+            if req.method not in GET_OR_HEAD:  # HEAD: what GET without an upgrade gets (400)
+                raise _not_allowed(list(GET_OR_HEAD))
             return Target(ws_call, None, None, None, websocket=True)
         raise HTTPError(404, "not_found", "no such endpoint")
 
@@ -88,18 +95,18 @@ def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Ha
             guard = ctx.guard
             return resolve(ex).call(ex, OPEN) if guard is None else guard.serve(ex, partial(resolve, ex))
         if path == "/healthz":
-            if method != "GET":
-                raise _not_allowed(["GET"])
+            if method not in GET_OR_HEAD:
+                raise _not_allowed(list(GET_OR_HEAD))
             return send_json(ex, 200, {"status": "ok", "pid": os.getpid()})  # pid: which worker answered
         if path == "/readyz":
-            if method != "GET":
-                raise _not_allowed(["GET"])
+            if method not in GET_OR_HEAD:
+                raise _not_allowed(list(GET_OR_HEAD))
             if ctx.draining:
                 return send_json(ex, 503, {"status": "draining"})
             return send_json(ex, 200, {"status": "ready"})
         if path == "/metrics" and metrics is not None:
-            if method != "GET":
-                raise _not_allowed(["GET"])
+            if method not in GET_OR_HEAD:
+                raise _not_allowed(list(GET_OR_HEAD))
             return ex.respond(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], metrics())
         raise HTTPError(404, "not_found", "no such endpoint")
 

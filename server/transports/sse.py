@@ -57,6 +57,10 @@ class SSESink:
         """Write a heartbeat comment."""
         return self._resp.send(_HEARTBEAT)
 
+    def fell_behind(self) -> bool:
+        """The response was cut for falling behind (not the client leaving)."""
+        return self._resp.fell_behind()
+
     async def drain(self) -> None:
         """Wait for the connection's buffer to go down."""
         await self._resp.drain()
@@ -148,6 +152,18 @@ async def handle_sse(ex: Exchange, ctx: Context, stream: str, access: Access) ->
         block = wind_down_block(sub.position, settings.retry_value())
         resp.send(block if gz is None else gz.data(block) + gz.trailer())
         await resp.finish()
+
+
+async def handle_sse_head(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
+    """``HEAD`` on an SSE stream: GET's checks (406, a bad start position's 400) and GET's response
+    head (gzip included when GET would compress), then the response ends; nothing is subscribed
+    and the connection is not held."""
+    if not wants_sse(ex.request.headers.get("accept")):
+        raise HTTPError(406, "not_acceptable", "this endpoint serves text/event-stream")
+    start_of(ex)
+    gzip = ctx.settings.sse_gzip and wants_gzip(ex)
+    resp = await ex.open_stream(200, GZIP_HEADERS if gzip else SSE_HEADERS)
+    await resp.finish()
 
 
 def wants_gzip(ex: Exchange) -> bool:

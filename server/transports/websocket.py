@@ -8,6 +8,14 @@ one transaction and one fsync): each is still its own append with its own ack or
 Client mistakes get ``{"op": "error", "ref"?, "code", "message"}`` and the socket stays open;
 a frame of the wrong kind for the subprotocol closes it with 1003.
 
+A ``subscribe`` is answered at once (once its start is fixed, before any of its output) with
+``{"op": "subscribed", "stream", "from", "ref"?}``: ``from`` is the id the subscription starts
+after (the ``last_event_id`` sent; for ``from: "now"`` the stream's last id; ``null`` for
+``from: "start"`` or a stream with no events yet). Then come any ``reset`` and replayed events,
+then ``{"op": "live", "stream"}`` once the subscription is live (sent also when there was
+nothing to replay; not sent when the stream is closed and ends during the replay), then live
+events. A client that leaves ends its subscriptions quietly (counted, never an error).
+
 With a guard, the upgrade was checked already (origin, token); each ``subscribe`` and
 ``publish`` op is authorised and rate limited on its own (a refusal is an ``error`` op with code
 ``unauthorized``, ``forbidden``, ``rate_limited`` or ``too_large``; the socket stays open), and
@@ -27,6 +35,7 @@ import trio
 from server.core.encoding import EncodedEvent, EventBatch, ws_end, ws_message, ws_reset
 from server.core.events import InvalidInput, NewEvent, check_stream
 from server.core.replay import Reset, Start, parse_start
+from server.core.subscription import Subscription
 from server.edge.auth import Action
 from server.edge.limits import retry_after
 from server.http.base import Exchange, HTTPError, WebSocket, WebSocketClosed
@@ -84,6 +93,14 @@ class WSSink:
     def idle(self) -> bool:
         """The engine pings idle sockets; nothing to do per subscription."""
         return True
+
+    def went_live(self) -> None:
+        """Send ``{"op": "live", "stream"}``: any replay is done, what follows is live."""
+        self._ws.send_frame(ws_message({"op": "live", "stream": self._stream}, self._fmt))
+
+    def fell_behind(self) -> bool:
+        """The socket was cut for falling behind (not the client leaving)."""
+        return self._ws.fell_behind()
 
     async def drain(self) -> None:
         """Wait for the socket's buffer to go down."""
@@ -171,11 +188,18 @@ class _Session:
         self.admit("subscribe", stream)
         scope = trio.CancelScope()
         self.subs[stream] = scope
-        self.nursery.start_soon(self.run_subscription, stream, start, scope)
+        self.nursery.start_soon(self.run_subscription, stream, start, scope, msg.get("ref"))
 
-    async def run_subscription(self, stream: str, start: Start, scope: trio.CancelScope) -> None:
+    async def run_subscription(self, stream: str, start: Start, scope: trio.CancelScope, ref: object) -> None:
+        """Register and plan, answer ``subscribed``, then run the subscription until it ends, is
+        unsubscribed or the socket goes (a send to a peer that has left ends it quietly)."""
         with scope:
-            await self.ctx.hub.subscribe(stream, start, WSSink(self.ws, stream, self.fmt))
+            async with self.ctx.hub.open_subscription(stream, start) as sub:
+                reply: dict[str, Any] = {"op": "subscribed", "stream": stream, "from": _starts_after(start, sub)}
+                if ref is not None:
+                    reply["ref"] = ref
+                self.send(reply)
+                await sub.run(WSSink(self.ws, stream, self.fmt))
         if self.subs.get(stream) is scope:
             del self.subs[stream]
 
@@ -225,6 +249,14 @@ class _Session:
                 return group, message
             group.append(msg)
         return group, None
+
+
+def _starts_after(start: Start, sub: Subscription) -> str | None:
+    """The ``from`` of a ``subscribed`` reply: the id sent, the stream's last id for ``now``
+    (fixed by the subscription's plan), ``None`` for ``start``."""
+    if start.kind == "now":
+        return sub.position
+    return start.requested
 
 
 def _rate_refusal(wait: float) -> tuple[str, str]:
