@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from server.config import Config, ConfigError
@@ -127,17 +127,27 @@ def describe(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-def open_sockets(config: Config, slots: int, environ: Mapping[str, str]) -> tuple[list[list[socket.socket]], bool]:
+def open_sockets(
+    config: Config,
+    slots: int,
+    environ: Mapping[str, str],
+    *,
+    before_bind: Callable[[str, int], None] | None = None,
+) -> tuple[list[list[socket.socket]], bool]:
     """The sockets of each slot, and whether the supervisor bound them (``False``: systemd's).
 
-    Raises :class:`ConfigError` when the configured address cannot be bound and
-    :class:`SocketActivationError` when systemd's sockets are unusable."""
+    ``before_bind(host, port)`` runs just before the configured address is bound (not with
+    systemd's sockets); what it raises propagates. Raises :class:`ConfigError` when the
+    configured address cannot be bound and :class:`SocketActivationError` when systemd's
+    sockets are unusable."""
     activated = activated_sockets(environ)
     if activated:
         names = ", ".join(f"{describe(a.sock)}{f' ({a.name})' if a.name else ''}" for a in activated)
         log.info("using %d socket(s) from systemd: %s", len(activated), names)
         return spread([a.sock for a in activated], slots), False
     host, port = config.server.host, config.server.port
+    if before_bind is not None:
+        before_bind(host, port)
     try:
         sockets = bind_slot_sockets(host, port, slots)
     except OSError as exc:

@@ -2,8 +2,9 @@
 
 ``sluice serve`` runs :func:`run_supervisor`, also for one worker. The supervisor:
 
-* binds one SO_REUSEPORT listening socket per worker slot (or takes systemd's sockets) and
-  never accepts on them itself: it holds no client connection;
+* refuses to start on an address or store file another live Sluice uses
+  (:mod:`server.process.instance`), then binds one SO_REUSEPORT listening socket per worker slot
+  (or takes systemd's sockets) and never accepts on them itself: it holds no client connection;
 * starts one worker process per slot (``python -m server.process.worker``, a fresh interpreter)
   that inherits its slot's socket, and tells systemd ``READY=1`` once every slot's worker has
   reported READY;
@@ -38,9 +39,10 @@ from server.config import Config, ConfigError
 from server.config_check import check_tls
 from server.process import sdnotify
 from server.process.backoff import DEFAULT_POLICY, CrashPolicy, SlotBackoff
+from server.process.instance import InstanceConflict, InstanceLocks, claim
 from server.process.signals import hold_signals
 from server.process.slots import Slot, WorkerProcess, describe_exit, resolve_workers
-from server.process.sockets import ACTIVATION_VARS, SocketActivationError, bind_slot_sockets, describe, open_sockets
+from server.process.sockets import ACTIVATION_VARS, SocketActivationError, bind_slot_sockets, describe
 from server.process.worker import CONFIG_ENV, READY_MESSAGE, config_from_env, config_to_env, drain_timing
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,10 @@ class Supervisor:
         environ: Mapping[str, str] | None = None,
         policy: CrashPolicy = DEFAULT_POLICY,
         held_signals: list[int] | None = None,
+        locks: InstanceLocks | None = None,
     ) -> None:
         self.config = config
+        self._locks = InstanceLocks() if locks is None else locks  # released when run() returns
         self._held = [] if held_signals is None else held_signals
         self.config_source = config_source
         self.environ: dict[str, str] = dict(os.environ if environ is None else environ)
@@ -103,6 +107,7 @@ class Supervisor:
                     # trio would deliver those again to the default handlers on exit)
                     nursery.start_soon(sdnotify.serve_watchdog, self.environ)
                     nursery.start_soon(self._receive_signals, signals)
+                    nursery.start_soon(self._locks.answer_probes)
                     async with trio.open_nursery() as control:
                         self._control = control
                         control.start_soon(self._reloader)
@@ -188,6 +193,7 @@ class Supervisor:
                     sock.close()
         if self._own_runtime_dir:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
+        self._locks.close()
 
     def _make_runtime_dir(self) -> tuple[str, bool]:
         given = self.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
@@ -350,12 +356,20 @@ class Supervisor:
 
     async def _reload(self) -> None:
         self._notify(f"RELOADING=1\nMONOTONIC_USEC={sdnotify.monotonic_usec()}\nSTATUS=reloading")
-        config, problem = self.config, None
+        config = self.config
+        problem: Exception | None = None
         try:
             config = self._settle(self.config_source())
             check_tls(config)
         except ConfigError as exc:
             problem = exc
+        if problem is None:
+            try:  # a new store file is ours alone, as the first one
+                self._locks.lock_store(config)
+            except InstanceConflict as exc:
+                config, problem = self.config, exc
+            except ConfigError:
+                pass  # an unusable path: the new worker reports it, and the reload stops there
         if problem is not None:
             log.error("reload: %s; keeping the previous configuration", problem)
         else:
@@ -377,6 +391,7 @@ class Supervisor:
                 break
         if not stopped:
             self.config = config
+            self._locks.release_stores_except(config)  # no worker uses an earlier file any more
             log.info("reload complete")
         status = self._status()
         if failed:
@@ -494,10 +509,14 @@ def run_supervisor(config: Config, config_source: ConfigSource) -> int:
     slots = resolve_workers(config)
     config = dataclasses.replace(config, server=dataclasses.replace(config.server, workers=slots))
     check_tls(config)
+    locks = InstanceLocks()
     try:
-        sockets, owned = open_sockets(config, slots, os.environ)
+        sockets, owned = claim(config, slots, locks, os.environ)
     except SocketActivationError as exc:
         print(f"sluice: socket activation: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    supervisor = Supervisor(config, config_source, sockets=sockets, owned=owned, held_signals=held)
+    except InstanceConflict as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    supervisor = Supervisor(config, config_source, sockets=sockets, owned=owned, held_signals=held, locks=locks)
     return trio.run(supervisor.run)
