@@ -200,10 +200,13 @@ async def read_until_eof(sock: trio.socket.SocketType, limit: int = 10_000_000) 
     return b"".join(chunks)
 
 
-async def read_response(sock: trio.socket.SocketType, buf: bytearray) -> tuple[int, dict[str, str], bytes]:
+async def read_response(
+    sock: trio.socket.SocketType, buf: bytearray, *, head_only: bool = False
+) -> tuple[int, dict[str, str], bytes]:
     """Read one HTTP/1.1 response with content-length or chunked framing from ``sock``.
 
-    ``buf`` carries bytes read past this response over to the next call."""
+    ``buf`` carries bytes read past this response over to the next call. ``head_only``: the
+    answer to a ``HEAD``, whose framing headers describe GET's body: only the head is read."""
     while b"\r\n\r\n" not in buf:
         data = await sock.recv(65536)
         assert data, f"EOF before the response head: {bytes(buf)!r}"
@@ -217,6 +220,8 @@ async def read_response(sock: trio.socket.SocketType, buf: bytearray) -> tuple[i
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    if head_only:
+        return status, headers, b""
     if "content-length" in headers:
         length = int(headers["content-length"])
         while len(buf) < length:

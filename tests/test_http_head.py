@@ -98,7 +98,7 @@ async def test_http11_keep_alive_after_head(sluice: Running) -> None:
             buf = bytearray()
             for path in ("/healthz", "/v1/streams/ka", "/v1/streams/ka/poll?timeout=60", "/v1/streams/ka/info"):
                 await sock.send(f"HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-                status, headers, body = await _read_head_response(sock, buf)
+                status, headers, body = await read_response(sock, buf, head_only=True)
                 assert (status, body) == (200, b""), path
                 assert headers.get("connection") != "close", path
             await sock.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -106,22 +106,6 @@ async def test_http11_keep_alive_after_head(sluice: Running) -> None:
             assert status == 200
             assert json.loads(body)["status"] == "ok"
             assert not buf
-
-
-async def _read_head_response(sock: trio.socket.SocketType, buf: bytearray) -> tuple[int, dict[str, str], bytes]:
-    """One response to a HEAD: the head only (its framing headers describe GET's body)."""
-    while b"\r\n\r\n" not in buf:
-        data = await sock.recv(65536)
-        assert data, bytes(buf)
-        buf += data
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    buf[:] = rest
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, b""
 
 
 async def test_other_methods_still_405_with_head_in_allow(sluice: Running) -> None:

@@ -93,15 +93,13 @@ def single_event(body: bytes, content_type: str | None, event_type: str | None, 
             body.decode("utf-8")
         except UnicodeDecodeError:
             return NewEvent(etype, body, True)
-        event = NewEvent(etype, body, False)
-        check_encoded_size(event, max_event_bytes)
-        return event
-    if is_text_type(mtype):
+    elif is_text_type(mtype):
         _utf8(body)
-        event = NewEvent(etype, body, False)
-        check_encoded_size(event, max_event_bytes)
-        return event
-    return NewEvent(etype, body, True)
+    else:
+        return NewEvent(etype, body, True)
+    event = NewEvent(etype, body, False)
+    check_encoded_size(event, max_event_bytes)
+    return event
 
 
 def item_event(item: Any, max_event_bytes: int, *, where: str) -> NewEvent:
