@@ -204,6 +204,7 @@ async def _serve(
             replay_buffer=config.hub.replay_buffer,
             replay_buffer_total=config.hub.replay_buffer_total,
             replay_buffer_bytes=config.hub.replay_buffer_bytes,
+            reorder_window=config.hub.reorder_window,
         )
         store.set_listener(hub.on_notice)
         async with _open_bus(config, peers_dir, hub, store) as bus, trio.open_nursery() as nursery:

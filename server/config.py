@@ -135,6 +135,7 @@ class HubConfig:
 
     replay_page: int = 500
     coalesce: float = 0.02
+    reorder_window: float = 0.05
     replay_buffer: int = 1000
     replay_buffer_total: int = 50_000
     replay_buffer_bytes: int = 64 * 1024 * 1024

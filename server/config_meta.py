@@ -152,6 +152,11 @@ META: dict[str, Meta] = {
         "several per write (0: each at once)",
         NON_NEGATIVE_SECONDS,
     ),
+    "hub.reorder_window": Meta(
+        "Seconds a commit notice that arrives ahead of an earlier one is held for it, before the missing"
+        " events are read from the store once for all subscribers (0: never held)",
+        NON_NEGATIVE_SECONDS,
+    ),
     "bus.max_datagram": Meta(
         "Largest notice datagram in bytes sent to the other workers; larger events go as a hint to read the store",
         Rule("an integer in 1024..4194304", lambda v: 1024 <= v <= 4 * 1024 * 1024),

@@ -9,9 +9,9 @@ sends the heartbeats of every subscription that asked for them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -19,20 +19,22 @@ from typing import NoReturn
 import trio
 
 from server.core.encoding import EncodedEvent, EventBatch
+from server.core.events import Event
+from server.core.heartbeats import BEAT_SLACK, HeartbeatTicker
 from server.core.replay import Start
+from server.core.sequencer import Gap, Sequencer
 from server.core.subscription import Sink, Subscription, Watcher
 from server.core.tail import Tail, Tails
 from server.observability.stats import HubStats
 from server.store.base import Appended, Closed, Deleted, Notice, Store
 
-__all__ = ["Hub", "Sink", "Subscription", "Watcher", "heartbeat_or_none"]
+__all__ = ["BEAT_SLACK", "Hub", "Sink", "Subscription", "Watcher", "heartbeat_or_none"]
+
+log = logging.getLogger(__name__)
 
 FANOUT_SLICE = 0.001  # seconds of fan-out after which the fan-out task lets other tasks run
 MAX_QUEUED = 100_000  # events queued for the fan-out task past which they are fanned out at once
-# Heartbeat checks due within this many seconds (at most a quarter of the interval) are made
-# together, early: one wake-up of the ticker serves every subscription that connected in that
-# window, instead of one per subscription. A heartbeat is never later than its interval.
-BEAT_SLACK = 0.5
+GAP_READ_TIMEOUT = 5.0  # seconds one store read for a gap in the notices may take before it is given up
 
 
 class _Nudge:
@@ -67,12 +69,15 @@ class Hub:
         replay_buffer: int = 0,
         replay_buffer_total: int = 0,
         replay_buffer_bytes: int = 64 * 1024 * 1024,
+        reorder_window: float = 0.0,
         stats: HubStats | None = None,
     ) -> None:
         """``coalesce``: least seconds between two fan-out passes of one stream (see :meth:`run`).
         ``replay_buffer`` / ``replay_buffer_total`` / ``replay_buffer_bytes``: the replay buffer in
         memory (:attr:`tails`): events kept per watched stream, events and bytes for all of them
-        (0: none; every catch-up reads the store)."""
+        (0: none; every catch-up reads the store). ``reorder_window``: seconds a notice that leaves
+        a gap is held for the missing ones while :meth:`run` runs, before the gap is read from the
+        store once for every subscriber (see :mod:`server.core.sequencer`; 0: never held)."""
         if replay_page < 1:
             raise ValueError("replay_page must be >= 1")
         if coalesce < 0:
@@ -86,16 +91,16 @@ class Hub:
         self._watchers: dict[str, dict[Watcher, None]] = {}
         # The newest (epoch, last_seq, closed) every watcher of a stream has been told of.
         self._heads: dict[str, tuple[str, int, bool]] = {}
-        # Heartbeats: per interval, subscriptions in the order of their next check (FIFO, as every
-        # entry of one queue is due ``interval`` after it was queued).
-        self._beats: dict[float, deque[tuple[float, Subscription]]] = {}
-        self._beat_scope: trio.CancelScope | None = None  # the ticker's sleep, while it sleeps
+        self._ticker = HeartbeatTicker()
         # Fan-out: notices queued per stream for the fan-out task while run() runs.
         self._fanning = False
         self._queued: dict[str, list[list[EncodedEvent] | Closed]] = {}
         self._queued_size = 0  # events (and closes) queued
         self._fanout_parked: trio.lowlevel.Task | None = None
         self._recent: dict[str, float] = {}  # streams fanned out less than ``coalesce`` ago: when
+        # Ordering of notices per stream (a late notice of one worker behind another's later one).
+        self._order = Sequencer(reorder_window)
+        self._gap_scope: trio.CancelScope | None = None  # the gap reader's sleep, while it sleeps
 
     def add(self, stream: str, watcher: Watcher) -> None:
         """Register ``watcher`` for ``stream`` (synchronous; no await before the caller reads)."""
@@ -112,6 +117,7 @@ class Hub:
                 del self._watchers[stream]
                 self._heads.pop(stream, None)
                 self._drop_tail(stream)
+                self._order.forget(stream)
 
     def watcher_count(self, stream: str) -> int:
         """How many watchers ``stream`` has on this worker."""
@@ -140,16 +146,19 @@ class Hub:
             stream = events[0].stream
             if stream not in self._watchers:
                 return
-            last = events[-1]
-            self._newer(stream, (last.epoch, last.seq, False))
-            encs = [EncodedEvent(e) for e in events]
-            tails = self.tails
-            tails.extend(stream, encs)
-            self.stats.replay_buffered = tails.size
-            if self._defer(stream, encs, len(encs)):
+            if not self._fanning:
+                self._pass_on(stream, events)
                 return
-            self._fan_out(stream, EventBatch(encs))
+            order = self._order
+            runs = order.accept(events, trio.current_time())
+            if not runs:
+                self.stats.reordered += 1
+                self._gap_opened()
+            for run in runs:
+                self._pass_on(stream, run)
         elif isinstance(notice, Closed):
+            if self._order.holding(notice.stream):
+                self._give_up(notice.stream)  # what was held goes first, then the close
             self._drop_tail(notice.stream)
             if notice.stream not in self._watchers:
                 return
@@ -158,8 +167,67 @@ class Hub:
                 self._close(notice)
         elif isinstance(notice, Deleted):
             # The next event has a new epoch; subscriptions reset when it arrives.
+            for run in self._order.forget(notice.stream):
+                self._pass_on(notice.stream, run)
             self._heads.pop(notice.stream, None)
             self._drop_tail(notice.stream)
+
+    def _pass_on(self, stream: str, events: list[Event] | tuple[Event, ...]) -> None:
+        """Fan out (or queue for the fan-out task) events of ``stream`` in order, and keep them in
+        the replay buffer."""
+        last = events[-1]
+        self._newer(stream, (last.epoch, last.seq, False))
+        encs = [EncodedEvent(e) for e in events]
+        tails = self.tails
+        tails.extend(stream, encs)
+        self.stats.replay_buffered = tails.size
+        if self._defer(stream, encs, len(encs)):
+            return
+        self._fan_out(stream, EventBatch(encs))
+
+    def _give_up(self, stream: str) -> None:
+        runs = self._order.give_up(stream)
+        if runs:
+            self.stats.gaps_given_up += 1
+        for run in runs:
+            self._pass_on(stream, run)
+
+    # -- gaps in the notices -------------------------------------------------------------------
+
+    def _gap_opened(self) -> None:
+        scope = self._gap_scope
+        if scope is not None:
+            scope.deadline = min(scope.deadline, self._order.next_deadline)
+
+    async def _gap_reader(self) -> NoReturn:
+        """Read the gaps that stayed open for ``reorder_window`` from the store, one read per gap
+        for all of the stream's subscribers; a gap the store cannot fill is passed on as it is."""
+        order = self._order
+        try:
+            while True:
+                with trio.CancelScope(deadline=order.next_deadline) as scope:
+                    self._gap_scope = scope
+                    await trio.sleep_forever()
+                self._gap_scope = None
+                for gap in order.due(trio.current_time()):
+                    await self._read_gap(gap)
+        finally:
+            self._gap_scope = None
+
+    async def _read_gap(self, gap: Gap) -> None:
+        events: list[Event] = []
+        self.stats.gap_reads += 1
+        with trio.move_on_after(GAP_READ_TIMEOUT):
+            try:
+                page = await self.store.read(gap.stream, gap.after_seq, gap.before_seq - gap.after_seq - 1)
+                events = page.events
+            except Exception as exc:  # the store is the source of truth; each subscription asks it again
+                log.warning("reading a gap in the notices of %r failed: %s", gap.stream, exc)
+        runs, filled = self._order.fill(gap, events, trio.current_time())
+        if not filled:
+            self.stats.gaps_given_up += 1
+        for run in runs:
+            self._pass_on(gap.stream, run)
 
     def _drop_tail(self, stream: str) -> None:
         self.tails.drop(stream)
@@ -373,14 +441,7 @@ class Hub:
 
     def watch_heartbeat(self, sub: Subscription, interval: float) -> None:
         """Check ``sub`` every ``interval`` seconds (see :meth:`Subscription.beat`) from now on."""
-        due = trio.current_time() + interval
-        queue = self._beats.get(interval)
-        if queue is None:
-            queue = self._beats[interval] = deque()
-        queue.append((due, sub))
-        scope = self._beat_scope
-        if scope is not None and due < scope.deadline:
-            scope.deadline = due
+        self._ticker.watch(sub, interval)
 
     async def run(self) -> NoReturn:
         """The hub's tasks (one per worker; cancel to stop): the fan-out of queued notices (see
@@ -394,35 +455,16 @@ class Hub:
         ``coalesce`` is never held."""
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeats)
+                nursery.start_soon(self._ticker.run)
+                nursery.start_soon(self._gap_reader)
                 self._fanning = True
                 await self._fanout_loop()
         finally:
             self._fanning = False
+            for stream in list(self._watchers):
+                if self._order.holding(stream):
+                    self._give_up(stream)
             self._flush_queued()
-
-    async def _heartbeats(self) -> NoReturn:
-        beats = self._beats
-        try:
-            while True:
-                now = trio.current_time()
-                wake = math.inf
-                for interval, queue in list(beats.items()):
-                    due_by = now + min(BEAT_SLACK, interval / 4)
-                    while queue and queue[0][0] <= due_by:
-                        sub = queue.popleft()[1]
-                        if sub.beat():
-                            queue.append((now + interval, sub))
-                    if queue:
-                        wake = min(wake, queue[0][0])
-                    else:
-                        del beats[interval]
-                with trio.CancelScope(deadline=wake) as scope:
-                    self._beat_scope = scope
-                    await trio.sleep_forever()
-                self._beat_scope = None
-        finally:
-            self._beat_scope = None
 
     async def subscribe(self, stream: str, start: Start, sink: Sink, *, heartbeat: float | None = None) -> Subscription:
         """Open a subscription and run it to completion (end of stream or dead connection)."""

@@ -21,6 +21,9 @@ class HubStats:
     subscriptions_total: int = 0
     dropped: int = 0  # subscriptions ended because their connection was cut for falling behind (slow consumer)
     subscriptions_gone: int = 0  # subscriptions ended because their client left (closed or reset the connection)
+    reordered: int = 0  # notices held behind a gap until the missing ones came (or were read)
+    gap_reads: int = 0  # gaps read from the store once for all of a stream's subscribers
+    gaps_given_up: int = 0  # gaps the store could not fill: passed on as they were
     resets: dict[str, int] = field(default_factory=lambda: {"gone": 0, "epoch": 0, "invalid": 0})
 
     def as_dict(self) -> dict[str, object]:
