@@ -91,6 +91,12 @@ class H1Driver:
         self.conn.on_close_request(self._close_requested)
         if self.conn.close_requested:
             self.closing = True
+        try:
+            await self._serve()
+        finally:
+            self.parser.close()  # llhttp refers back to the parser: no cycle outlives the connection
+
+    async def _serve(self) -> None:
         first = True
         while first or not self.closing:
             ex = self._exchange(await self._read_head(first))

@@ -21,8 +21,6 @@ parsed: an idle streaming response keeps no parser, only the bytes pipelined beh
 
 from __future__ import annotations
 
-from collections import deque
-
 import httptools
 
 from server.http.base import HttpLimits
@@ -112,7 +110,7 @@ class H1Parser:
         self._events = 0  # body and chunk callbacks so far
         self._quiet = 0  # body-state bytes parsed since the last body or chunk callback
         self._synthetic = False  # parsing a made-up head that only frames the body after an upgrade
-        self.queue: deque[Message] = deque()  # parsed heads not yet taken by the driver
+        self.queue: list[Message] = []  # parsed heads not yet taken by the driver (a slice's worth at most)
         self.error: tuple[int, str, str] | None = None
         self.upgraded = False  # parsing stopped after an upgrade request; the rest is raw input
         self.eof = False
@@ -141,7 +139,7 @@ class H1Parser:
         more input is needed or parsing has stopped (see :attr:`error`)."""
         while not self.queue and self._pending and not self.stopped:
             self._step()
-        return self.queue.popleft() if self.queue else None
+        return self.queue.pop(0) if self.queue else None
 
     def pull_body(self, msg: Message) -> None:
         """Parse held input until ``msg`` is complete or failed, or the input is used up."""
@@ -160,10 +158,19 @@ class H1Parser:
         self._parser = None
         self._state = _IDLE
 
+    def close(self) -> None:
+        """Forget the llhttp object (it refers back to this parser) and what was parsed."""
+        self._parser = None
+        self._msg = self._last = None
+        self.queue.clear()
+
     def rest(self) -> None:
         """Drop the llhttp object if nothing is half parsed (it is made again when needed)."""
         if self._state == _IDLE and not self._synthetic:
             self._parser = None
+            self._last = None
+            self._url = b""
+            self._headers = []
 
     # -- parsing --------------------------------------------------------------------------------
 
