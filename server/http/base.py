@@ -1,6 +1,6 @@
 """The neutral request/response interface transports are written against.
 
-The engine (HTTP/1.1 via h11, HTTP/2 via h2, WebSocket via wsproto) implements these protocols,
+The engine (HTTP/1.1 via llhttp, HTTP/2 via h2, WebSocket via wsproto) implements these protocols,
 so SSE over HTTP/1.1 and over HTTP/2 is one piece of transport code.
 
 Threading model: everything runs on the worker's trio thread. ``send``/``send_frame`` are

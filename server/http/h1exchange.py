@@ -1,18 +1,17 @@
 """One HTTP/1.1 request as handlers see it: the Exchange, its request body and its response.
 
-The body is read by the handler's own task through the connection's h11 state (the reader task
-waits meanwhile). Streaming responses bypass h11 for body bytes: a shared frame's ``chunked``
-form goes straight into the outbox (h11 does not count chunk bytes, so its ``EndOfMessage`` still
-ends the body correctly).
+The body is read by the handler's own task through the connection's parser (the body parsed so
+far is in the request's :class:`~server.http.h1parse.Message`). Responses are written by hand
+(:mod:`server.http.h1wire`): a complete one with ``content-length``, a stream chunked for
+HTTP/1.1 clients (a shared frame's ``chunked`` form goes straight into the outbox) and
+close-delimited for HTTP/1.0 ones.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import h11
 import trio
 
 from server.core.frame import Frame
@@ -23,9 +22,10 @@ from server.http.common import (
     encode_headers,
     header_dict,
     json_error,
-    reason_phrase,
     split_target,
 )
+from server.http.h1parse import Message
+from server.http.h1wire import CONTINUE, LAST_CHUNK, head_bytes, wants_close
 from server.http.ws import WsSession, accept_headers, negotiate_extensions
 
 if TYPE_CHECKING:
@@ -34,11 +34,6 @@ if TYPE_CHECKING:
 BODY_SLICE = 64 * 1024  # large full responses are written in slices of this size, with backpressure
 _NO_BODY_STATUS = frozenset({204, 304})
 _CLOSING_STATUS = frozenset({408, 413})  # errors about the request body: the connection ends after them
-# what h11 accepts when it writes a field (h11._abnf): a lower-case token, and a value without
-# NUL, CR, LF, FF or VT and without leading or trailing blanks
-_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]+")
-_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
-_FRAMING = frozenset({b"transfer-encoding", b"connection"})
 
 
 class H1Exchange:
@@ -47,14 +42,12 @@ class H1Exchange:
     __slots__ = (
         "_answered",
         "_body",
-        "_body_error",
         "_body_ok",
-        "_body_parts",
         "_body_reading",
-        "_body_size",
         "_chunked",
         "_close_after",
         "_close_callbacks",
+        "_close_sent",
         "_d",
         "_http11",
         "_outbox",
@@ -65,26 +58,28 @@ class H1Exchange:
         "body_settled",
         "broken",
         "finished",
+        "message",
         "request",
         "scope",
         "watching",
         "ws",
     )
 
-    def __init__(self, driver: H1Driver, event: h11.Request) -> None:
+    def __init__(self, driver: H1Driver, msg: Message) -> None:
         self._d = driver
         self._outbox = driver.conn.outbox
-        target, query = split_target(event.target.decode("latin-1"))
-        headers = header_dict(event.headers)
-        self._http11 = event.http_version == b"1.1"
+        self.message = msg
+        target, query = split_target(msg.target.decode("latin-1"))
+        headers = header_dict(msg.headers)
+        self._http11 = msg.http11
         self.request = Request(
-            method=event.method.decode("latin-1"),
+            method=msg.method.decode("latin-1"),
             path=target,
             query=query,
             headers=headers,
             client=driver.conn.client,
             scheme=driver.scheme,
-            http_version=event.http_version.decode("latin-1"),
+            http_version="1.1" if msg.http11 else "1.0",
             body_reader=self._read_body,
         )
         self.scope: trio.CancelScope | None = None  # the handler runs in the connection's task and scope
@@ -96,38 +91,27 @@ class H1Exchange:
         self.broken = False  # the response was torn down mid-way
         self._answered = False
         self._close_after = False  # answer with connection: close
+        self._close_sent = False  # the response said connection: close
         self._close_callbacks: list[Callable[[], None]] | None = None
         self._streaming = False  # open_stream called and not finished
-        self._parked = False  # the driver parked h11's state for this stream (see server.http.h1)
+        self._parked = False  # the driver parked its parser for this stream (see server.http.h1)
         self._chunked = False
         self._body_ok = True
-        self._body_parts: list[bytes] = []
-        self._body_size = 0
         self._body: bytes | None = None
-        self._body_error: str | None = None
         self._body_reading = False
         self.body_settled = self._collect_buffered_body()
 
     # -- request body --------------------------------------------------------------------------
 
     def _collect_buffered_body(self) -> bool:
-        """Take body events already buffered in h11; True once the whole body is in."""
-        h = self._d.h
-        while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._body_error = str(exc) or "malformed request body"
-                return False
-            if isinstance(event, h11.Data):
-                self._body_parts.append(event.data)
-                self._body_size += len(event.data)
-                continue
-            if isinstance(event, h11.EndOfMessage):
-                self._body = b"".join(self._body_parts)
-                self._body_parts = []
-                return True
-            return False
+        """Parse the body input already held; True once the whole body is in."""
+        msg = self.message
+        self._d.parser.pull_body(msg)
+        if msg.complete:
+            self._body = b"".join(msg.body)
+            msg.body = []
+            return True
+        return False
 
     async def _read_body(self, limit: int) -> bytes:
         if self._body is not None:
@@ -145,41 +129,33 @@ class H1Exchange:
 
     async def _receive_body(self, limit: int) -> bytes:
         d = self._d
-        h = d.h
-        if self._body_error is not None:
-            d.stats.protocol_errors += 1
-            raise HTTPError(400, "bad_request", self._body_error)
+        msg = self.message
         length = self.request.headers.get("content-length", "")
-        if (length.isdigit() and int(length) > limit) or self._body_size > limit:
+        if msg.error is None and ((length.isdigit() and int(length) > limit) or msg.body_size > limit):
             raise BodyTooLarge(limit)
-        if h.client_is_waiting_for_100_continue:
-            self._outbox.write(h.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
-        parts = self._body_parts
+        if msg.expect_continue and msg.body_size == 0 and msg.error is None:
+            self._outbox.write(CONTINUE)
+        parser = d.parser
         with trio.move_on_after(d.limits.body_timeout) as timer:
             while True:
-                try:
-                    event = h.next_event()
-                except h11.RemoteProtocolError as exc:
+                parser.pull_body(msg)
+                if msg.error is not None:
                     d.stats.protocol_errors += 1
-                    raise HTTPError(400, "bad_request", str(exc) or "malformed request body") from None
-                if event is h11.NEED_DATA:
-                    data = await d.conn.receive()
-                    if not data:
-                        d.conn.abort("client went away")
-                        await trio.lowlevel.checkpoint()
-                        raise trio.BrokenResourceError("client went away")
-                    h.receive_data(data)
-                elif isinstance(event, h11.Data):
-                    self._body_size += len(event.data)
-                    if self._body_size > limit:
-                        raise BodyTooLarge(limit)
-                    parts.append(event.data)
-                else:
+                    raise HTTPError(400, "bad_request", msg.error)
+                if msg.body_size > limit:
+                    raise BodyTooLarge(limit)
+                if msg.complete:
                     break
+                data = await d.conn.receive()
+                if not data:
+                    d.conn.abort("client went away")
+                    await trio.lowlevel.checkpoint()
+                    raise trio.BrokenResourceError("client went away")
+                parser.add(data)
         if timer.cancelled_caught:
             raise HTTPError(408, "timeout", "request body not received in time")
-        self._body = body = b"".join(parts)
-        self._body_parts = []
+        self._body = body = b"".join(msg.body)
+        msg.body = []
         return body
 
     def _settle(self) -> None:
@@ -224,81 +200,66 @@ class H1Exchange:
         return self._answered
 
     def _head(self, status: int, headers: list[tuple[str, str]], length: int | None) -> bytes:
+        """The response head; ``length`` ``None``: a stream (chunked for an HTTP/1.1 client).
+
+        Every field is checked before anything is sent: a bad one leaves the request unanswered
+        (the handler's failure becomes a 500)."""
         if self._answered:
             raise RuntimeError("this request has already been answered")
-        raw = encode_headers(headers)
-        if length is not None and status != 204:  # RFC 9110 8.6: never on a 204
-            raw.append((b"content-length", b"%d" % length))
-        if self._body is None or self._close_after or self._d.closing:
-            raw.append((b"connection", b"close"))
-        # validated before anything is sent: a field h11 refuses leaves the request unanswered (a 500)
-        response = h11.Response(status_code=status, headers=raw, reason=reason_phrase(status))
+        fields = encode_headers(headers)
+        msg = self.message
+        body_ok = self.request.method != "HEAD" and status not in _NO_BODY_STATUS and status >= 200
+        if length is not None:
+            framing = b"" if status == 204 else b"content-length: %d\r\n" % length  # RFC 9110 8.6
+        elif status in _NO_BODY_STATUS:
+            framing = b""
+        elif self._http11:
+            framing = b"transfer-encoding: chunked\r\n"
+        else:
+            framing = b""  # HTTP/1.0: the body ends when the connection does
+        close = (
+            self._body is None
+            or self._close_after
+            or self._d.closing
+            or not msg.keep_alive
+            or self._d.parser.eof
+            or (length is None and not self._http11)
+            or wants_close(fields)
+        )
+        data = head_bytes(status, fields, framing, close)
         self._answered = True
+        self._close_sent = close
         self._settle()
-        self._body_ok = self.request.method != "HEAD" and status not in _NO_BODY_STATUS and status >= 200
-        return self._d.h.send(response)
+        self._body_ok = body_ok
+        return data
+
+    @property
+    def reusable(self) -> bool:
+        """True if the connection may serve another request after this exchange: the request
+        was read in full and the response completed without asking to close."""
+        return self._answered and self.ws is None and not self._close_sent and not self._streaming and not self.broken
 
     async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes = b"") -> None:
         """Send a complete response with ``content-length``; large bodies go out with backpressure."""
-        data = self._by_hand(status, headers, body)
-        if data is not None:
-            self._outbox.write(data)
-            return
-        h = self._d.h
         data = self._head(status, headers, len(body))
         outbox = self._outbox
         if not self._body_ok or not body:
-            outbox.write(data + h.send(h11.EndOfMessage()))
+            outbox.write(data)
             return
         if len(body) <= BODY_SLICE:
-            outbox.write(data + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage()))
+            outbox.write(data + body)
             return
         outbox.write(data)
         for start in range(0, len(body), BODY_SLICE):
             if outbox.buffered > self._d.limits.send_low_water:
                 await outbox.drain()
-            if not outbox.write(h.send(h11.Data(data=body[start : start + BODY_SLICE]))):
+            if not outbox.write(body[start : start + BODY_SLICE]):
                 raise trio.BrokenResourceError("client went away")
-        outbox.write(h.send(h11.EndOfMessage()))
-
-    def _by_hand(self, status: int, headers: list[tuple[str, str]], body: bytes) -> bytes | None:
-        """A complete response's bytes, written without h11 where all it would add is bookkeeping
-        (the common answer to a publish): an HTTP/1.1 request read in full, on a connection that
-        stays open, a small body that may be sent, and header fields h11 would pass as they are.
-        h11's state is then dropped as for a parked stream: the next request gets a fresh one.
-        ``None``: h11 writes this response."""
-        d = self._d
-        h = d.h
-        if (
-            self._answered
-            or self._body is None
-            or not self._http11
-            or self._close_after
-            or d.closing
-            or status < 200
-            or status in _NO_BODY_STATUS
-            or len(body) > BODY_SLICE
-            or self.request.method == "HEAD"
-            or h.our_state is not h11.SEND_RESPONSE
-            or h.their_state is not h11.DONE
-            or h.trailing_data[1]
-        ):
-            return None
-        lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason_phrase(status))]
-        for name, value in encode_headers(headers):
-            if not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value) or name in _FRAMING:
-                return None  # h11 refuses it or frames it: its own path says how
-            lines.append(b"%b: %b\r\n" % (name, value))
-        lines.append(b"content-length: %d\r\n\r\n" % len(body))
-        self._answered = True
-        self._settle()
-        d.drop_h11()
-        return b"".join(lines) + body
 
     async def open_stream(self, status: int, headers: list[tuple[str, str]]) -> H1Exchange:
         """Send the head of a streaming response (chunked for HTTP/1.1 clients) and return it.
 
-        If the request was read in full, h11's state is parked until the stream ends."""
+        If the request was read in full, the driver parks its parser until the stream ends."""
         data = self._head(status, headers, None)
         self._streaming = True
         self._chunked = self._http11 and self._body_ok
@@ -354,7 +315,7 @@ class H1Exchange:
         return self._outbox.write(data)
 
     def send_frame(self, frame: Frame) -> bool:
-        """Queue a shared frame: ``frame.chunked`` straight into the outbox (h11 is bypassed)."""
+        """Queue a shared frame: ``frame.chunked`` straight into the outbox."""
         if not self._streaming:
             return False
         if self._chunked and frame.raw:
@@ -379,11 +340,8 @@ class H1Exchange:
         if not self._streaming:
             return
         self._streaming = False
-        if self._parked:
-            if self._chunked:
-                self._outbox.write(b"0\r\n\r\n")  # what h11's EndOfMessage writes for a chunked body
-        else:
-            self._outbox.write(self._d.h.send(h11.EndOfMessage()))
+        if self._chunked:
+            self._outbox.write(LAST_CHUNK)
         await self._outbox.flush()
 
     # -- winding down --------------------------------------------------------------------------
@@ -427,7 +385,7 @@ class H1Exchange:
     async def accept_websocket(self, subprotocol: str | None) -> WebSocket:
         """Send the 101 and return the socket. Extensions (permessage-deflate) are negotiated only
         with what ``EdgeHooks.ws_extensions`` provides (bounded inflation); without it, none."""
-        if not self.websocket_requested or self._body is None:
+        if not self.websocket_requested or self._body is None or not self.message.upgrade:
             raise RuntimeError("this request is not a WebSocket upgrade")
         if subprotocol is not None and subprotocol not in self.offered_subprotocols():
             raise ValueError(f"subprotocol {subprotocol!r} was not offered")
@@ -440,8 +398,7 @@ class H1Exchange:
         extensions = factory() if factory is not None and offered else []
         agreed = negotiate_extensions(offered, extensions)
         headers = accept_headers(self.request.headers["sec-websocket-key"], subprotocol, agreed)
-        switch = h11.InformationalResponse(status_code=101, headers=headers, reason=b"Switching Protocols")
-        self._outbox.write(d.h.send(switch))
+        self._outbox.write(head_bytes(101, [(n.lower(), v) for n, v in headers], b"", False))
         d.unwatch(self)
         self.ws = WsSession(d.conn, d.limits, d.stats, subprotocol, extensions if agreed else None)
         self.body_settled = True
