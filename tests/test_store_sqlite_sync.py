@@ -72,6 +72,23 @@ async def test_commits_run_on_the_event_loop_thread_only_with_normal(tmp_path: P
     assert threads and on_loop == (sync == "normal"), threads
 
 
+async def test_trims_and_deletes_still_commit_in_a_thread(tmp_path: Path) -> None:
+    loop_thread = threading.get_ident()
+    by_statement: dict[str, set[int]] = {}
+
+    def trace(statement: str) -> None:
+        by_statement.setdefault(statement.split(maxsplit=1)[0], set()).add(threading.get_ident())
+
+    with trio.fail_after(DEADLINE):
+        async with open_sqlite_store(tmp_path / "d.db", sync="normal") as store:
+            await store.append("s", [ev("x")])
+            store._writer.set_trace_callback(trace)
+            await store.trim_expired()
+            assert await store.delete("s")
+            store._writer.set_trace_callback(None)
+    assert by_statement["DELETE"] and loop_thread not in by_statement["DELETE"], by_statement
+
+
 async def test_another_connections_write_lock_is_waited_for_without_blocking_the_loop(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     results: list[AppendResult] = []

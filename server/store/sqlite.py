@@ -10,7 +10,8 @@ caller with its result (group commit: one commit for many appends). How a commit
   ``kill -9`` and, as far as the disk honours fsync, power loss. Sqlite checkpoints the WAL inside
   a commit now and then, and sleeps in the thread while another process holds the write lock.
 * ``"normal"``: on the event loop's thread, with ``synchronous=NORMAL``: no fsync, so a commit is
-  tens of microseconds of CPU and page-cache writes, with no thread hand-off; an acknowledged
+  tens of microseconds of CPU and page-cache writes, with no thread hand-off (a batch holding a
+  trim or a delete, which may drop many rows, still goes to a thread); an acknowledged
   append survives ``kill -9`` of any process, not a power loss or a kernel crash. Nothing on
   that path sleeps: the writer connection never checkpoints (a checkpointer task does, on its
   own connection in a thread, every ``checkpoint_interval`` seconds or ``checkpoint_commits``
@@ -331,18 +332,20 @@ class SqliteStore(Store):
                 self._checkpoint_due.set()
 
     async def _commit_inline(self, batch: list[_Request]) -> list[Outcome]:
-        """Commit ``batch`` on this thread (no fsync, zero busy timeout). While another connection
+        """Commit ``batch`` on this thread (no fsync, zero busy timeout), or in a thread if it holds a
+        trim or a delete (which may drop many rows). While another connection
         holds the write lock, wait with trio (doubling waits, ``busy_timeout`` in all) and take
         what was queued meanwhile into ``batch`` (up to ``max_batch``); :class:`WriteLockBusy`
         once the time is up."""
         give_up = trio.current_time() + self._busy_timeout
         wait = BUSY_FIRST_WAIT
         while True:
+            ops = [request.op for request in batch]
+            args = (self._writer, ops, self._clock(), self._retention, self._writer_state)
             try:
-                return commit_batch(
-                    self._writer, [request.op for request in batch], self._clock(), self._retention,
-                    self._writer_state,
-                )
+                if any(isinstance(op, TrimOp | DeleteOp) for op in ops):  # may drop many rows: a thread
+                    return await trio.to_thread.run_sync(commit_batch, *args, limiter=self._write_limiter)
+                return commit_batch(*args)
             except WriteLockBusy:
                 now = trio.current_time()
                 if now >= give_up:
