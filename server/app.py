@@ -80,7 +80,7 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
         return
     path = Path(config.store.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    async with open_sqlite_store(str(path), config.retention()) as sqlite_store:
+    async with open_sqlite_store(str(path), config.retention(), sync=config.store.sync) as sqlite_store:
         yield sqlite_store
 
 

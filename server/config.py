@@ -65,6 +65,7 @@ Kind = Literal["int", "float", "str", "path", "choice", "bool", "list", "optlist
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 SighupAction = Literal["restart", "certificate"]
 Backend = Literal["sqlite", "memory"]
+Sync = Literal["full", "normal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ class StoreConfig:
 
     backend: Backend = "sqlite"
     path: str = "./var/sluice.db"
+    sync: Sync = "full"
     max_events: int = _RETENTION.max_events
     max_bytes: int = _RETENTION.max_bytes
     max_age: float = _RETENTION.max_age

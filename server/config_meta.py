@@ -104,6 +104,11 @@ META: dict[str, Meta] = {
     "server.max_batch_events": Meta("Most events in one batch publish"),
     "store.backend": Meta("sqlite (durable, shared by the host's workers) or memory (one worker, not durable)"),
     "store.path": Meta("SQLite database file; a relative path is relative to the working directory", NON_EMPTY),
+    "store.sync": Meta(
+        "sqlite durability: full = fsync at every commit (an acknowledged publish survives power loss);"
+        " normal = no fsync per commit, commits on the event loop's thread (survives a crash or kill -9"
+        " of the server, not a power loss or kernel crash)"
+    ),
     "store.max_events": Meta("Events kept per stream (0: no limit)", NON_NEGATIVE_INT),
     "store.max_bytes": Meta("Bytes of event data kept per stream (0: no limit)", NON_NEGATIVE_INT),
     "store.max_age": Meta("Seconds an event is kept (0: no limit)", NON_NEGATIVE_SECONDS),

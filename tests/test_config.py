@@ -236,6 +236,7 @@ def test_every_number_rejects_negative_values_and_wrong_types(spec: KeySpec, tmp
         ({"SLUICE_SERVER_HOST": ""}, 'server.host: must be a non-empty string, got ""'),
         ({"SLUICE_SERVER_LOG_LEVEL": "loud"}, 'must be one of "critical", "error", "warning", "info", "debug"'),
         ({"SLUICE_STORE_BACKEND": "redis"}, 'store.backend: must be one of "sqlite", "memory", got "redis"'),
+        ({"SLUICE_STORE_SYNC": "off"}, 'store.sync: must be one of "full", "normal", got "off"'),
         ({"SLUICE_STORE_MAX_AGE": "-0.5"}, "store.max_age: must be a non-negative number (seconds), got -0.5"),
         ({"SLUICE_SSE_HEARTBEAT": "0"}, "sse.heartbeat: must be a positive number (seconds), got 0.0"),
         ({"SLUICE_SSE_HEARTBEAT": "inf"}, 'sse.heartbeat: must be a positive number (seconds), got "inf"'),

@@ -34,14 +34,15 @@ async def open_memory_store(retention: Retention, clock: FakeClock) -> AsyncIter
 class TestStoreContract(StoreContract):
     """Every :class:`StoreContract` test, once per backend."""
 
-    @pytest.fixture(params=["memory", "sqlite"])
+    @pytest.fixture(params=["memory", "sqlite-full", "sqlite-normal"])
     def open_store(self, request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
         if request.param == "memory":
             return open_memory_store
         counter = itertools.count()
+        sync = request.param.removeprefix("sqlite-")
 
         def open_sqlite(retention: Retention, clock: FakeClock) -> AbstractAsyncContextManager[Store]:
-            return open_sqlite_store(tmp_path / f"store{next(counter)}.db", retention, clock=clock)
+            return open_sqlite_store(tmp_path / f"store{next(counter)}.db", retention, clock=clock, sync=sync)
 
         return open_sqlite
 

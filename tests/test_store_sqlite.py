@@ -79,7 +79,7 @@ async def appender(store, task):
         n += 1
 
 async def main():
-    async with open_sqlite_store(sys.argv[1]) as store:
+    async with open_sqlite_store(sys.argv[1], sync=sys.argv[2]) as store:
         async with trio.open_nursery() as nursery:
             for task in range(4):
                 nursery.start_soon(appender, store, task)
@@ -88,14 +88,15 @@ trio.run(main)
 """
 
 
-async def test_kill_9_loses_no_acknowledged_append(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sync", ["full", "normal"])
+async def test_kill_9_loses_no_acknowledged_append(tmp_path: Path, sync: str) -> None:
     path = tmp_path / "k9.db"
     wanted = 300
     acked: dict[int, list[str]] = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with trio.fail_after(DEADLINE):
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, env=env, cwd=ROOT
+            [sys.executable, "-c", CHILD, str(path), sync], stdout=subprocess.PIPE, env=env, cwd=ROOT
         )
         try:
             assert proc.stdout is not None
@@ -118,7 +119,7 @@ async def test_kill_9_loses_no_acknowledged_append(tmp_path: Path) -> None:
                 if proc.stdout is not None:
                     await proc.stdout.aclose()
 
-        async with open_sqlite_store(path) as store:
+        async with open_sqlite_store(path, sync=sync) as store:
             page = await store.read("k9", 0, 10_000)
             stored = [e.id for e in page.events]
             seqs = [e.seq for e in page.events]

@@ -71,6 +71,10 @@ HELP: dict[str, str] = {
     "sluice_store_requests_total": "Write requests carried by committed store transactions",
     "sluice_store_events_total": "Events appended to the store by this host",
     "sluice_store_failed_commits_total": "Store transactions rolled back as a whole",
+    "sluice_store_busy_waits_total": "Times a store commit found another worker holding the write lock and waited"
+    " (store.sync = normal)",
+    "sluice_store_checkpoints_total": "WAL checkpoints run by the store (store.sync = normal)",
+    "sluice_store_checkpoint_failures_total": "WAL checkpoints that failed (store.sync = normal)",
     WORKERS: "Live workers whose counters are in these totals",
 }
 

@@ -1,14 +1,26 @@
 """The embedded default store: one sqlite file in WAL mode, shared by every worker on the host.
 
 Writes (append, close, delete, trim) are queued to ONE writer task, which takes everything queued
-(up to ``max_batch`` requests), applies it in one transaction in a worker thread and commits with
-``synchronous=FULL`` before anyone is answered: an acknowledged append survives ``kill -9`` and,
-as far as the disk honours fsync, power loss. Back on the trio thread, in commit order, the writer
-tells the listener of every change and then wakes each caller with its result (group commit: one
-fsync for many appends).
+(up to ``max_batch`` requests), applies it in one transaction and commits it before anyone is
+answered. Then, in commit order, the writer tells the listener of every change and wakes each
+caller with its result (group commit: one commit for many appends). How a commit runs depends on
+``sync``:
 
-Reads use a small pool of separate read-only connections (WAL readers never wait for the writer).
-Blocking sqlite calls always run in threads. Use :func:`open_sqlite_store` to get a store.
+* ``"full"``: in a worker thread, with ``synchronous=FULL``: an acknowledged append survives
+  ``kill -9`` and, as far as the disk honours fsync, power loss. Sqlite checkpoints the WAL inside
+  a commit now and then, and sleeps in the thread while another process holds the write lock.
+* ``"normal"``: on the event loop's thread, with ``synchronous=NORMAL``: no fsync, so a commit is
+  tens of microseconds of CPU and page-cache writes, with no thread hand-off (a batch holding a
+  trim or a delete, which may drop many rows, still goes to a thread); an acknowledged
+  append survives ``kill -9`` of any process, not a power loss or a kernel crash. Nothing on
+  that path sleeps: the writer connection never checkpoints (a checkpointer task does, on its
+  own connection in a thread, every ``checkpoint_interval`` seconds or ``checkpoint_commits``
+  commits, whichever comes first) and has a zero busy timeout: when another worker holds the
+  write lock, the writer waits with ``trio.sleep`` (1 ms, doubling to 8 ms, up to
+  ``busy_timeout`` in all), takes into the batch what was queued meanwhile, and tries again.
+
+Reads use a small pool of separate read-only connections (WAL readers never wait for the writer),
+in threads. Use :func:`open_sqlite_store` to get a store.
 """
 
 from __future__ import annotations
@@ -35,14 +47,16 @@ from server.store.sqlite_ops import (
     OpValue,
     Outcome,
     TrimOp,
+    WriteLockBusy,
     WriteOp,
     WriterState,
+    checkpoint,
     commit_batch,
     read_heads,
     read_info,
     read_page,
 )
-from server.store.sqlite_schema import open_reader, open_writer
+from server.store.sqlite_schema import SYNC_MODES, open_checkpointer, open_reader, open_writer
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +65,12 @@ DEFAULT_RETENTION = Retention()
 
 MAX_READ_LIMIT = 10_000
 """Largest number of events one :meth:`SqliteStore.read` returns, whatever ``limit`` asks for."""
+
+BUSY_FIRST_WAIT = 0.001
+"""Seconds the ``"normal"`` writer first waits when another connection holds the write lock."""
+
+BUSY_MAX_WAIT = 0.008
+"""Longest single wait of the ``"normal"`` writer for the write lock (the waits double up to it)."""
 
 _T = TypeVar("_T")
 
@@ -66,7 +86,9 @@ class SqliteStats:
     ``commits`` counts committed transactions and ``requests`` the write requests they carried, so
     ``requests / commits`` is the mean group-commit size; ``largest_batch`` is the most requests
     one transaction carried; ``events`` counts appended events; ``failed_commits`` counts
-    transactions rolled back as a whole.
+    transactions rolled back as a whole. With ``sync = "normal"``: ``busy_waits`` counts the
+    times the writer found the write lock taken by another connection and waited, and
+    ``checkpoints`` the WAL checkpoints run (``checkpoint_failures`` those that raised).
     """
 
     commits: int = 0
@@ -74,6 +96,9 @@ class SqliteStats:
     events: int = 0
     largest_batch: int = 0
     failed_commits: int = 0
+    busy_waits: int = 0
+    checkpoints: int = 0
+    checkpoint_failures: int = 0
 
 
 def _append_op(stream: str, events: Sequence[NewEvent], key: str | None) -> AppendOp:
@@ -100,8 +125,9 @@ class _Request:
 class SqliteStore(Store):
     """A :class:`Store` in one sqlite file. Obtain it from :func:`open_sqlite_store`.
 
-    Appends return only after COMMIT with ``synchronous=FULL``. If a caller is cancelled after
-    its request was queued, the request may still be committed (and the listener told).
+    Appends return only after COMMIT (durable as its ``sync`` promises: see the module
+    docstring). If a caller is cancelled after its request was queued, the request may still be
+    committed (and the listener told).
     """
 
     def __init__(
@@ -113,9 +139,22 @@ class SqliteStore(Store):
         *,
         queue_size: int,
         max_batch: int,
+        sync: str = "full",
+        busy_timeout: float = 5.0,
+        checkpointer: sqlite3.Connection | None = None,
+        checkpoint_interval: float = 1.0,
+        checkpoint_commits: int = 256,
     ) -> None:
         self.stats = SqliteStats()
         self._writer = writer
+        self._inline = sync == "normal"
+        self._busy_timeout = busy_timeout
+        self._checkpointer = checkpointer
+        self._checkpoint_interval = checkpoint_interval
+        self._checkpoint_commits = checkpoint_commits
+        self._uncheckpointed = 0  # commits since the last checkpoint began
+        self._wrote = trio.Event()  # set by a commit since the last checkpoint began
+        self._checkpoint_due = trio.Event()  # set once checkpoint_commits commits are waiting
         self._readers = list(readers)
         self._retention = retention
         self._clock = clock
@@ -125,6 +164,7 @@ class SqliteStore(Store):
         for conn in self._readers:
             self._pool_send.send_nowait(conn)
         self._write_limiter = trio.CapacityLimiter(1)
+        self._checkpoint_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(len(self._readers))
         self._inflight: list[_Request] = []
         self._writer_state = WriterState()  # touched only by the writer's thread calls
@@ -258,13 +298,14 @@ class SqliteStore(Store):
             self._stop_writer()
 
     async def _commit(self, batch: list[_Request]) -> None:
-        now = self._clock()
-        ops = [request.op for request in batch]
         try:
-            outcomes = await trio.to_thread.run_sync(
-                commit_batch, self._writer, ops, now, self._retention, self._writer_state,
-                limiter=self._write_limiter,
-            )
+            if self._inline:
+                outcomes = await self._commit_inline(batch)
+            else:
+                outcomes = await trio.to_thread.run_sync(
+                    commit_batch, self._writer, [request.op for request in batch], self._clock(),
+                    self._retention, self._writer_state, limiter=self._write_limiter,
+                )
         except BatchFailed as exc:
             self.stats.failed_commits += 1
             logger.warning("sqlite store: commit of %d requests failed: %s", len(batch), exc)
@@ -284,6 +325,58 @@ class SqliteStore(Store):
                 stats.events += len(outcome.value.events)
         for request, outcome in zip(batch, outcomes, strict=True):
             request.finish(outcome)
+        if self._inline:
+            self._wrote.set()
+            self._uncheckpointed += 1
+            if self._uncheckpointed >= self._checkpoint_commits:
+                self._checkpoint_due.set()
+
+    async def _commit_inline(self, batch: list[_Request]) -> list[Outcome]:
+        """Commit ``batch`` on this thread (no fsync, zero busy timeout), or in a thread if it holds a
+        trim or a delete (which may drop many rows). While another connection
+        holds the write lock, wait with trio (doubling waits, ``busy_timeout`` in all) and take
+        what was queued meanwhile into ``batch`` (up to ``max_batch``); :class:`WriteLockBusy`
+        once the time is up."""
+        give_up = trio.current_time() + self._busy_timeout
+        wait = BUSY_FIRST_WAIT
+        while True:
+            ops = [request.op for request in batch]
+            args = (self._writer, ops, self._clock(), self._retention, self._writer_state)
+            try:
+                if any(isinstance(op, TrimOp | DeleteOp) for op in ops):  # may drop many rows: a thread
+                    return await trio.to_thread.run_sync(commit_batch, *args, limiter=self._write_limiter)
+                return commit_batch(*args)
+            except WriteLockBusy:
+                now = trio.current_time()
+                if now >= give_up:
+                    raise
+                self.stats.busy_waits += 1
+                await trio.sleep(min(wait, give_up - now))
+                wait = min(wait * 2, BUSY_MAX_WAIT)
+                while len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+
+    async def _run_checkpointer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Checkpoint the WAL (``"normal"`` only) in a thread, on its own connection, so commits
+        go on meanwhile: ``checkpoint_interval`` seconds after the first commit since the last
+        checkpoint, or at once when ``checkpoint_commits`` commits are waiting. Runs until cancelled."""
+        task_status.started()
+        assert self._checkpointer is not None
+        while True:
+            await self._wrote.wait()
+            with trio.move_on_after(self._checkpoint_interval):
+                await self._checkpoint_due.wait()
+            self._wrote, self._checkpoint_due, self._uncheckpointed = trio.Event(), trio.Event(), 0
+            try:
+                await trio.to_thread.run_sync(checkpoint, self._checkpointer, limiter=self._checkpoint_limiter)
+            except sqlite3.Error as exc:
+                self.stats.checkpoint_failures += 1
+                logger.warning("sqlite store: WAL checkpoint failed: %s", exc)
+            else:
+                self.stats.checkpoints += 1
 
     def _stop_writer(self) -> None:
         """Fail every request the writer will not commit, and refuse new ones (no checkpoint)."""
@@ -335,7 +428,8 @@ class SqliteStore(Store):
                     await self._pool_recv.receive()
                 self._pool_recv.close()
                 self._pool_send.close()
-                await trio.to_thread.run_sync(_close_all, [self._writer, *self._readers])
+                extra = [] if self._checkpointer is None else [self._checkpointer]
+                await trio.to_thread.run_sync(_close_all, [self._writer, *self._readers, *extra])
             finally:
                 self._released_event.set()
 
@@ -358,36 +452,55 @@ async def open_sqlite_store(
     max_batch: int = 512,
     readers: int = 2,
     busy_timeout: float = 5.0,
+    sync: str = "full",
+    checkpoint_interval: float = 1.0,
+    checkpoint_commits: int = 256,
 ) -> AsyncIterator[SqliteStore]:
     """Open (creating if needed) the store file ``path`` and run its writer until the block exits.
 
     ``queue_size`` bounds the write requests waiting for the writer (callers wait when it is
     full); ``max_batch`` bounds the requests committed in one transaction; ``readers`` is the size
     of the read connection pool; ``busy_timeout`` (seconds) bounds waits for another process's
-    write lock. On exit, queued writes are committed, then every connection is closed. If the
-    writer fails, waiting callers get :class:`StoreUnavailable`, the block is cancelled and the
-    writer's exception propagates.
+    write lock. ``sync`` is ``"full"`` (fsync at every commit, in a thread) or ``"normal"`` (no
+    fsync, commits on the event loop's thread, WAL checkpoints by a task of the store every
+    ``checkpoint_interval`` seconds or ``checkpoint_commits`` commits): see the module docstring.
+    On exit, queued writes are committed, then every connection is closed. If the writer fails,
+    waiting callers get :class:`StoreUnavailable`, the block is cancelled and the writer's
+    exception propagates.
     """
-    if queue_size < 1 or max_batch < 1 or readers < 1:
-        raise ValueError("queue_size, max_batch and readers must each be at least 1")
+    if queue_size < 1 or max_batch < 1 or readers < 1 or checkpoint_commits < 1:
+        raise ValueError("queue_size, max_batch, readers and checkpoint_commits must each be at least 1")
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
+    if not checkpoint_interval > 0:
+        raise ValueError("checkpoint_interval must be positive")
     conns: list[sqlite3.Connection] = []
     try:
-        conns.append(await trio.to_thread.run_sync(open_writer, path, busy_timeout))
+        conns.append(await trio.to_thread.run_sync(open_writer, path, busy_timeout, sync))
         for _ in range(readers):
             conns.append(await trio.to_thread.run_sync(open_reader, path, busy_timeout))
+        if sync == "normal":
+            conns.append(await trio.to_thread.run_sync(open_checkpointer, path, busy_timeout))
     except BaseException:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(_close_all, conns)
         raise
-    store = SqliteStore(conns[0], conns[1:], retention, clock, queue_size=queue_size, max_batch=max_batch)
+    store = SqliteStore(
+        conns[0], conns[1 : readers + 1], retention, clock, queue_size=queue_size, max_batch=max_batch,
+        sync=sync, busy_timeout=busy_timeout, checkpointer=conns[readers + 1] if sync == "normal" else None,
+        checkpoint_interval=checkpoint_interval, checkpoint_commits=checkpoint_commits,
+    )
     try:
         with lone_error_unwrapped():
             async with trio.open_nursery() as nursery:
                 await nursery.start(store._run_writer)
+                if store._checkpointer is not None:
+                    await nursery.start(store._run_checkpointer)
                 try:
                     yield store
                 finally:
                     store._begin_close()
                     await store._writer_done.wait()
+                    nursery.cancel_scope.cancel()
     finally:
         await store._release()

@@ -1,7 +1,10 @@
-"""The sqlite store's transactions, as plain blocking functions run in worker threads.
+"""The sqlite store's transactions, as plain blocking functions (run in worker threads, or on the
+event loop's thread when the connection cannot block for long: see :mod:`server.store.sqlite`).
 
 :func:`commit_batch` applies a group of write requests in one ``BEGIN IMMEDIATE`` transaction,
-each under its own savepoint, so one failing request (a closed stream) never undoes the others.
+each under its own savepoint, so one failing request (a closed stream) never undoes the others;
+it raises :class:`WriteLockBusy` when another connection holds the write lock past the
+connection's busy timeout. :func:`checkpoint` copies the WAL into the database file.
 :func:`read_page` and :func:`read_info` read one consistent snapshot. Nothing here touches trio.
 """
 
@@ -101,6 +104,21 @@ class WriterState:
 
 class BatchFailed(Exception):
     """The batch's transaction could not be committed and was rolled back: none of it happened."""
+
+
+class WriteLockBusy(BatchFailed):
+    """Another connection held the write lock (past the busy timeout): none of the batch happened,
+    and the same batch may simply be committed again later."""
+
+
+def _begin(conn: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``; :class:`WriteLockBusy` if the write lock stayed taken."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+            raise WriteLockBusy(str(exc)) from exc
+        raise
 
 
 @dataclass(slots=True)
@@ -356,7 +374,7 @@ def _apply_all(
     except Exception:
         conn.execute("ROLLBACK")
         state.oldest_ts.clear()  # what the undone attempt learned may not hold
-        conn.execute("BEGIN IMMEDIATE")
+        _begin(conn)
         return [_apply_isolated(conn, op, now, retention, state) for op in ops]
 
 
@@ -371,13 +389,14 @@ def commit_batch(
     that raised has its error as its outcome, and none of its changes).
 
     ``state`` is the connection's :class:`WriterState` (a fresh one when omitted). Raises
-    :class:`BatchFailed` (everything rolled back) if the transaction cannot be committed. Any
-    other exception means the connection is unusable.
+    :class:`BatchFailed` (everything rolled back) if the transaction cannot be committed, its
+    subclass :class:`WriteLockBusy` if that is only because another connection holds the write
+    lock (with a zero busy timeout: at once). Any other exception means the connection is unusable.
     """
     if state is None:
         state = WriterState()
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        _begin(conn)
         outcomes = _apply_all(conn, ops, now, retention, state)
         keyed = any(isinstance(op, AppendOp) and op.key is not None for op in ops)
         if keyed and not 0 <= now - state.keys_forgotten_at < FORGET_KEYS_INTERVAL:
@@ -386,12 +405,22 @@ def commit_batch(
         conn.execute("COMMIT")
     except sqlite3.ProgrammingError:
         raise
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, WriteLockBusy) as exc:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         state.oldest_ts.clear()
+        if isinstance(exc, WriteLockBusy):
+            raise
         raise BatchFailed(str(exc)) from exc
     return outcomes
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """Copy what it can of the WAL into the database file without waiting for any lock
+    (``PRAGMA wal_checkpoint(PASSIVE)``, which fsyncs); return sqlite's ``(busy, wal frames,
+    frames checkpointed)``. Blocking: call it from a worker thread."""
+    busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(frames), int(done)
 
 
 def read_info(conn: sqlite3.Connection, stream: str) -> StreamInfo | None:

@@ -15,6 +15,12 @@ Layout (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
   any events on its own stream (such rows age out within one idempotency window).
 
 Version 1 files are migrated in place (a column and an index are added); nothing is rewritten.
+
+Durability (:data:`SYNC_MODES`): with ``"full"`` the writer commits with ``synchronous=FULL`` and
+sqlite checkpoints the WAL inside a commit now and then; with ``"normal"`` it commits with
+``synchronous=NORMAL`` (no fsync per commit), never checkpoints (``wal_autocheckpoint=0``) and has
+a zero busy timeout (a taken write lock is reported at once, never slept on): the store waits for
+the lock itself and checkpoints on a connection of its own (:func:`open_checkpointer`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ import time
 from pathlib import Path
 
 SCHEMA_VERSION = 2
+
+SYNC_MODES = ("full", "normal")
+"""The writer's durability settings: ``"full"`` fsyncs at every commit (an acknowledged write
+survives power loss); ``"normal"`` does not (it survives a crash or ``kill -9`` of the process,
+not a power loss or kernel crash)."""
 
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes the WAL file is truncated to after a checkpoint, so it cannot stay large forever."""
@@ -84,14 +95,35 @@ def _connect(path: str | Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
-def open_writer(path: str | Path, busy_timeout: float) -> sqlite3.Connection:
-    """Open the writing connection: WAL, ``synchronous=FULL``, schema created or checked.
+def open_writer(path: str | Path, busy_timeout: float, sync: str = "full") -> sqlite3.Connection:
+    """Open the writing connection: WAL, schema created or checked, then set up for ``sync`` (one
+    of :data:`SYNC_MODES`; see the module docstring). Creating or migrating the schema waits up
+    to ``busy_timeout`` for the write lock whatever ``sync`` is.
 
-    Raises :class:`SchemaError` if the file holds a newer schema than :data:`SCHEMA_VERSION`.
+    Raises :class:`SchemaError` if the file holds a newer schema than :data:`SCHEMA_VERSION`,
+    ``ValueError`` for an unknown ``sync``.
     """
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, got {sync!r}")
     conn = _connect(path, busy_timeout)
     try:
         _configure_writer(conn, path, busy_timeout)
+        if sync == "normal":
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute("PRAGMA busy_timeout=0")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def open_checkpointer(path: str | Path, busy_timeout: float) -> sqlite3.Connection:
+    """Open a connection that only checkpoints the WAL of an existing store file (it writes no
+    rows; its checkpoints fsync, ``synchronous=NORMAL``)."""
+    conn = _connect(path, busy_timeout)
+    try:
+        conn.execute("PRAGMA synchronous=NORMAL")
     except BaseException:
         conn.close()
         raise
