@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
@@ -96,10 +96,22 @@ class Hub:
         self._queued_size = 0  # events (and closes) queued
         self._fanout_parked: trio.lowlevel.Task | None = None
         self._recent: dict[str, float] = {}  # streams fanned out less than ``coalesce`` ago: when
+        self._on_interest: Callable[[str, bool], None] | None = None
+
+    def set_interest_listener(self, listener: Callable[[str, bool], None] | None) -> None:
+        """Have ``listener(stream, watched)`` called, synchronously, when ``stream`` gains its first
+        watcher here (``watched`` True, inside :meth:`add`, so before the watcher's first store
+        read) or loses its last one (False); ``None`` stops the calls."""
+        self._on_interest = listener
 
     def add(self, stream: str, watcher: Watcher) -> None:
         """Register ``watcher`` for ``stream`` (synchronous; no await before the caller reads)."""
-        self._watchers.setdefault(stream, {})[watcher] = None
+        watchers = self._watchers.get(stream)
+        if watchers is None:
+            watchers = self._watchers[stream] = {}
+            if self._on_interest is not None:
+                self._on_interest(stream, True)
+        watchers[watcher] = None
         self.stats.subscriptions += 1
         self.stats.subscriptions_total += 1
 
@@ -112,6 +124,8 @@ class Hub:
                 del self._watchers[stream]
                 self._heads.pop(stream, None)
                 self._drop_tail(stream)
+                if self._on_interest is not None:
+                    self._on_interest(stream, False)
 
     def watcher_count(self, stream: str) -> int:
         """How many watchers ``stream`` has on this worker."""
