@@ -139,6 +139,7 @@ def _open_bus(
         reconcile_interval=b.reconcile_interval,
         rescan_interval=b.rescan_interval,
         max_peers=b.max_peers,
+        max_interest=b.max_interest,
     )
 
 

@@ -151,6 +151,7 @@ class BusConfig:
     reconcile_interval: float = 1.0
     rescan_interval: float = 1.0
     max_peers: int = 256
+    max_interest: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)

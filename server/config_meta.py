@@ -171,6 +171,10 @@ META: dict[str, Meta] = {
     ),
     "bus.rescan_interval": Meta("Seconds between scans of the runtime directory for workers that came or went"),
     "bus.max_peers": Meta("Most other workers one worker sends notices to"),
+    "bus.max_interest": Meta(
+        "Most streams a worker remembers another worker watches (interest routing); a worker watching "
+        "more is sent every notice"
+    ),
     "http.max_connection_age": Meta(
         "Seconds after which a connection is asked to close gracefully, so clients rebalance (0: never)",
         NON_NEGATIVE_SECONDS,

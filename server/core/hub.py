@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
@@ -101,10 +101,22 @@ class Hub:
         # Ordering of notices per stream (a late notice of one worker behind another's later one).
         self._order = Sequencer(reorder_window)
         self._gap_scope: trio.CancelScope | None = None  # the gap reader's sleep, while it sleeps
+        self._on_interest: Callable[[str, bool], None] | None = None
+
+    def set_interest_listener(self, listener: Callable[[str, bool], None] | None) -> None:
+        """Have ``listener(stream, watched)`` called, synchronously, when ``stream`` gains its first
+        watcher here (``watched`` True, inside :meth:`add`, so before the watcher's first store
+        read) or loses its last one (False); ``None`` stops the calls."""
+        self._on_interest = listener
 
     def add(self, stream: str, watcher: Watcher) -> None:
         """Register ``watcher`` for ``stream`` (synchronous; no await before the caller reads)."""
-        self._watchers.setdefault(stream, {})[watcher] = None
+        watchers = self._watchers.get(stream)
+        if watchers is None:
+            watchers = self._watchers[stream] = {}
+            if self._on_interest is not None:
+                self._on_interest(stream, True)
+        watchers[watcher] = None
         self.stats.subscriptions += 1
         self.stats.subscriptions_total += 1
 
@@ -118,6 +130,8 @@ class Hub:
                 self._heads.pop(stream, None)
                 self._drop_tail(stream)
                 self._order.forget(stream)
+                if self._on_interest is not None:
+                    self._on_interest(stream, False)
 
     def watcher_count(self, stream: str) -> int:
         """How many watchers ``stream`` has on this worker."""

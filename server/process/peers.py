@@ -3,8 +3,11 @@
 Each worker binds an ``AF_UNIX`` datagram socket ``worker-<ident>.sock`` (``ident``: its PID by
 default) in a runtime directory shared by the host's workers (systemd's ``RuntimeDirectory``).
 The store's listener hears only this worker's own commits; :meth:`PeerBus.broadcast` sends each
-of them to every other worker, and the receiving task feeds what arrives to the local hub as if
-it had been committed here. Nothing is shared but the store file and these messages.
+of them to every other worker that has watchers on its stream (interest routing,
+:mod:`server.process.interest`: each worker tells the others which streams it watches; a worker
+whose interest is not known is sent everything), and the receiving task feeds what arrives to
+the local hub as if it had been committed here. Nothing is shared but the store file and these
+messages.
 
 Notices committed in one scheduling pass share datagrams (format: :mod:`server.process.peers_wire`),
 each encoded once for all peers, one ``sendto`` per peer and datagram. Sending never blocks: a
@@ -16,8 +19,9 @@ Loss is repaired from the store, the source of truth. Live, a subscription check
 event is the next ``seq`` of its epoch, so a missed notice followed by any later one sends it
 back to the store; hints do the same without the payload. For a notice that is missed with
 nothing after it, every ``reconcile_interval`` the bus reads the head (epoch, last seq, closed)
-of every stream watched on this worker in one batched store read and hands each to
-:meth:`server.core.hub.Hub.on_hint`, which wakes only the watchers that are behind.
+of the streams watched on this worker that heard of no change for an interval (or are suspect: a
+hint, an interest not acknowledged in time, found behind) in one batched store read and hands
+each to :meth:`server.core.hub.Hub.on_hint`, which wakes only the watchers that are behind.
 
 Discovery: on start a worker lists the directory, says hello to every worker there and waits
 (at most ``hello_timeout``) for their welcomes, so that every commit they make afterwards is
@@ -27,14 +31,10 @@ vanished sockets forgotten. On exit a worker says bye and removes its socket fil
 
 from __future__ import annotations
 
-import errno
 import logging
-import math
 import os
-import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
 
 import trio
 
@@ -42,257 +42,34 @@ from server.core.groups import lone_error_unwrapped
 from server.core.hub import Hub
 from server.process import peers_dir as files
 from server.process import peers_wire as wire
-from server.store.base import Appended, Closed, Deleted, Head, Notice, Store
+from server.process.interest import ack_datagram
+from server.process.peers_send import BusSender, Peer
+from server.process.peers_stats import BusStats
+from server.store.base import Appended, Closed, Deleted, Store
+
+__all__ = ["BusStats", "PeerBus", "open_peer_bus"]
 
 log = logging.getLogger(__name__)
-
-MAX_OWED = 1024
-"""Streams one peer may be owed hints for; beyond, it is owed one resync instead."""
 
 RECV_BATCH = 256
 """Datagrams handled per wake-up of the receiving task before other tasks run."""
 
-RECONCILE_MAX_STREAMS = 50_000
-RECONCILE_GRACE = 0.1  # seconds a head read waits for notices in flight before it counts as news
-"""Streams checked per reconciliation pass; with more, successive passes take turns."""
-
-RETRY_MIN, RETRY_MAX = 0.005, 0.25
-"""Backoff bounds (seconds) for resending what a peer is owed."""
+INTEREST_KINDS = frozenset(range(wire.INTEREST, wire.INTEREST_NEED + 1))
 
 
-@dataclass(slots=True)
-class BusStats:
-    """What the bus has done since it opened (read them, do not write them)."""
-
-    sent: int = 0  # datagrams sent (one per peer and datagram)
-    received: int = 0  # datagrams received
-    send_failures: int = 0  # datagrams a peer could not take (queue full, socket gone or refusing)
-    hints_sent: int = 0  # hint items sent to peers: events too big for a datagram, or owed after a failure
-    hints_received: int = 0
-    resyncs_sent: int = 0  # peers told to check the store for everything (they were owed too much)
-    reconciles: int = 0  # reconciliation passes (only when something is watched here)
-    repairs: int = 0  # streams whose watchers reconciliation found behind the store
-    peers: int = 0  # workers currently known
-    peers_lost: int = 0  # workers forgotten because their socket vanished or refused
-    bad: int = 0  # datagrams or items that could not be decoded (each triggers a reconciliation)
-
-    def as_dict(self) -> dict[str, int]:
-        """A snapshot, for tests and metrics."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(eq=False, slots=True)
-class _Peer:
-    path: str
-    owed: dict[str, Head] = field(default_factory=dict)  # stream -> newest head it missed
-    resync: bool = False  # owed a resync (covers every stream)
-    gone: bool = False
-
-    @property
-    def owes(self) -> bool:
-        return self.resync or bool(self.owed)
-
-
-class PeerBus:
+class PeerBus(BusSender):
     """One worker's end of the host's notice bus. Obtain it from :func:`open_peer_bus`.
 
-    Promises: every change passed to :meth:`broadcast` is sent to every known peer, or that peer
-    is owed a hint for the stream, resent until it has room; what a peer receives it hands to its
-    hub (:meth:`Hub.on_notice` with ``remote=True``, :meth:`Hub.on_hint`); and every
-    ``reconcile_interval`` the store's head of every locally watched stream is checked, so even a
-    notice lost entirely is delivered within about one interval. Everything runs on the trio
-    thread; nothing blocks.
+    Promises: every change passed to :meth:`broadcast` is sent to every known peer that watches
+    its stream or whose interest is unknown, or that peer is owed a hint for the stream, resent
+    until it has room; what a peer receives it hands to its hub (:meth:`Hub.on_notice` with
+    ``remote=True``, :meth:`Hub.on_hint`); a stream that starts being watched here is read from
+    the store once every peer acknowledged the interest (or after ``hello_timeout``), so nothing a
+    peer committed before it knew is missed; and every ``reconcile_interval`` the store's head of
+    every locally watched stream that heard of no change for an interval (or is suspect) is
+    checked, so even a notice lost entirely is delivered within about two intervals. Everything
+    runs on the trio thread; nothing blocks.
     """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        path: str,
-        ino: int,
-        hub: Hub,
-        store: Store,
-        *,
-        max_datagram: int,
-        reconcile_interval: float,
-        rescan_interval: float,
-        max_peers: int,
-    ) -> None:
-        self.path = path
-        self.directory = os.path.dirname(path)
-        self.stats = BusStats()
-        self._sock = sock
-        self._ino = ino  # of our socket file: remove only that one
-        self._hub = hub
-        self._store = store
-        self._recv_size = max_datagram
-        # A datagram may not exceed the socket's send buffer (less the kernel's 32-byte margin).
-        sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        self.max_datagram = max(1024, min(max_datagram, sndbuf - 64))
-        self._budget = self.max_datagram - wire.HEADER_MAX
-        self._reconcile_interval = reconcile_interval
-        self._rescan_interval = rescan_interval
-        self._max_peers = max_peers
-        self._peers: dict[str, _Peer] = {}
-        self._refused: dict[str, int] = {}  # path -> inode of a socket file that refused
-        self._pending: list[bytes] = []
-        self._pending_keys: list[wire.Key] = []
-        self._pending_size = 0
-        self._pending_hints = 0
-        self._flush_wanted = trio.Event()
-        self._owing = trio.Event()
-        self._reconcile_wanted = trio.Event()
-        self._awaiting: set[str] = set()
-        self._welcomed = trio.Event()
-        self._cursor = 0
-        self._closed = False
-
-    # -- sending ------------------------------------------------------------------------------
-
-    def peer_paths(self) -> list[str]:
-        """The socket paths of the workers this one currently sends to."""
-        return list(self._peers)
-
-    def broadcast(self, notice: Notice) -> None:
-        """Send a change this worker committed to every peer (the store's listener calls this).
-
-        Synchronous and non-blocking: the notice is encoded once and queued; the queue is sent at
-        the end of the current scheduling pass (sooner when a datagram is full).
-        """
-        if self._closed or not self._peers:
-            return
-        for item, key, hint in wire.encode_notice(notice, self._budget):
-            if self._pending_size + len(item) > self._budget:
-                self._flush()
-            self._pending.append(item)
-            self._pending_keys.append(key)
-            self._pending_size += len(item)
-            self._pending_hints += hint
-        self._flush_wanted.set()
-
-    def _flush(self) -> None:
-        """Send the queued items as one datagram to every peer."""
-        if not self._pending:
-            return
-        data, keys, hints = wire.datagram(self._pending), self._pending_keys, self._pending_hints
-        self._pending, self._pending_keys, self._pending_size, self._pending_hints = [], [], 0, 0
-        for peer in tuple(self._peers.values()):
-            if peer.owes and not self._send_owed(peer):
-                self._owe(peer, keys)  # still no room: do not even try
-            elif self._send(peer, data):
-                self.stats.hints_sent += hints
-            else:
-                self._owe(peer, keys)
-
-    def _send(self, peer: _Peer, data: bytes) -> bool:
-        """One ``sendto``; on a full queue return False, on a dead peer forget it and return False."""
-        try:
-            self._sock.sendto(data, peer.path)
-        except (BlockingIOError, InterruptedError):
-            self.stats.send_failures += 1
-            return False
-        except OSError as exc:
-            self.stats.send_failures += 1
-            if exc.errno in (errno.ENOBUFS, errno.ENOMEM, errno.EMSGSIZE):
-                return False  # transient, or too big for this socket: owed hints are small
-            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                log.warning("peer bus: forgetting %s: %s", peer.path, exc)
-            self._forget(peer, refused=exc.errno == errno.ECONNREFUSED)
-            return False
-        self.stats.sent += 1
-        return True
-
-    def _owe(self, peer: _Peer, keys: Sequence[wire.Key]) -> None:
-        """Record that ``peer`` missed the items described by ``keys``."""
-        if peer.gone:
-            return
-        self._owing.set()
-        if peer.resync:
-            return  # a resync covers everything
-        owed = peer.owed
-        for stream, head in keys:
-            if head is None:
-                owed.pop(stream, None)  # deleted: nothing left to read
-            elif stream in owed or len(owed) < MAX_OWED:
-                owed[stream] = head  # keys are in commit order: the newest wins
-            else:
-                owed.clear()
-                peer.resync = True
-                return
-
-    def _send_owed(self, peer: _Peer) -> bool:
-        """Send what ``peer`` is owed; True once it is owed nothing."""
-        if peer.resync:
-            if not self._send(peer, wire.RESYNC_DGRAM):
-                return False
-            peer.resync = False
-            self.stats.resyncs_sent += 1
-        owed = peer.owed
-        while owed:
-            items: list[bytes] = []
-            size = 0
-            for stream, head in owed.items():
-                item = wire.hint_item(stream, head)
-                if size + len(item) > self._budget:
-                    break
-                items.append(item)
-                size += len(item)
-            if not self._send(peer, wire.datagram(items)):
-                return False
-            for stream in list(owed)[: len(items)]:
-                del owed[stream]
-            self.stats.hints_sent += len(items)
-        return True
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._flush_wanted.wait()
-            self._flush_wanted = trio.Event()
-            self._flush()
-
-    async def _retry_loop(self) -> None:
-        """Resend what peers are owed, backing off while they stay full."""
-        while True:
-            await self._owing.wait()
-            self._owing = trio.Event()
-            delay = RETRY_MIN
-            while True:
-                await trio.sleep(delay)
-                owing = False
-                for peer in tuple(self._peers.values()):
-                    if peer.owes and not self._send_owed(peer) and not peer.gone:
-                        owing = True
-                if not owing:
-                    break
-                delay = min(delay * 2, RETRY_MAX)
-
-    # -- peers --------------------------------------------------------------------------------
-
-    def _add(self, path: str) -> _Peer | None:
-        peer = self._peers.get(path)
-        if peer is not None:
-            return peer
-        if path == self.path or os.path.dirname(path) != self.directory or len(self._peers) >= self._max_peers:
-            return None
-        peer = self._peers[path] = _Peer(path)
-        self._refused.pop(path, None)
-        self.stats.peers = len(self._peers)
-        return peer
-
-    def _forget(self, peer: _Peer, *, refused: bool = False, lost: bool = True) -> None:
-        peer.gone = True
-        if self._peers.get(peer.path) is peer:
-            del self._peers[peer.path]
-            self.stats.peers = len(self._peers)
-            self.stats.peers_lost += int(lost)
-            ino = files.inode(peer.path) if refused else None
-            if ino is not None:  # a socket file left behind: ignore it until it is replaced
-                self._refused[peer.path] = ino
-        self._welcome(peer.path)
-
-    def _welcome(self, path: str) -> None:
-        self._awaiting.discard(path)
-        if not self._awaiting:
-            self._welcomed.set()
 
     def rescan(self) -> None:
         """List the runtime directory now: add workers that came, forget those whose socket vanished.
@@ -308,6 +85,10 @@ class PeerBus:
         for path, ino in found.items():
             if self._refused.get(path) != ino:
                 self._add(path)
+        check = self._interest.check()  # peers holding another version ask for the whole set
+        for peer in tuple(self._peers.values()):
+            if not peer.announce:
+                self._send(peer, check)
 
     async def _rescan_loop(self) -> None:
         while True:
@@ -385,18 +166,25 @@ class PeerBus:
         kind = item[0]
         hub = self._hub
         if kind == wire.EVENTS:
-            if hub.watcher_count(wire.text(item[1])):
+            stream = wire.text(item[1])
+            if hub.watcher_count(stream):
+                self._fresh.heard(stream, trio.current_time())
                 hub.on_notice(Appended(wire.events_of(item)), remote=True)
         elif kind == wire.HINT:
             self.stats.hints_received += 1
-            hub.on_hint(wire.text(item[1]), wire.text(item[2]), wire.count(item[3]), wire.flag(item[4]))
+            stream = wire.text(item[1])
+            self._fresh.suspect((stream,))
+            hub.on_hint(stream, wire.text(item[2]), wire.count(item[3]), wire.flag(item[4]))
         elif kind == wire.CLOSED:
-            hub.on_notice(Closed(wire.text(item[1]), wire.text(item[2]), wire.count(item[3])), remote=True)
+            stream = wire.text(item[1])
+            self._fresh.heard(stream, trio.current_time())
+            hub.on_notice(Closed(stream, wire.text(item[2]), wire.count(item[3])), remote=True)
         elif kind == wire.DELETED:
             hub.on_notice(Deleted(wire.text(item[1])), remote=True)
         elif kind == wire.HELLO:
             peer = self._add(sender) if sender else None
             if peer is not None:
+                self._restarted(peer)
                 self._send(peer, wire.WELCOME_DGRAM)
         elif kind == wire.WELCOME:
             if sender:
@@ -408,48 +196,82 @@ class PeerBus:
                 self._forget(peer, lost=False)
         elif kind == wire.RESYNC:
             self.request_reconcile()
+        elif kind in INTEREST_KINDS:
+            peer = self._peers.get(sender)
+            if peer is not None:
+                self._on_interest_item(peer, kind, item)
+
+    def _restarted(self, peer: Peer) -> None:
+        """``peer`` (re)started: it knows nothing of our interest, and what it told is void."""
+        peer.interest.reset()
+        peer.announce, peer.acked = True, -1
+        self._flush_wanted.set()
+
+    def _on_interest_item(self, peer: Peer, kind: object, item: list[object]) -> None:
+        """Act on an interest item from ``peer``: apply it and queue the reply (see :mod:`.interest`)."""
+        if kind == wire.INTEREST_NEED:
+            peer.announce = True
+            self._flush_wanted.set()
+            return
+        gen, version = wire.count(item[1]), wire.count(item[2])
+        if kind == wire.INTEREST_ACK:
+            if gen == self._interest.gen and version > peer.acked:
+                peer.acked = version
+                self._interest_wake.set()
+            return
+        theirs = peer.interest
+        done: bool | None
+        if kind == wire.INTEREST_CHECK:
+            done = theirs.check(gen, version)
+        else:
+            self.stats.interest_received += 1
+            if kind == wire.INTEREST:
+                added, removed = wire.texts(item[4]), wire.texts(item[5])
+                done = theirs.apply_change(gen, version, wire.count(item[3]), added, removed)
+            else:
+                streams = wire.texts(item[5])
+                done = theirs.apply_part(gen, version, wire.count(item[3]), wire.flag(item[4]), streams)
+        if done is None:
+            return
+        peer.reply = ack_datagram(theirs.gen or 0, theirs.version) if done else wire.INTEREST_NEED_DGRAM
+        self._flush_wanted.set()
 
     # -- reconciliation -----------------------------------------------------------------------
 
     def request_reconcile(self) -> None:
-        """Run a reconciliation pass soon (also when periodic passes are off)."""
-        self._reconcile_wanted.set()
+        """Run a reconciliation pass over every watched stream soon (also when periodic passes are off)."""
+        self._recon.request()
 
-    async def reconcile(self) -> int:
-        """Check the store's head of every stream watched on this worker; return how many were behind.
+    async def reconcile(self, *, everything: bool = True) -> int:
+        """Check the store's heads of the streams watched here (see :mod:`.reconcile`); how many were behind.
 
-        Watchers that are behind are woken (:meth:`Hub.on_hint`) and catch up from the store.
-        One batched store read; at most :data:`RECONCILE_MAX_STREAMS` streams, taking turns.
-        """
-        streams = self._hub.streams()
-        if not streams:
-            return 0
-        if len(streams) > RECONCILE_MAX_STREAMS:
-            start = self._cursor % len(streams)
-            streams = (streams[start:] + streams[:start])[:RECONCILE_MAX_STREAMS]
-            self._cursor = start + RECONCILE_MAX_STREAMS
-        heads = await self._store.heads(streams)
-        # The read may see commits whose notices are still on their way (a datagram in flight, the
-        # committing writer not yet back on its thread): give them a moment, so that a race does
-        # not send every subscriber of a busy stream back to the store for nothing.
-        await trio.sleep(RECONCILE_GRACE)
-        self.stats.reconciles += 1
-        behind = 0
-        for stream, head in heads.items():
-            behind += int(self._hub.on_hint(stream, head.epoch, head.last_seq, head.closed))
-        self.stats.repairs += behind
-        return behind
+        ``everything``: every watched stream; else (what a periodic pass does) only those that
+        heard of no change for an interval, or are suspect."""
+        return await self._recon.reconcile(everything=everything)
 
-    async def _reconcile_loop(self) -> None:
-        interval = self._reconcile_interval if self._reconcile_interval > 0 else math.inf
+    async def _interest_loop(self) -> None:
+        """Read the head of each newly watched stream once every peer acknowledged its interest
+        (or it waited too long): what a peer committed before it knew is then delivered too."""
+        local = self._interest
         while True:
-            with trio.move_on_after(interval):
-                await self._reconcile_wanted.wait()
-            self._reconcile_wanted = trio.Event()
+            with trio.move_on_at(local.next_deadline()):
+                await self._interest_wake.wait()
+            self._interest_wake = trio.Event()
+            acked = min((p.acked for p in self._peers.values()), default=local.version)
+            done, late = local.settle(acked, trio.current_time())
+            if not self._peers:
+                continue  # nobody else commits
+            self._fresh.suspect(late)  # and the next reconciliation reads them again
+            watched = self._hub.watcher_count
+            streams = [s for s in done + late if watched(s)]
+            if not streams:
+                continue
+            self.stats.interest_reads += len(streams)
             try:
-                await self.reconcile()
+                await self._recon.hint_heads(streams)
             except Exception:
-                log.warning("peer bus: reconciliation failed", exc_info=True)
+                log.warning("peer bus: reading newly watched streams failed", exc_info=True)
+                self._fresh.suspect(streams)
 
 
 @asynccontextmanager
@@ -463,6 +285,7 @@ async def open_peer_bus(
     reconcile_interval: float = 1.0,
     rescan_interval: float = 1.0,
     max_peers: int = 256,
+    max_interest: int = 100_000,
     hello_timeout: float = 1.0,
 ) -> AsyncIterator[PeerBus]:
     """Join the bus of the workers whose sockets are in ``peers_dir``; leave it when the block exits.
@@ -475,8 +298,10 @@ async def open_peer_bus(
     that repair lost notices; ``rescan_interval`` paces directory listings; ``max_peers`` bounds
     the workers sent to. On exit: queued notices are sent, peers told bye, the file removed.
     """
-    if max_datagram < 1024 or max_peers < 1 or reconcile_interval < 0 or rescan_interval <= 0:
-        raise ValueError("max_datagram >= 1024, max_peers >= 1, reconcile_interval >= 0, rescan_interval > 0")
+    if max_datagram < 1024 or max_peers < 1 or max_interest < 1 or reconcile_interval < 0 or rescan_interval <= 0:
+        raise ValueError(
+            "max_datagram >= 1024, max_peers >= 1, max_interest >= 1, reconcile_interval >= 0, rescan_interval > 0"
+        )
     sock, path, ino = files.bind(peers_dir, ident if ident is not None else files.default_ident())
     bus = PeerBus(
         sock,
@@ -488,7 +313,12 @@ async def open_peer_bus(
         reconcile_interval=reconcile_interval,
         rescan_interval=rescan_interval,
         max_peers=max_peers,
+        max_interest=max_interest,
+        interest_wait=hello_timeout,
     )
+    for stream in hub.streams():
+        bus.on_interest(stream, True)
+    hub.set_interest_listener(bus.on_interest)
     try:
         with lone_error_unwrapped():
             async with trio.open_nursery() as nursery:
@@ -496,7 +326,8 @@ async def open_peer_bus(
                 nursery.start_soon(bus._flush_loop)
                 nursery.start_soon(bus._retry_loop)
                 nursery.start_soon(bus._rescan_loop)
-                nursery.start_soon(bus._reconcile_loop)
+                nursery.start_soon(bus._recon.run)
+                nursery.start_soon(bus._interest_loop)
                 await bus._greet(hello_timeout)
                 try:
                     yield bus
@@ -504,4 +335,5 @@ async def open_peer_bus(
                     bus._leave()
                     nursery.cancel_scope.cancel()
     finally:
+        hub.set_interest_listener(None)
         bus._release()

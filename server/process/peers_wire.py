@@ -8,7 +8,13 @@ element is its kind:
   store (an event too big for a datagram, or a notice a peer could not take when it was sent);
 * ``[2, stream, epoch, last_seq]``: the stream was closed; ``[3, stream]``: it was deleted;
 * ``[4]`` hello (a worker started: add me, then welcome me), ``[5]`` welcome, ``[6]`` bye
-  (a worker is leaving: forget me), ``[7]`` resync (you missed notices: check the store).
+  (a worker is leaving: forget me), ``[7]`` resync (you missed notices: check the store);
+* interest (:mod:`server.process.interest`), the streams the sender has watchers on, at a version
+  of a generation (one per bus): ``[8, gen, base, version, added, removed]`` a change from version
+  ``base``; ``[9, gen, version, part, final, streams]`` one part of the whole set;
+  ``[10, gen, version]`` an acknowledgement (the receiver routes by that version of the
+  addressee's interest); ``[11, gen, version]`` a check (the sender's interest is at that
+  version); ``[12]`` a request for the whole set.
 
 Items are read by position, so a later version may append fields; unknown kinds are ignored.
 Items are encoded once and concatenated under a hand-made array header, so notices committed
@@ -28,6 +34,7 @@ VERSION = 1
 """Format version: the first element of every datagram."""
 
 EVENTS, HINT, CLOSED, DELETED, HELLO, WELCOME, BYE, RESYNC = range(8)
+INTEREST, INTEREST_FULL, INTEREST_ACK, INTEREST_CHECK, INTEREST_NEED = range(8, 13)
 """Item kinds."""
 
 HEADER_MAX = 6
@@ -56,6 +63,7 @@ HELLO_DGRAM = datagram([msgpack.packb([HELLO])])
 WELCOME_DGRAM = datagram([msgpack.packb([WELCOME])])
 BYE_DGRAM = datagram([msgpack.packb([BYE])])
 RESYNC_DGRAM = datagram([msgpack.packb([RESYNC])])
+INTEREST_NEED_DGRAM = datagram([msgpack.packb([INTEREST_NEED])])
 
 
 def hint_item(stream: str, head: Head) -> bytes:
@@ -129,6 +137,13 @@ def events_of(item: list[object]) -> list[Event]:
         Event(stream, epoch, seq + i, text(flat[j]), _bytes(flat[j + 1]), flag(flat[j + 2]))
         for i, j in enumerate(range(0, len(flat), 3))
     ]
+
+
+def texts(value: object) -> list[str]:
+    """``value`` if it is a list of strings, else ``TypeError``."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("expected a list of strings")
+    return value
 
 
 def text(value: object) -> str:
