@@ -267,6 +267,9 @@ class H1Exchange:
         if self._body is not None:
             self._d.park()
             self._parked = True
+            # the request is parsed and read: its raw header fields (about 1.5 KiB for a browser's
+            # request) need not outlive the head for the whole of a long stream
+            self.message.headers = []
         await trio.lowlevel.checkpoint()
         return self
 
