@@ -36,6 +36,17 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _CLOSING_STATUS = frozenset({408, 413})  # errors about the request body: the connection ends after them
 
 
+def _read_message() -> Message:
+    msg = Message(b"", b"", [], True)
+    msg.complete = True
+    return msg
+
+
+_READ = _read_message()
+"""What an exchange whose request was read in full keeps in place of its request's record while
+its stream runs (shared, never changed: nothing parses into it)."""
+
+
 class H1Exchange:
     """One HTTP/1.1 request: the :class:`~server.http.base.Exchange` and its response stream."""
 
@@ -267,9 +278,10 @@ class H1Exchange:
         if self._body is not None:
             self._d.park()
             self._parked = True
-            # the request is parsed and read: its raw header fields (about 1.5 KiB for a browser's
-            # request) need not outlive the head for the whole of a long stream
-            self.message.headers = []
+            # the request is parsed and read: its record and raw header fields (about 1.5 KiB for
+            # a browser's request) need not outlive the head for the whole of a long stream
+            if not self.message.upgrade:
+                self.message = _READ
         await trio.lowlevel.checkpoint()
         return self
 

@@ -171,6 +171,10 @@ class H1Parser:
             self._last = None
             self._url = b""
             self._headers = []
+            if not self._pending:
+                self._pending = bytearray()  # a consumed bytearray keeps its whole buffer
+            if not self.queue:
+                self.queue = []
 
     # -- parsing --------------------------------------------------------------------------------
 
