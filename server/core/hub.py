@@ -313,7 +313,7 @@ class Hub:
         how many events (and closes) they hold, and when the first of them may go. The caller
         takes the rest (:meth:`_take_queued`, which zeroes the count) and puts these back."""
         recent, window = self._recent, self.coalesce
-        for stream in [s for s, at in recent.items() if now - at >= window]:
+        for stream in [s for s, at in recent.items() if at + window <= now]:  # as `due` is: no float gap
             del recent[stream]
         held: dict[str, list[list[EncodedEvent] | Closed]] = {}
         size, due = 0, math.inf
