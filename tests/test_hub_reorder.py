@@ -4,46 +4,17 @@ store read each; a gap that stays open is read from the store once for all of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import trio
 import trio.testing
 
-from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import NewEvent
 from server.core.hub import Hub
-from server.core.replay import Reset, Start
+from server.core.replay import Start
 from server.store.base import Notice, Retention
 from server.store.memory import MemoryStore
+from tests.test_hub_property import BatchRecorder as Recorder
 
 KEEP_ALL = Retention(max_events=0, max_bytes=0, max_age=0)
-
-
-@dataclass
-class Recorder:
-    ids: list[str] = field(default_factory=list)
-    resets: list[str] = field(default_factory=list)
-
-    def deliver(self, enc: EncodedEvent) -> bool:
-        self.ids.append(enc.id)
-        return True
-
-    def deliver_batch(self, batch: EventBatch) -> bool:
-        self.ids += [e.id for e in batch.encs]
-        return True
-
-    def reset(self, reset: Reset) -> bool:
-        self.resets.append(reset.reason)
-        return True
-
-    def end(self) -> None:
-        pass
-
-    def idle(self) -> bool:
-        return True
-
-    async def drain(self) -> None:
-        await trio.lowlevel.checkpoint()
 
 
 class CountingStore(MemoryStore):
@@ -82,7 +53,7 @@ async def _setup(
     notices.clear()
     await trio.testing.wait_all_tasks_blocked()
     for rec in recs:
-        rec.ids.clear()
+        rec.got.clear()
     store.reads = 0
     return store, hub, recs, notices
 
@@ -95,10 +66,10 @@ async def test_a_notice_that_overtakes_an_earlier_one_waits_for_it() -> None:
             first, second = notices
             hub.on_notice(second, remote=True)  # the other worker's datagram came first
             await trio.testing.wait_all_tasks_blocked()
-            assert all(rec.ids == [] for rec in recs)
+            assert all(rec.got == [] for rec in recs)
             hub.on_notice(first)
             await trio.testing.wait_all_tasks_blocked()
-            assert all(rec.ids == ids for rec in recs)
+            assert all(rec.got == ids for rec in recs)
             assert hub.stats.reordered == 1
             assert hub.stats.replayed == 0 and store.reads == 0  # nobody went back to the store
             assert all(s.live for s in hub._watchers["s"])  # type: ignore[attr-defined]
@@ -112,10 +83,10 @@ async def test_a_gap_that_stays_open_is_read_once_for_every_subscriber(autojump_
             ids = [(await store.append("s", [NewEvent("message", b"%d" % k)])).ids[0] for k in (2, 3, 4)]
             hub.on_notice(notices[2], remote=True)  # 1 and 2 never come (their datagrams were lost)
             await trio.sleep(0.049)
-            assert all(rec.ids == [] for rec in recs) and store.reads == 0
+            assert all(rec.got == [] for rec in recs) and store.reads == 0
             await trio.sleep(0.01)
             await trio.testing.wait_all_tasks_blocked()
-            assert all(rec.ids == ids for rec in recs)
+            assert all(rec.got == ids for rec in recs)
             assert store.reads == 1 and hub.stats.gap_reads == 1
             assert hub.stats.replayed == 0 and hub.stats.gaps_given_up == 0
             nursery.cancel_scope.cancel()
@@ -133,5 +104,5 @@ async def test_a_gap_the_store_no_longer_has_is_passed_on_and_each_subscriber_is
             await trio.testing.wait_all_tasks_blocked()
             assert hub.stats.gaps_given_up == 1
             for rec in recs:  # what the store says: the history after their position is gone
-                assert rec.resets == ["gone"] and rec.ids == [ids[2]]
+                assert [r.reason for r in rec.resets] == ["gone"] and rec.got == [ids[2]]
             nursery.cancel_scope.cancel()
