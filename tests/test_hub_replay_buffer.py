@@ -119,14 +119,38 @@ async def test_a_hint_past_the_buffer_sends_the_resume_to_the_store() -> None:
             store.set_listener(hub.on_notice)
             info = await store.info("s")
             assert info is not None
-            hub.on_hint("s", info.epoch, info.last_seq)  # ...only hears that they exist
-            await trio.testing.wait_all_tasks_blocked()
             store.reads = 0
+            hub.on_hint("s", info.epoch, info.last_seq)  # ...only hears that they exist
             rec = BatchRecorder()
             await _live(hub, nursery, rec, start=after(ids[1]))
             assert rec.ids == ids[2:]  # all of them, not only what the buffer holds
-            assert store.reads >= 1
+            assert store.reads >= 1  # the store answered for the two (to the watcher or to this one)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_crowd_resuming_where_the_buffer_knew_nothing_reads_the_store_about_once() -> None:
+    """What a deploy or a balancer failover causes: everyone comes back to a stream whose latest
+    events were published while nobody here watched it. The first catch-up's page fills the
+    buffer; the others resume from it, each still getting every event once, in order."""
+    store, hub = buffered_hub()
+    ids = await _publish(store, 8)  # nobody watches here: the buffer holds none of them
+    store.reads = store.infos = 0
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            first = BatchRecorder()
+            await _live(hub, nursery, first, start=after(ids[2]))
+            crowd = [BatchRecorder() for _ in range(50)]
+            for k, rec in enumerate(crowd):
+                await _live(hub, nursery, rec, start=after(ids[2 + k % 3]))
+            assert first.ids == ids[3:]
+            for k, rec in enumerate(crowd):
+                assert rec.writes == [ids[3 + k % 3 :]]
+            assert (store.infos, store.reads) == (1, 1)
+            more = await _publish(store, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert all(rec.ids[-2:] == more for rec in crowd)
+            nursery.cancel_scope.cancel()
+
 
 
 async def test_a_closed_stream_ends_a_resume_from_the_buffer_position() -> None:

@@ -410,6 +410,24 @@ class Hub:
             return None
         return tail
 
+    def on_page(self, stream: str, encs: list[EncodedEvent], epoch: str, last_seq: int) -> None:
+        """A store read found ``stream`` at ``last_seq`` of ``epoch`` (open) and returned ``encs``,
+        the events up to it (one epoch, consecutive, possibly none). They join the replay buffer
+        and, when they reach that head, the head is told to the watchers (:meth:`on_hint`): the
+        buffer then answers later resumes of this stream, so a crowd reconnecting to one stream
+        reads the store about once instead of once each."""
+        if stream not in self._watchers or not encs:
+            return
+        known = self._heads.get(stream)
+        if known is not None and known[0] != epoch:
+            return  # another epoch than this worker knows of: leave it to the store reads
+        tails = self.tails
+        tails.extend(stream, encs)  # starts the tail, or extends it when it follows on
+        tails.prepend(stream, encs)  # or joins in front of newer events that came live meanwhile
+        self.stats.replay_buffered = tails.size
+        if encs[-1].event.seq == last_seq:
+            self.on_hint(stream, epoch, last_seq)
+
     def on_hint(self, stream: str, epoch: str, last_seq: int, closed: bool = False) -> bool:
         """``stream`` reached ``last_seq`` of ``epoch`` (and is ``closed``), as another worker or
         the store says; the events themselves did not come through :meth:`on_notice`.

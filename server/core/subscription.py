@@ -371,8 +371,8 @@ class Subscription:
                     self.last_seq = info.last_seq
                 continue
             encs = [EncodedEvent(ev) for ev in page.events]
-            if encs:
-                hub.tails.prepend(self.stream, encs)
+            if not info.closed:
+                hub.on_page(self.stream, encs, info.epoch, info.last_seq)
             delivered = 0
             if encs and not self.done and encs[0].event.seq == self.last_seq + 1:
                 # Consecutive from where it stands (pages are): every event in one write.
