@@ -86,8 +86,8 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 
 
 def plot(result: dict[str, Any], directory: Path, name: str) -> list[Path]:
-    """PNG plots of a run: latency over time, and connections and reconnects over time, each
-    restart, kill and storm marked. Returns the files written."""
+    """PNG plots of a run: latency over time (when anything was delivered), and connections and
+    reconnects over time, each restart, kill and storm marked. Returns the files written."""
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -138,20 +138,24 @@ def figures(result: dict[str, Any]) -> list[tuple[str, Any]]:
             ax.set_xlim(*span)
         ax.grid(True, alpha=0.3)
 
+    def latency_figure(series: dict[str, list[Any]]) -> Any:
+        fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+        for key, style in (("p50", "-"), ("p99", "-"), ("max", ":")):
+            ax.plot(t, [y if y is not None and y > 0 else float("nan") for y in series[key]], style, label=key)
+        frame(ax)
+        ax.set_ylabel("publish → deliver, ms")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain())
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        ax.set_title(title)
+        fig.legend(loc="outside lower center", ncols=3, frameon=False)  # below the axes, off the data
+        marks(ax)
+        return fig
+
     out: list[tuple[str, Any]] = []
-    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
-    for key, style in (("p50", "-"), ("p99", "-"), ("max", ":")):
-        ys = [row["latency"].get(key) for row in tl]
-        ax.plot(t, [y if y is not None else float("nan") for y in ys], style, label=key)
-    frame(ax)
-    ax.set_ylabel("publish → deliver, ms")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(plain())
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
-    ax.set_title(title)
-    fig.legend(loc="outside lower center", ncols=3, frameon=False)  # below the axes, off the data
-    marks(ax)
-    out.append(("latency", fig))
+    series = {key: [row["latency"].get(key) for row in tl] for key in ("p50", "p99", "max")}
+    if any(y is not None and y > 0 for ys in series.values() for y in ys):  # none in an idle run
+        out.append(("latency", latency_figure(series)))
 
     fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
     conns = [row["connected"] for row in tl]

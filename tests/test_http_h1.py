@@ -10,8 +10,8 @@ import h11
 import pytest
 import trio
 
-from server.http.base import HttpLimits
-from tests.http_helpers import client_socket, connect, read_response, read_until_eof, running_server
+from server.http.base import Exchange, HttpLimits
+from tests.http_helpers import App, client_socket, connect, read_response, read_until_eof, running_server
 
 CURL = "/usr/bin/curl"
 
@@ -74,6 +74,34 @@ async def test_after_a_stream_ends_the_connection_serves_the_next_request() -> N
             _, _, body = await read_response(sock, buf)
             assert json.loads(body)["query"] == {"i": "2"}
             assert server.stats.connections_total == 1
+            sock.close()
+
+
+class _HeadersAfterOpen(App):
+    """Reports the request's headers before and after its streaming response's head is sent."""
+
+    async def __call__(self, ex: Exchange) -> None:
+        if ex.request.path != "/held":
+            return await super().__call__(ex)
+        before = dict(ex.request.headers)
+        stream = await ex.open_stream(200, [("content-type", "application/json")])
+        stream.send(json.dumps({"before": before, "after": dict(ex.request.headers)}).encode())
+        await stream.finish()
+
+
+async def test_a_long_stream_holds_no_request_headers_and_the_next_request_has_its_own() -> None:
+    with trio.fail_after(10):
+        async with running_server(_HeadersAfterOpen()) as (_, port, _app):
+            sock = await connect(port)
+            buf = bytearray()
+            await sock.send(b"GET /held HTTP/1.1\r\nHost: t\r\nUser-Agent: " + b"u" * 500 + b"\r\n\r\n")
+            _, _, body = await read_response(sock, buf)
+            seen = json.loads(body)
+            assert seen["before"]["user-agent"] == "u" * 500
+            assert seen["after"] == {}  # dropped once the head was sent: not held for the stream
+            await sock.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Next: 1\r\n\r\n")
+            _, _, body = await read_response(sock, buf)
+            assert json.loads(body)["headers"] == {"host": "t", "x-next": "1"}
             sock.close()
 
 

@@ -205,6 +205,15 @@ def test_plots_keep_legends_off_the_data_and_axes_readable(tmp_path: Path) -> No
     assert [p.name for p in paths] == ["q-latency.png", "q-connections.png"]
 
 
+def test_an_idle_run_without_a_single_latency_is_plotted_without_the_latency_figure(tmp_path: Path) -> None:
+    idle = quiet_run()
+    for row in idle["timeline"]:
+        row["latency"] = {}  # nothing was published: matplotlib refuses a log axis with no data
+    idle["marks"] = []
+    paths = report.plot(idle, tmp_path, "i")
+    assert [p.name for p in paths] == ["i-connections.png"]
+
+
 # --- 2. the harness runs from a fresh clone ----------------------------------------------------
 
 def test_missing_dependencies_name_the_command_that_installs_them() -> None:

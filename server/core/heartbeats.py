@@ -12,7 +12,7 @@ from typing import NoReturn, Protocol
 
 import trio
 
-__all__ = ["BEAT_SLACK", "Beating", "HeartbeatTicker"]
+__all__ = ["BEAT_SLACK", "Beating", "HeartbeatTicker", "heartbeat_or_none"]
 
 BEAT_SLACK = 0.5
 """Heartbeat checks due within this many seconds (at most a quarter of the interval) are made
@@ -70,3 +70,8 @@ class HeartbeatTicker:
                 self._scope = None
         finally:
             self._scope = None
+
+
+def heartbeat_or_none(seconds: float) -> float | None:
+    """``None`` for a non-positive or infinite interval (no heartbeats), else ``seconds``."""
+    return seconds if 0 < seconds < math.inf else None

@@ -20,7 +20,8 @@ import trio
 
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import Event
-from server.core.heartbeats import BEAT_SLACK, HeartbeatTicker
+from server.core.heartbeats import BEAT_SLACK, HeartbeatTicker, heartbeat_or_none
+from server.core.nudge import Nudge
 from server.core.replay import Start
 from server.core.sequencer import Gap, Sequencer
 from server.core.subscription import Sink, Subscription, Watcher
@@ -35,26 +36,6 @@ log = logging.getLogger(__name__)
 FANOUT_SLICE = 0.001  # seconds of fan-out after which the fan-out task lets other tasks run
 MAX_QUEUED = 100_000  # events queued for the fan-out task past which they are fanned out at once
 GAP_READ_TIMEOUT = 5.0  # seconds one store read for a gap in the notices may take before it is given up
-
-
-class _Nudge:
-    """A watcher that only records that something happened (for long-poll waits)."""
-
-    __slots__ = ("event",)
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-
-    def on_appended(self, batch: EventBatch) -> int:
-        self.event.set()
-        return 0
-
-    def on_closed(self, notice: Closed) -> None:
-        self.event.set()
-
-    def on_hint(self, epoch: str, last_seq: int) -> bool:
-        self.event.set()
-        return True
 
 
 class Hub:
@@ -507,14 +488,10 @@ class Hub:
     @contextmanager
     def nudge(self, stream: str) -> Iterator[trio.Event]:
         """Register for ``stream`` and yield an event that is set on its next change."""
-        n = _Nudge()
+        n = Nudge()
         self.add(stream, n)
         try:
             yield n.event
         finally:
             self.remove(stream, n)
 
-
-def heartbeat_or_none(seconds: float) -> float | None:
-    """``None`` for a non-positive or infinite interval (no heartbeats), else ``seconds``."""
-    return seconds if 0 < seconds < math.inf else None

@@ -164,7 +164,8 @@ class Exchange(Protocol):
         """Send a complete response (``content-length`` is added by the engine)."""
 
     async def open_stream(self, status: int, headers: list[tuple[str, str]]) -> ResponseStream:
-        """Send the response head and return the body stream."""
+        """Send the response head and return the body stream. An engine may drop the request's
+        headers once the head is sent (HTTP/1.1 does, for long streams): read them before."""
 
     @property
     def websocket_requested(self) -> bool:

@@ -91,39 +91,38 @@ class H1Driver:
         self.conn.on_close_request(self._close_requested)
         if self.conn.close_requested:
             self.closing = True
+        # The request loop is here, not in a method of its own: one coroutine frame less held
+        # by every connection for as long as it is open.
         try:
-            await self._serve()
+            first = True
+            while first or not self.closing:
+                ex = self._exchange(await self._read_head(first))
+                if ex is None:
+                    return
+                first = False
+                self._current = ex
+                try:
+                    if ex.body_settled:
+                        self.watch(ex)
+                    try:
+                        await run_handler(self.handler, ex)
+                    finally:
+                        self.unwatch(ex)
+                    await ex.watch_stopped()
+                    if ex.ws is not None:
+                        await ex.ws.wait_finished()  # the session's reader task (run_ws) ends it
+                        return
+                    if ex.broken:
+                        return
+                finally:
+                    self._current = None
+                    ex.request.body_reader = None  # the exchange is over; and no cycle outlives it
+                if not ex.reusable:
+                    return
+                if ex.message.upgrade:  # answered without switching: HTTP goes on after it
+                    self.parser.resume()
         finally:
             self.parser.close()  # llhttp refers back to the parser: no cycle outlives the connection
-
-    async def _serve(self) -> None:
-        first = True
-        while first or not self.closing:
-            ex = self._exchange(await self._read_head(first))
-            if ex is None:
-                return
-            first = False
-            self._current = ex
-            try:
-                if ex.body_settled:
-                    self.watch(ex)
-                try:
-                    await run_handler(self.handler, ex)
-                finally:
-                    self.unwatch(ex)
-                await ex.watch_stopped()
-                if ex.ws is not None:
-                    await ex.ws.wait_finished()  # the session's reader task (run_ws) ends it
-                    return
-                if ex.broken:
-                    return
-            finally:
-                self._current = None
-                ex.request.body_reader = None  # the exchange is over; and no cycle outlives it
-            if not ex.reusable:
-                return
-            if ex.message.upgrade:  # answered without switching: HTTP goes on after it
-                self.parser.resume()
 
     def park(self) -> None:
         """A streaming response whose request was read in full has sent its head: keep no llhttp

@@ -270,7 +270,9 @@ class H1Exchange:
     async def open_stream(self, status: int, headers: list[tuple[str, str]]) -> H1Exchange:
         """Send the head of a streaming response (chunked for HTTP/1.1 clients) and return it.
 
-        If the request was read in full, the driver parks its parser until the stream ends."""
+        If the request was read in full, the driver parks its parser until the stream ends, and
+        the request's headers are dropped (``request.headers`` is empty from then on: a handler
+        reads what it needs of them before it opens the stream)."""
         data = self._head(status, headers, None)
         self._streaming = True
         self._chunked = self._http11 and self._body_ok
@@ -278,10 +280,12 @@ class H1Exchange:
         if self._body is not None:
             self._d.park()
             self._parked = True
-            # the request is parsed and read: its record and raw header fields (about 1.5 KiB for
-            # a browser's request) need not outlive the head for the whole of a long stream
+            # the request is parsed and read: its record, raw header fields and decoded headers
+            # (about 1.5 KiB for a browser's request) need not outlive the head for the whole of
+            # a long stream
             if not self.message.upgrade:
                 self.message = _READ
+                self.request.headers = {}
         await trio.lowlevel.checkpoint()
         return self
 
