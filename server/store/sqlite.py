@@ -283,11 +283,7 @@ class SqliteStore(Store):
                 except trio.EndOfChannel:
                     return
                 batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                self._take_queued(batch)
                 self._inflight = batch
                 await self._commit(batch)
                 self._inflight = []
@@ -296,6 +292,14 @@ class SqliteStore(Store):
             raise
         finally:
             self._stop_writer()
+
+    def _take_queued(self, batch: list[_Request]) -> None:
+        """Add to ``batch`` what is queued now, up to ``max_batch`` requests in all."""
+        while len(batch) < self._max_batch:
+            try:
+                batch.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
 
     async def _commit(self, batch: list[_Request]) -> None:
         try:
@@ -353,11 +357,7 @@ class SqliteStore(Store):
                 self.stats.busy_waits += 1
                 await trio.sleep(min(wait, give_up - now))
                 wait = min(wait * 2, BUSY_MAX_WAIT)
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+                self._take_queued(batch)
 
     async def _run_checkpointer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Checkpoint the WAL (``"normal"`` only) in a thread, on its own connection, so commits
