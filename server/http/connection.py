@@ -42,6 +42,7 @@ class Connection:
         "_closed",
         "_input_seen",
         "_on_close_request",
+        "_recv_scope",
         "_scope",
         "_sock",
         "_stream",
@@ -74,6 +75,7 @@ class Connection:
         self.accepted_at = trio.current_time()
         self._stream: trio.SSLStream[trio.SocketStream] | None = None
         self._scope: trio.CancelScope | None = None
+        self._recv_scope: trio.CancelScope | None = None  # TLS: the receive in progress (see interrupt_receive)
         self._closed = False
         self._on_close_request: Callable[[], None] | None = None
         self.close_requested = False  # request_close was called (drivers check it when they start)
@@ -130,12 +132,31 @@ class Connection:
     async def receive(self) -> bytes:
         """Return the next bytes from the peer; ``b""`` on EOF, reset or a closed socket."""
         if self._stream is not None:
-            try:
-                data = await self._stream.receive_some(RECV_SIZE)
-            except _TRANSPORT_ERRORS:
-                return b""
+            data: bytes | bytearray = b""
+            with trio.CancelScope() as self._recv_scope:
+                try:
+                    data = await self._stream.receive_some(RECV_SIZE)
+                except _TRANSPORT_ERRORS:
+                    data = b""
+            self._recv_scope = None
             return data if isinstance(data, bytes) else bytes(data)
         return await self._recv(RECV_SIZE, 0)
+
+    def interrupt_receive(self) -> bool:
+        """Make a :meth:`receive` waiting now return ``b""`` at once, closing nothing; False
+        (nothing done) while the send side has bytes queued, whose writer may be waiting on the
+        socket too (try again later).
+
+        On plain TCP the waiter is woken through ``trio.lowlevel.notify_closing`` (the socket stays
+        open and usable); over TLS the receive is cancelled, as a deadline would cancel it."""
+        if self._closed or self.outbox.buffered:
+            return False
+        if self._stream is not None:
+            if self._recv_scope is not None:
+                self._recv_scope.cancel()
+        else:
+            trio.lowlevel.notify_closing(self._sock)
+        return True
 
     async def _recv(self, size: int, flags: int) -> bytes:
         """``recv`` on the non-blocking socket, waiting for readability as needed; a checkpoint.

@@ -29,6 +29,7 @@ from server.http.connection import Connection
 from server.http.h1exchange import H1Exchange
 from server.http.h1parse import H1Parser, Message
 from server.http.h1wire import head_bytes
+from server.http.headtimer import TICK, HeadTimer
 from server.http.stats import HttpStats
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,13 @@ class H1Driver:
         "_budget",
         "_current",
         "_head_deadline",
-        "_idle_scope",
+        "_idle",
+        "_timer",
+        "_woken",
         "closing",
         "conn",
         "handler",
+        "head_slot",
         "limits",
         "nursery",
         "parser",
@@ -67,6 +71,7 @@ class H1Driver:
         scheme: str,
         initial: bytes,
         head_deadline: float,
+        timer: HeadTimer,
     ) -> None:
         self.conn = conn
         self.nursery = nursery
@@ -76,7 +81,10 @@ class H1Driver:
         self.scheme = scheme
         self.parser = H1Parser(limits, initial)
         self._head_deadline = head_deadline
-        self._idle_scope: trio.CancelScope | None = None
+        self._timer = timer
+        self.head_slot = -1  # the timer's slot while a head is awaited (see server.http.headtimer)
+        self._idle = False  # waiting for a request that has not started: a close request ends the wait
+        self._woken = False  # the head's wait was ended (deadline or close request): stop waiting
         self._current: H1Exchange | None = None  # the exchange being served
         self._budget = 0  # bytes the input watch may still buffer for the exchange being served
         self.closing = False  # no further requests on this connection
@@ -141,51 +149,71 @@ class H1Driver:
 
     def _close_requested(self) -> None:
         self.closing = True
-        if self._idle_scope is not None:
-            self._idle_scope.cancel()
+        if self._idle:
+            self._wake()
         if self._current is not None:
             self._current.wind_down()
+
+    def head_expired(self) -> None:
+        """The head's deadline passed (called by the server's :class:`HeadTimer`)."""
+        self._wake()
+
+    def _wake(self) -> None:
+        """End the wait for a head; while a response is still being flushed (its writer may wait
+        on the socket too), try again a tick later."""
+        self._woken = True
+        if not self.conn.interrupt_receive() and not self.conn.closed:
+            self._timer.arm(self, trio.current_time() + TICK)
 
     # -- request heads -------------------------------------------------------------------------
 
     async def _read_head(self, first: bool) -> Message | None:
         """The next request's head, or ``None``: the connection closes (refused heads are
-        answered: 400, 431, 501, or 408 when the head does not come in time)."""
+        answered: 400, 431, 501, or 408 when the head does not come in time).
+
+        The wait is bounded by the server's :class:`HeadTimer`, not by a cancel scope: on its
+        deadline, or on a close request while no request has started, the pending receive is
+        interrupted and the wait ends."""
         p = self.parser
-        now = trio.current_time()
+        limits = self.limits
         if first:
             deadline = self._head_deadline
             started = True
         else:
             started = p.started
-            deadline = now + (self.limits.header_timeout if started else self.limits.idle_timeout)
-        head_by: float | None = None  # the head's deadline, once its first bytes came while idle
-        with trio.CancelScope(deadline=deadline) as scope:
-            if not started:
-                self._idle_scope = scope
+            deadline = trio.current_time() + (limits.header_timeout if started else limits.idle_timeout)
+        timer = self._timer
+        timer.arm(self, deadline)
+        self._idle = not started
+        narrow = False  # the head's first bytes came while idle: narrow the deadline if it is not whole
+        try:
             while True:
                 msg = p.next_head()
                 if msg is not None:
-                    self._idle_scope = None
                     return msg
                 if p.error is not None:
                     if not p.eof:
                         self.stats.protocol_errors += 1
                         self._reject(*p.error)
                     return None
-                if p.eof or p.upgraded:
-                    return None
-                if head_by is not None:  # narrowed only when the head did not come whole
-                    scope.deadline = min(scope.deadline, head_by)
-                    head_by = None
+                if p.eof or p.upgraded or self._woken:
+                    break
+                if narrow:
+                    narrow = False
+                    deadline = min(deadline, trio.current_time() + limits.header_timeout)
+                    timer.arm(self, deadline)
                 data = await self.conn.receive()
+                if not data and self._woken:
+                    break
                 if data and not started:
-                    started = True
-                    self._idle_scope = None
-                    head_by = trio.current_time() + self.limits.header_timeout
+                    started = narrow = True
+                    self._idle = False
                 p.add(data)
-        self._idle_scope = None
-        if started and not self.closing:
+        finally:
+            timer.disarm(self)
+            self._idle = False
+            woken, self._woken = self._woken, False  # a wake that came with the head's last bytes is moot
+        if woken and started and not self.closing:
             self._reject(408, "timeout", "request head not received in time")
         return None
 

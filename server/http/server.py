@@ -43,6 +43,7 @@ from server.http.base import Handler, HttpLimits
 from server.http.connection import Connection
 from server.http.h1 import H1Driver
 from server.http.h2conn import PREFACE, H2Driver
+from server.http.headtimer import HeadTimer
 from server.http.hooks import NO_HOOKS, EdgeHooks, ProxyParserLike
 from server.http.listener import accept_loop
 from server.http.readwatch import ReadWatch
@@ -87,6 +88,7 @@ class HttpServer:
         self.connections: set[Connection] = set()
         self._nursery: trio.Nursery | None = None
         self._watch: ReadWatch | None = None  # input of busy HTTP/1.1 connections (see readwatch)
+        self._heads = HeadTimer()  # deadlines of HTTP/1.1 connections waiting for a request head
         self._accept_scope = trio.CancelScope()
         self._draining = False
         self._drain_done: trio.Event | None = None
@@ -131,6 +133,7 @@ class HttpServer:
                 self._nursery = connections
                 self._watch = ReadWatch()
                 connections.start_soon(self._watch.run)
+                connections.start_soon(self._heads.run)
                 if self.limits.max_connection_age > 0:
                     connections.start_soon(self._rotate)
                 with self._accept_scope:
@@ -327,7 +330,15 @@ class HttpServer:
             if stream.selected_alpn_protocol() == "h2":
                 return H2Driver(conn, nursery, self.handler, limits, self.stats, scheme="https", initial=b"")
             return H1Driver(
-                conn, nursery, self.handler, limits, self.stats, scheme="https", initial=b"", head_deadline=deadline
+                conn,
+                nursery,
+                self.handler,
+                limits,
+                self.stats,
+                scheme="https",
+                initial=b"",
+                head_deadline=deadline,
+                timer=self._heads,
             )
         data = b""
         with trio.move_on_at(deadline):
@@ -348,7 +359,15 @@ class HttpServer:
         if data.startswith(PREFACE):
             return H2Driver(conn, nursery, self.handler, limits, self.stats, scheme="http", initial=data)
         return H1Driver(
-            conn, nursery, self.handler, limits, self.stats, scheme="http", initial=data, head_deadline=deadline
+            conn,
+            nursery,
+            self.handler,
+            limits,
+            self.stats,
+            scheme="http",
+            initial=data,
+            head_deadline=deadline,
+            timer=self._heads,
         )
 
     async def _read_proxy(self, conn: Connection, parser: ProxyParserLike, deadline: float) -> bool:
