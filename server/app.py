@@ -24,6 +24,7 @@ import trio
 from server.app_edge import Admission, edge_hooks
 from server.config import Config
 from server.core.hub import Hub
+from server.core.ports.store import Listener, Notice, Store
 from server.http.listener import bind_tcp_listener
 from server.http.server import HttpServer, serve_http
 from server.http.tls import make_server_ssl_context
@@ -31,7 +32,6 @@ from server.observability.host import HostMetrics, metrics_dir
 from server.observability.metrics import Samples, add_connection_refusals, collect
 from server.process.gctune import FreezePolicy, tune_gc
 from server.process.peers import PeerBus, open_peer_bus
-from server.store.base import Listener, Notice, Store
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from server.transports.context import Context, Settings

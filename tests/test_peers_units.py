@@ -11,9 +11,9 @@ import trio
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import Event, NewEvent
 from server.core.hub import Hub
+from server.core.ports.store import Appended, Closed, Deleted, Head
 from server.core.replay import Start
 from server.process import peers_wire as wire
-from server.store.base import Appended, Closed, Deleted, Head
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from tests.test_peers import KEEP_ALL, Recorder, subscribe, wait_until

@@ -40,12 +40,12 @@ import trio
 
 from server.core.groups import lone_error_unwrapped
 from server.core.hub import Hub
+from server.core.ports.store import Appended, Closed, Deleted, Store
 from server.process import peers_dir as files
 from server.process import peers_wire as wire
 from server.process.interest import ack_datagram
 from server.process.peers_send import BusSender, Peer
 from server.process.peers_stats import BusStats
-from server.store.base import Appended, Closed, Deleted, Store
 
 __all__ = ["BusStats", "PeerBus", "open_peer_bus"]
 

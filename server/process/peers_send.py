@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import trio
 
 from server.core.hub import Hub
+from server.core.ports.store import Appended, Head, Notice, Store
 from server.process import peers_dir as files
 from server.process import peers_wire as wire
 from server.process.interest import LocalInterest, RemoteInterest
 from server.process.peers_stats import BusStats
 from server.process.reconcile import Reconciler
-from server.store.base import Appended, Head, Notice, Store
 
 log = logging.getLogger(__name__)
 

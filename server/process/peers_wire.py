@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import msgpack
 
 from server.core.events import Event
-from server.store.base import Appended, Closed, Head, Notice
+from server.core.ports.store import Appended, Closed, Head, Notice
 
 VERSION = 1
 """Format version: the first element of every datagram."""

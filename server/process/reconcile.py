@@ -19,8 +19,8 @@ from collections.abc import Iterable
 import trio
 
 from server.core.hub import Hub
+from server.core.ports.store import Store
 from server.process.peers_stats import BusStats
-from server.store.base import Store
 
 log = logging.getLogger(__name__)
 
