@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from server.app_edge import Admission, edge_hooks
+from server.bus.local import PeerBus, open_peer_bus
 from server.config import Config
 from server.core.hub import Hub
 from server.core.ports.store import Listener, Notice, Store
@@ -31,7 +32,6 @@ from server.http.tls import make_server_ssl_context
 from server.observability.host import HostMetrics, metrics_dir
 from server.observability.metrics import Samples, add_connection_refusals, collect
 from server.process.gctune import FreezePolicy, tune_gc
-from server.process.peers import PeerBus, open_peer_bus
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from server.transports.context import Context, Settings
@@ -183,7 +183,7 @@ async def serve(
 
     With ``peers_dir`` (the runtime directory shared by the host's workers) and the sqlite store,
     the worker joins the host's notice bus before it accepts, so publishes on any worker reach
-    subscribers on this one (see :mod:`server.process.peers`).
+    subscribers on this one (see :mod:`server.bus.local`).
     """
     with ExitStack() as owned:
         if listeners is None:  # ours to close; sockets handed in belong to the caller

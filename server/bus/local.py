@@ -4,12 +4,12 @@ Each worker binds an ``AF_UNIX`` datagram socket ``worker-<ident>.sock`` (``iden
 default) in a runtime directory shared by the host's workers (systemd's ``RuntimeDirectory``).
 The store's listener hears only this worker's own commits; :meth:`PeerBus.broadcast` sends each
 of them to every other worker that has watchers on its stream (interest routing,
-:mod:`server.process.interest`: each worker tells the others which streams it watches; a worker
+:mod:`server.bus.local_interest`: each worker tells the others which streams it watches; a worker
 whose interest is not known is sent everything), and the receiving task feeds what arrives to
 the local hub as if it had been committed here. Nothing is shared but the store file and these
 messages.
 
-Notices committed in one scheduling pass share datagrams (format: :mod:`server.process.peers_wire`),
+Notices committed in one scheduling pass share datagrams (format: :mod:`server.bus.local_wire`),
 each encoded once for all peers, one ``sendto`` per peer and datagram. Sending never blocks: a
 peer whose queue is full is owed a hint per stream it missed (past :data:`MAX_OWED` streams, a
 resync), resent with backoff and before its next datagram; a peer whose socket is gone or
@@ -38,14 +38,14 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from server.bus import local_dir as files
+from server.bus import local_wire as wire
+from server.bus.local_interest import ack_datagram
+from server.bus.local_send import BusSender, Peer
+from server.bus.stats import BusStats
 from server.core.groups import lone_error_unwrapped
 from server.core.hub import Hub
 from server.core.ports.store import Appended, Closed, Deleted, Store
-from server.process import peers_dir as files
-from server.process import peers_wire as wire
-from server.process.interest import ack_datagram
-from server.process.peers_send import BusSender, Peer
-from server.process.peers_stats import BusStats
 
 __all__ = ["BusStats", "PeerBus", "open_peer_bus"]
 
@@ -290,7 +290,7 @@ async def open_peer_bus(
 ) -> AsyncIterator[PeerBus]:
     """Join the bus of the workers whose sockets are in ``peers_dir``; leave it when the block exits.
 
-    Binds ``worker-<ident>.sock`` (``ident``: the PID, see :func:`.peers_dir.default_ident`) in
+    Binds ``worker-<ident>.sock`` (``ident``: the PID, see :func:`.local_dir.default_ident`) in
     ``peers_dir`` (created ``0700`` if missing), greets the workers there and returns once each
     has welcomed this one (or after ``hello_timeout`` seconds). The caller must pass every change
     its store commits to :meth:`PeerBus.broadcast`. ``max_datagram`` bounds a datagram in bytes

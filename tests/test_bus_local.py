@@ -18,13 +18,13 @@ import msgpack
 import trio
 
 from server.app import Worker, serve, store_listener
+from server.bus.local import PeerBus, open_peer_bus
 from server.config import load_config
 from server.core.encoding import EncodedEvent
 from server.core.events import Event, NewEvent
 from server.core.hub import Hub, Subscription
 from server.core.ports.store import Appended, Retention
 from server.core.replay import Reset, Start
-from server.process.peers import PeerBus, open_peer_bus
 from server.store.sqlite import SqliteStore, open_sqlite_store
 from tests.client import open_sse, publish, wait_live
 

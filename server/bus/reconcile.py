@@ -1,4 +1,4 @@
-"""The notice bus's repair from the store (see :mod:`server.process.peers`): reconciliation.
+"""The notice bus's repair from the store (see :mod:`server.bus.local`): reconciliation.
 
 Notices can be missed; the store is the source of truth. A subscription detects a missed notice
 as soon as any later one arrives (a gap in ``seq``), so only a notice missed with nothing after
@@ -18,9 +18,9 @@ from collections.abc import Iterable
 
 import trio
 
+from server.bus.stats import BusStats
 from server.core.hub import Hub
 from server.core.ports.store import Store
-from server.process.peers_stats import BusStats
 
 log = logging.getLogger(__name__)
 
