@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from server.bus import local_wire as wire
-from server.bus.local import PeerBus
+from server.bus.local import LocalBus
 from server.bus.local_interest import LocalInterest, RemoteInterest
 from server.bus.reconcile import Freshness
 from server.core.events import NewEvent
@@ -28,7 +28,7 @@ def _kind(data: bytes) -> object:
     return items[0][0] if items else None
 
 
-def intercept(bus: PeerBus, kind: int, into: list[tuple[bytes, str]]) -> Handler:
+def intercept(bus: LocalBus, kind: int, into: list[tuple[bytes, str]]) -> Handler:
     """Make ``bus`` put the datagrams whose first item is of ``kind`` into ``into`` instead of
     handling them; returns the real handler."""
     real: Handler = bus._handle

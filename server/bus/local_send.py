@@ -22,7 +22,7 @@ from server.bus import local_wire as wire
 from server.bus.local_interest import LocalInterest, RemoteInterest
 from server.bus.reconcile import Reconciler
 from server.bus.stats import BusStats
-from server.core.hub import Hub
+from server.core.ports.bus import Receiver
 from server.core.ports.store import Appended, Head, Notice, Store
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _stream_of(notice: Notice) -> str:
 
 
 class BusSender:
-    """The peers and everything sent to them; :class:`server.bus.local.PeerBus` adds
+    """The peers and everything sent to them; :class:`server.bus.local.LocalBus` adds
     discovery, receiving and repair. Everything runs on the trio thread; nothing blocks."""
 
     def __init__(
@@ -68,7 +68,7 @@ class BusSender:
         sock: socket.socket,
         path: str,
         ino: int,
-        hub: Hub,
+        hub: Receiver,
         store: Store,
         *,
         max_datagram: int,
@@ -115,7 +115,7 @@ class BusSender:
         """The socket paths of the workers this one currently sends to."""
         return list(self._peers)
 
-    def broadcast(self, notice: Notice) -> None:
+    def publish(self, notice: Notice) -> None:
         """Send a change this worker committed to the peers watching its stream (the store's
         listener calls this).
 
@@ -138,7 +138,7 @@ class BusSender:
             self._pending_size += len(item)
         self._flush_wanted.set()
 
-    def on_interest(self, stream: str, watched: bool) -> None:
+    def declare_interest(self, stream: str, watched: bool) -> None:
         """``stream`` gained its first watcher on this worker, or lost its last one (the hub's
         interest listener): the peers are told at the end of the scheduling pass."""
         self._interest.change(stream, watched)

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import trio
 
 from server.bus.stats import BusStats
-from server.core.hub import Hub
+from server.core.ports.bus import Receiver
 from server.core.ports.store import Store
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class Reconciler:
     :meth:`request`; a stream that heard nothing for an interval is read within about two.
     """
 
-    def __init__(self, hub: Hub, store: Store, stats: BusStats, interval: float) -> None:
+    def __init__(self, hub: Receiver, store: Store, stats: BusStats, interval: float) -> None:
         """``stats``: the bus's counters (``reconciles``, ``repairs``, ``reconcile_reads``)."""
         self.fresh = Freshness(interval)
         self._hub = hub
