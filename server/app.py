@@ -32,7 +32,6 @@ from server.http.server import HttpServer, serve_http
 from server.http.tls import make_server_ssl_context
 from server.observability.host import HostMetrics, metrics_dir
 from server.observability.metrics import Samples, add_connection_refusals, collect
-from server.process.gctune import FreezePolicy, tune_gc
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from server.transports.context import Context, Settings
@@ -42,7 +41,6 @@ from server.transports.router import make_handler
 log = logging.getLogger(__name__)
 
 TRIM_INTERVAL = 60.0  # seconds between retention sweeps for age limits
-GC_FREEZE_INTERVAL = 60.0  # seconds between steps of the freeze policy (server.process.gctune)
 
 
 def guard_from(config: Config) -> Guard | None:
@@ -99,13 +97,6 @@ async def _trim(store: Store) -> None:
         return
     if dropped:
         log.info("retention: dropped %d expired events", dropped)
-
-
-async def _freeze_periodically(interval: float) -> None:
-    policy = FreezePolicy()
-    while True:
-        await trio.sleep(interval)
-        policy.step()
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +226,6 @@ async def _serve(
             nursery.start_soon(hub.run)  # heartbeats
             nursery.start_soon(metrics.run)  # snapshots for the other workers' /metrics
             nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
-            nursery.start_soon(_freeze_periodically, GC_FREEZE_INTERVAL)
-            tune_gc()
             addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
             log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)
             task_status.started(Worker(ctx, http, listeners, bus, metrics))
