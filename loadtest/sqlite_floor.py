@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server.core.events import NewEvent
-from server.store.base import Retention
+from server.core.ports.store import Retention
 from server.store.sqlite_ops import AppendOp, WriterState, commit_batch
 from server.store.sqlite_schema import open_writer
 

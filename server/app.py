@@ -22,16 +22,16 @@ from typing import Any
 import trio
 
 from server.app_edge import Admission, edge_hooks
+from server.bus.local import open_local_bus
 from server.config import Config
 from server.core.hub import Hub
+from server.core.ports.bus import Bus, BusOpener
+from server.core.ports.store import Listener, Notice, Store
 from server.http.listener import bind_tcp_listener
 from server.http.server import HttpServer, serve_http
 from server.http.tls import make_server_ssl_context
 from server.observability.host import HostMetrics, metrics_dir
 from server.observability.metrics import Samples, add_connection_refusals, collect
-from server.process.gctune import FreezePolicy, tune_gc
-from server.process.peers import PeerBus, open_peer_bus
-from server.store.base import Listener, Notice, Store
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from server.transports.context import Context, Settings
@@ -41,7 +41,6 @@ from server.transports.router import make_handler
 log = logging.getLogger(__name__)
 
 TRIM_INTERVAL = 60.0  # seconds between retention sweeps for age limits
-GC_FREEZE_INTERVAL = 60.0  # seconds between steps of the freeze policy (server.process.gctune)
 
 
 def guard_from(config: Config) -> Guard | None:
@@ -100,13 +99,6 @@ async def _trim(store: Store) -> None:
         log.info("retention: dropped %d expired events", dropped)
 
 
-async def _freeze_periodically(interval: float) -> None:
-    policy = FreezePolicy()
-    while True:
-        await trio.sleep(interval)
-        policy.step()
-
-
 @dataclass(frozen=True, slots=True)
 class Worker:
     """A running worker, as handed to ``serve``'s caller: its context, HTTP server and sockets.
@@ -119,22 +111,20 @@ class Worker:
     ctx: Context
     http: HttpServer
     listeners: list[socket.socket]
-    bus: PeerBus | None = None
+    bus: Bus | None = None
     metrics: HostMetrics | None = None
 
 
-def _open_bus(
-    config: Config, peers_dir: str | None, hub: Hub, store: Store
-) -> AbstractAsyncContextManager[PeerBus | None]:
-    """The async context of the worker's bus: ``None`` without ``peers_dir`` or with the memory
-    store (whose history no other process can read)."""
+def bus_opener(config: Config, peers_dir: str | None) -> BusOpener | None:
+    """How the worker joins the host's notice bus: the Unix-datagram bus in ``peers_dir``, or
+    ``None`` without ``peers_dir`` or with the memory store (whose history no other process can
+    read, so a notice could not be repaired)."""
     if peers_dir is None or config.store.backend == "memory":
-        return nullcontext(None)
+        return None
     b = config.bus
-    return open_peer_bus(
+    return partial(
+        open_local_bus,
         peers_dir,
-        hub,
-        store,
         max_datagram=b.max_datagram,
         reconcile_interval=b.reconcile_interval,
         rescan_interval=b.rescan_interval,
@@ -143,8 +133,13 @@ def _open_bus(
     )
 
 
+def _open_bus(opener: BusOpener | None, hub: Hub, store: Store) -> AbstractAsyncContextManager[Bus | None]:
+    """The async context of the worker's bus (``None``: no bus)."""
+    return nullcontext(None) if opener is None else opener(hub, store)
+
+
 def _samples(
-    ctx: Context, engine: list[HttpServer], bus: PeerBus | None, admission: Admission | None = None
+    ctx: Context, engine: list[HttpServer], bus: Bus | None, admission: Admission | None = None
 ) -> Samples:
     """This worker's live counters: hub, engine, guard, bus, store (a store with a ``stats``
     record) and the connection caps' refusals."""
@@ -157,17 +152,17 @@ def _samples(
     return samples
 
 
-def store_listener(hub: Hub, bus: PeerBus | None) -> Listener:
+def store_listener(hub: Hub, bus: Bus | None) -> Listener:
     """What the store calls on each commit: the hub, then (even if the hub failed) the bus."""
     if bus is None:
         return hub.on_notice
-    on_notice, broadcast = hub.on_notice, bus.broadcast
+    on_notice, publish = hub.on_notice, bus.publish
 
     def listen(notice: Notice) -> None:
         try:
             on_notice(notice)
         finally:
-            broadcast(notice)
+            publish(notice)
 
     return listen
 
@@ -183,7 +178,7 @@ async def serve(
 
     With ``peers_dir`` (the runtime directory shared by the host's workers) and the sqlite store,
     the worker joins the host's notice bus before it accepts, so publishes on any worker reach
-    subscribers on this one (see :mod:`server.process.peers`).
+    subscribers on this one (see :mod:`server.bus.local`).
     """
     with ExitStack() as owned:
         if listeners is None:  # ours to close; sockets handed in belong to the caller
@@ -208,7 +203,7 @@ async def _serve(
             reorder_window=config.hub.reorder_window,
         )
         store.set_listener(hub.on_notice)
-        async with _open_bus(config, peers_dir, hub, store) as bus, trio.open_nursery() as nursery:
+        async with _open_bus(bus_opener(config, peers_dir), hub, store) as bus, trio.open_nursery() as nursery:
             store.set_listener(store_listener(hub, bus))
             ctx = Context(store=store, hub=hub, settings=settings_from(config), guard=guard_from(config))
             engine: list[HttpServer] = []  # filled once the engine runs (its stats are its own)
@@ -231,8 +226,6 @@ async def _serve(
             nursery.start_soon(hub.run)  # heartbeats
             nursery.start_soon(metrics.run)  # snapshots for the other workers' /metrics
             nursery.start_soon(_periodic, TRIM_INTERVAL, lambda: _trim(store))
-            nursery.start_soon(_freeze_periodically, GC_FREEZE_INTERVAL)
-            tune_gc()
             addrs = ", ".join(str(s.getsockname()[:2]) for s in listeners)
             log.info("sluice worker %d serving on %s (store: %s)", os.getpid(), addrs, config.store.backend)
             task_status.started(Worker(ctx, http, listeners, bus, metrics))

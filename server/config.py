@@ -39,13 +39,13 @@ from server.config_meta import (
     toml_literal,
 )
 from server.config_meta import ConfigError as ConfigError  # noqa: PLC0414 (re-exported: its public home)
+from server.core.ports.store import Retention
 from server.edge.auth import AuthConfig
 from server.edge.compress import CompressionConfig
 from server.edge.cors import CorsConfig
 from server.edge.limits import LimitsConfig
 from server.edge.proxy_protocol import ProxyConfig
 from server.http.base import HttpLimits
-from server.store.base import Retention
 
 ENV_PREFIX = "SLUICE_"
 CONFIG_ENV = "SLUICE_CONFIG"

@@ -1,4 +1,4 @@
-"""The promises every :class:`~server.store.base.Store` backend keeps, written once.
+"""The promises every :class:`~server.core.ports.store.Store` backend keeps, written once.
 
 A backend's test module subclasses :class:`StoreContract` and defines an ``open_store`` fixture
 returning an :data:`OpenStore`: given a retention and a clock, an async context manager yielding
@@ -17,7 +17,7 @@ import trio
 
 from server.core.events import NewEvent
 from server.core.ids import EPOCH_LEN, parse_id
-from server.store.base import (
+from server.core.ports.store import (
     Appended,
     AppendResult,
     Closed,

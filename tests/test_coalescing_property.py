@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import NewEvent
 from server.core.hub import Hub
+from server.core.ports.store import Retention
 from server.core.replay import Reset, Start
 from server.http.base import HttpLimits
 from server.http.outbox import Outbox
 from server.http.stats import HttpStats
-from server.store.base import Retention
 from server.store.memory import MemoryStore
 
 ID_LINE = re.compile(rb"^id: [0-9a-f]+-([0-9a-f]{16})$", re.M)

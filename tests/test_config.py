@@ -22,8 +22,8 @@ from server.config import (
     unknown_env_vars,
 )
 from server.config_render import render_example, render_reference, render_toml
+from server.core.ports.store import Retention
 from server.http.base import HttpLimits
-from server.store.base import Retention
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_SPECS = [spec for keys in KEYS.values() for spec in keys.values()]

@@ -11,8 +11,8 @@ import trio.testing
 from server.core.encoding import EncodedEvent
 from server.core.events import NewEvent
 from server.core.hub import Hub
+from server.core.ports.store import Page, Retention
 from server.core.replay import Reset, parse_start
-from server.store.base import Page, Retention
 from server.store.memory import MemoryStore
 
 KEEP_ALL = Retention(max_events=0, max_bytes=0, max_age=0)

@@ -12,8 +12,8 @@ import trio.testing
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import NewEvent
 from server.core.hub import BEAT_SLACK, Hub
+from server.core.ports.store import Notice, Retention
 from server.core.replay import Reset, Start
-from server.store.base import Notice, Retention
 from server.store.memory import MemoryStore
 
 KEEP_ALL = Retention(max_events=0, max_bytes=0, max_age=0)

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import NewEvent
 from server.core.hub import Hub
+from server.core.ports.store import Page, Retention
 from server.core.replay import Reset, parse_start
-from server.store.base import Page, Retention
 from server.store.memory import MemoryStore
 
 

@@ -9,8 +9,8 @@ import trio.testing
 
 from server.core.events import NewEvent
 from server.core.hub import Hub
+from server.core.ports.store import Notice, Retention
 from server.core.replay import Start
-from server.store.base import Notice, Retention
 from server.store.memory import MemoryStore
 from tests.test_hub_property import BatchRecorder as Recorder
 

@@ -8,8 +8,8 @@ import trio.testing
 
 from server.core.events import NewEvent, StreamInfo
 from server.core.hub import Hub
+from server.core.ports.store import Page, Retention
 from server.core.replay import Start, parse_start
-from server.store.base import Page, Retention
 from server.store.memory import MemoryStore
 from tests.test_hub_fanout import BatchRecorder, _live
 

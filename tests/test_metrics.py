@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from server.core.hub_stats import HubStats
 from server.http.stats import HttpStats
 from server.observability.host import FOLDED_KEEP, RETIRED, STALE_AFTER, HostMetrics, metrics_dir
 from server.observability.metrics import Samples, collect, family, key, render
-from server.observability.stats import EdgeStats, HubStats
+from server.observability.stats import EdgeStats
 from tests.client import publish, request, start_sluice
 from tests.supervised import supervisor
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import trio
 
 from server.config import Config, ConfigError, load_config
 from server.process.backoff import CrashPolicy, SlotBackoff
+from server.process.gctune import THRESHOLDS
 from server.process.signals import hold_signals
 from server.process.slots import describe_exit, resolve_workers
 from server.process.sockets import SocketActivationError, activated_sockets, bind_slot_sockets, describe, spread
@@ -134,17 +136,22 @@ async def test_worker_reports_ready_and_drains_when_the_supervisor_hangs_up(tmp_
     config = load_config({"store": {"path": str(tmp_path / "w.db")}, "drain": {"window": 0.1}}, environ={})
     [listener] = bind_slot_sockets("127.0.0.1", 0, 1)
     ours, theirs = socket.socketpair()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
     try:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(run_worker, config, [listener], theirs))
                 status = trio.socket.from_stdlib_socket(ours)
                 assert await status.recv(64) == READY_MESSAGE
+                assert gc.get_threshold() == THRESHOLDS  # the worker tuned the GC before it was ready
                 port = listener.getsockname()[1]
                 assert (await request(port, "GET", "/healthz")).json() == {"status": "ok", "pid": os.getpid()}
                 ours.close()  # the supervisor is gone: the worker drains and returns
         assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1  # never shut down
     finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
         listener.close()
         theirs.close()
         ours.close()

@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 
 from server.core.events import NewEvent
 from server.core.ids import format_id
-from server.store.base import Appended, Closed, Deleted, IdempotencyKeyReused, Notice, Retention, Store, StreamClosed
+from server.core.ports.store import (
+    Appended,
+    Closed,
+    Deleted,
+    IdempotencyKeyReused,
+    Notice,
+    Retention,
+    Store,
+    StreamClosed,
+)
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
 from tests.store_contract import FakeClock, OpenStore, StoreContract

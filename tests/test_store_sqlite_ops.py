@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from server.core.events import NewEvent
-from server.store.base import Appended, AppendResult, Retention
+from server.core.ports.store import Appended, AppendResult, Retention
 from server.store.sqlite_ops import AppendOp, WriterState, commit_batch
 from server.store.sqlite_schema import open_writer
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from server.core.events import NewEvent
-from server.store.base import AppendResult
+from server.core.ports.store import AppendResult
 from server.store.sqlite import SqliteStore, StoreUnavailable, open_sqlite_store
 from tests.store_contract import DEADLINE
 

@@ -21,10 +21,10 @@ from wsproto.events import Request as WsRequest
 from server.core.encoding import EncodedEvent
 from server.core.events import NewEvent
 from server.core.hub import Hub
+from server.core.ports.store import Retention
 from server.core.replay import Reset, Start
 from server.http.hooks import EdgeHooks
 from server.http.server import HttpServer
-from server.store.base import Retention
 from server.store.memory import MemoryStore
 from tests.client import Running, publish, request, start_sluice, wait_live
 

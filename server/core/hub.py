@@ -21,13 +21,13 @@ import trio
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import Event
 from server.core.heartbeats import BEAT_SLACK, HeartbeatTicker, heartbeat_or_none
+from server.core.hub_stats import HubStats
 from server.core.nudge import Nudge
+from server.core.ports.store import Appended, Closed, Deleted, Notice, Store
 from server.core.replay import Start
 from server.core.sequencer import Gap, Sequencer
 from server.core.subscription import Sink, Subscription, Watcher
 from server.core.tail import Tail, Tails
-from server.observability.stats import HubStats
-from server.store.base import Appended, Closed, Deleted, Notice, Store
 
 __all__ = ["BEAT_SLACK", "Hub", "Sink", "Subscription", "Watcher", "heartbeat_or_none"]
 

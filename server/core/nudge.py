@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from server.core.encoding import EventBatch
-from server.store.base import Closed
+from server.core.ports.store import Closed
 
 __all__ = ["Nudge"]
 

@@ -1,7 +1,7 @@
 """Puts one worker's commit notices back in order per stream before they are fanned out.
 
 A worker hears of its own commits from its store and of the other workers' commits by messages
-(:mod:`server.process.peers`), so two notices of one stream can arrive out of order: worker A's
+(:mod:`server.bus.local`), so two notices of one stream can arrive out of order: worker A's
 seq 9 is still on its way back from A's store thread when worker B's seq 10 arrives by datagram.
 Fanned out as it came, seq 10 would show every subscriber of the stream a gap, and every one of
 them would go back to the store on its own: a thousand reads for one late notice.

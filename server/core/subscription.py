@@ -24,8 +24,8 @@ import trio
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import Event
 from server.core.ids import format_id
+from server.core.ports.store import Closed
 from server.core.replay import Reset, Start, plan_replay
-from server.store.base import Closed
 
 if TYPE_CHECKING:
     from server.core.hub import Hub

@@ -26,7 +26,7 @@ answering each ``/metrics`` request, and when it stops; a write is a temporary f
   signal-0 probe needs no protocol. ``sluice_workers`` counts this worker plus those files.
 * **Bounded**: a snapshot is one small JSON object (a few hundred samples at most); at most
   :data:`MAX_FILES` files of at most :data:`MAX_SNAPSHOT_BYTES` are read per request or fold.
-  The reads and writes are synchronous, on the trio thread, like :mod:`server.process.peers_dir`:
+  The reads and writes are synchronous, on the trio thread, like :mod:`server.bus.local_dir`:
   the runtime directory is a memory file system under systemd (``/run``), the files are tiny and
   few, and it happens once a second and once per scrape; a thread hop would cost more than the
   read. Nothing here ever waits on a lock another process holds.

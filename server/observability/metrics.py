@@ -25,7 +25,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from server.observability.stats import EdgeStats, HubStats
+from server.core.hub_stats import HubStats
+from server.observability.stats import EdgeStats
 
 HUB_GAUGES = frozenset({"subscriptions", "replay_buffered"})
 HTTP_GAUGES = frozenset({"connections_open"})

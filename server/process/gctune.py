@@ -3,7 +3,8 @@
 A worker holds tens of thousands of connections, each a few dozen GC-tracked objects. Left alone,
 the GC's full collections traverse all of them again and again (DESIGN.md measured 40-68 % of the
 CPU in a fan-out spike). So start-up objects are frozen, young collections are made rarer, and
-every ``interval`` the objects that survived since are frozen too (:class:`FreezePolicy`).
+every ``interval`` the objects that survived since are frozen too (:class:`FreezePolicy`). The
+worker process (:mod:`server.process.worker`) applies both once its server accepts.
 
 Freezing has one trap: a frozen object that dies in a reference cycle is never collected (h2's
 connection objects keep tables of their own bound methods, for instance), so a periodic freeze
@@ -20,11 +21,17 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from typing import NoReturn
+
+import trio
 
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (50_000, 20, 100)
 """``gc.set_threshold``: young collections every 50,000 net allocations instead of 700."""
+
+FREEZE_INTERVAL = 60.0
+"""Seconds between two steps of :class:`FreezePolicy` in :func:`run_freeze_policy`."""
 
 FULL_GROWTH = 0.25
 """A full collection runs once the frozen population exceeds the size it had after the last full
@@ -66,3 +73,11 @@ class FreezePolicy:
             self.after_full,
         )
         return True
+
+
+async def run_freeze_policy(interval: float = FREEZE_INTERVAL) -> NoReturn:
+    """Step a :class:`FreezePolicy` every ``interval`` seconds, forever (cancel to stop)."""
+    policy = FreezePolicy()
+    while True:
+        await trio.sleep(interval)
+        policy.step()

@@ -39,6 +39,7 @@ import trio
 
 from server.config import Config, ConfigError, load_config
 from server.process.drain import drain_worker
+from server.process.gctune import run_freeze_policy, tune_gc
 from server.process.rlimit import check_open_files
 from server.process.signals import hold_signals
 
@@ -156,7 +157,8 @@ async def run_worker(
 ) -> None:
     """Serve ``config`` on ``listeners`` until SIGTERM/SIGINT or the supervisor hangs up, then drain.
 
-    Writes ``READY\\n`` on ``status`` once ``server.app.serve`` accepts. Returns after the drain.
+    Writes ``READY\\n`` on ``status`` once ``server.app.serve`` accepts, having tuned the cyclic GC
+    (:mod:`server.process.gctune`) for the objects start-up made. Returns after the drain.
     ``held_signals`` (see :func:`server.process.signals.hold_signals`) counts as a signal already
     received when it is not empty."""
     from server.app import serve  # here, not at the top: the supervisor imports this module too
@@ -178,6 +180,8 @@ async def run_worker(
 
             async def start(serving: trio.Nursery) -> None:
                 running.append(await serving.start(partial(serve, config, listeners=listeners, peers_dir=peers_dir)))
+                tune_gc()  # freeze what start-up made
+                serving.start_soon(run_freeze_policy)
                 try:
                     await tstatus.send(READY_MESSAGE)
                 except OSError:

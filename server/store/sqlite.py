@@ -38,7 +38,7 @@ import trio
 
 from server.core.events import NewEvent, StreamInfo
 from server.core.groups import lone_error_unwrapped
-from server.store.base import AppendResult, Head, Notice, Page, Retention, Store, StreamClosed
+from server.core.ports.store import AppendResult, Head, Notice, Page, Retention, Store, StreamClosed
 from server.store.sqlite_ops import (
     AppendOp,
     BatchFailed,

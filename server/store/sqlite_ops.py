@@ -17,7 +17,7 @@ from typing import Any
 
 from server.core.events import Event, NewEvent, StreamInfo
 from server.core.ids import format_id, new_epoch
-from server.store.base import (
+from server.core.ports.store import (
     Appended,
     AppendResult,
     Closed,
@@ -28,8 +28,8 @@ from server.store.base import (
     Page,
     Retention,
     StreamClosed,
-    fingerprint,
 )
+from server.store.fingerprint import fingerprint
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ Layout (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`):
 * ``events``: ``(stream, seq)`` keyed, ``WITHOUT ROWID`` so a stream's events are stored together
   in seq order; ``ts`` is indexed for the age sweep.
 * ``idempotency``: ``(stream, key)`` -> the ids it produced (``epoch``, ``first_seq``, ``count``)
-  and the request's ``fingerprint`` (:func:`server.store.base.fingerprint` of its events);
+  and the request's ``fingerprint`` (:func:`server.store.fingerprint.fingerprint` of its events);
   ``key`` is indexed, since keys are one namespace for every stream, and ``ts`` so expired keys
   go in one range delete. A row written before version 2 has a ``NULL`` fingerprint: it matches
   any events on its own stream (such rows age out within one idempotency window).

@@ -7,8 +7,8 @@ import random
 from dataclasses import dataclass, field
 
 from server.core.hub import Hub
+from server.core.ports.store import Store
 from server.http.base import Exchange, HTTPError
-from server.store.base import Store
 from server.transports.guard import Guard
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from server.core.events import InvalidInput, NewEvent
+from server.core.ports.store import IdempotencyKeyReused, StreamClosed
 from server.http.base import Exchange, HTTPError
-from server.store.base import IdempotencyKeyReused, StreamClosed
 from server.transports.batch import (
     MSGPACK_TYPES,
     NDJSON,

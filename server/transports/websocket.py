@@ -34,12 +34,12 @@ import trio
 
 from server.core.encoding import EncodedEvent, EventBatch, ws_end, ws_message, ws_reset
 from server.core.events import InvalidInput, NewEvent, check_stream
+from server.core.ports.store import StreamClosed
 from server.core.replay import Reset, Start, parse_start
 from server.core.subscription import Subscription
 from server.edge.auth import Action
 from server.edge.limits import retry_after
 from server.http.base import Exchange, HTTPError, WebSocket, WebSocketClosed
-from server.store.base import StreamClosed
 from server.transports.batch import item_event
 from server.transports.context import Context
 from server.transports.guard import Access

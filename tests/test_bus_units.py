@@ -8,15 +8,15 @@ import msgpack
 import pytest
 import trio
 
+from server.bus import local_wire as wire
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import Event, NewEvent
 from server.core.hub import Hub
+from server.core.ports.store import Appended, Closed, Deleted, Head
 from server.core.replay import Start
-from server.process import peers_wire as wire
-from server.store.base import Appended, Closed, Deleted, Head
 from server.store.memory import MemoryStore
 from server.store.sqlite import open_sqlite_store
-from tests.test_peers import KEEP_ALL, Recorder, subscribe, wait_until
+from tests.test_bus_local import KEEP_ALL, Recorder, subscribe, wait_until
 
 # -- wire format ---------------------------------------------------------------------------------
 

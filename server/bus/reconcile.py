@@ -1,4 +1,4 @@
-"""The notice bus's repair from the store (see :mod:`server.process.peers`): reconciliation.
+"""The notice bus's repair from the store (see :mod:`server.bus.local`): reconciliation.
 
 Notices can be missed; the store is the source of truth. A subscription detects a missed notice
 as soon as any later one arrives (a gap in ``seq``), so only a notice missed with nothing after
@@ -18,9 +18,9 @@ from collections.abc import Iterable
 
 import trio
 
-from server.core.hub import Hub
-from server.process.peers_stats import BusStats
-from server.store.base import Store
+from server.bus.stats import BusStats
+from server.core.ports.bus import Receiver
+from server.core.ports.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Reconciler:
     :meth:`request`; a stream that heard nothing for an interval is read within about two.
     """
 
-    def __init__(self, hub: Hub, store: Store, stats: BusStats, interval: float) -> None:
+    def __init__(self, hub: Receiver, store: Store, stats: BusStats, interval: float) -> None:
         """``stats``: the bus's counters (``reconciles``, ``repairs``, ``reconcile_reads``)."""
         self.fresh = Freshness(interval)
         self._hub = hub

@@ -1,4 +1,4 @@
-"""The notice bus's runtime directory (see :mod:`server.process.peers`): socket files, binding, listing.
+"""The notice bus's runtime directory (see :mod:`server.bus.local`): socket files, binding, listing.
 
 Each worker's socket is ``worker-<ident>.sock`` in one directory shared by the host's workers
 (systemd's ``RuntimeDirectory``, mode ``0700``). Blocking calls here touch only that directory,

@@ -1,4 +1,4 @@
-"""The notice bus's counters (see :mod:`server.process.peers`), exported as ``sluice_bus_*`` metrics."""
+"""The notice bus's counters (see :mod:`server.bus.local`), exported as ``sluice_bus_*`` metrics."""
 
 from __future__ import annotations
 

@@ -18,13 +18,13 @@ import msgpack
 import trio
 
 from server.app import Worker, serve, store_listener
+from server.bus.local import LocalBus, open_local_bus
 from server.config import load_config
 from server.core.encoding import EncodedEvent
 from server.core.events import Event, NewEvent
 from server.core.hub import Hub, Subscription
+from server.core.ports.store import Appended, Retention
 from server.core.replay import Reset, Start
-from server.process.peers import PeerBus, open_peer_bus
-from server.store.base import Appended, Retention
 from server.store.sqlite import SqliteStore, open_sqlite_store
 from tests.client import open_sse, publish, wait_live
 
@@ -40,7 +40,7 @@ class W:
 
     store: SqliteStore
     hub: Hub
-    bus: PeerBus
+    bus: LocalBus
 
 
 @asynccontextmanager
@@ -57,7 +57,7 @@ async def open_worker(tmp_path: Path, ident: str, **bus_options: object) -> Asyn
     async with open_store(tmp_path) as store:
         hub = Hub(store, replay_page=50)
         store.set_listener(hub.on_notice)
-        async with open_peer_bus(tmp_path / "peers", hub, store, ident=ident, **options) as bus:  # type: ignore[arg-type]
+        async with open_local_bus(tmp_path / "peers", hub, store, ident=ident, **options) as bus:  # type: ignore[arg-type]
             store.set_listener(store_listener(hub, bus))
             yield W(store, hub, bus)
 
@@ -241,7 +241,7 @@ async def test_a_full_peer_queue_is_repaired_with_hints(tmp_path: Path) -> None:
             # As if a's store had committed them one by one in one scheduling pass: each notice
             # fills a datagram, so b's queue overflows before b runs again.
             for event in result.events:
-                a.bus.broadcast(Appended([event]))
+                a.bus.publish(Appended([event]))
             assert a.bus.stats.send_failures > 0
             await rec.wait_for(count)
             assert rec.events == result.events

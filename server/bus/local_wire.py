@@ -1,4 +1,4 @@
-"""The notice bus's wire format (see :mod:`server.process.peers`): encoding and checked decoding.
+"""The notice bus's wire format (see :mod:`server.bus.local`): encoding and checked decoding.
 
 A datagram is one msgpack array ``[VERSION, item, item, ...]``; each item is an array whose first
 element is its kind:
@@ -9,7 +9,7 @@ element is its kind:
 * ``[2, stream, epoch, last_seq]``: the stream was closed; ``[3, stream]``: it was deleted;
 * ``[4]`` hello (a worker started: add me, then welcome me), ``[5]`` welcome, ``[6]`` bye
   (a worker is leaving: forget me), ``[7]`` resync (you missed notices: check the store);
-* interest (:mod:`server.process.interest`), the streams the sender has watchers on, at a version
+* interest (:mod:`server.bus.local_interest`), the streams the sender has watchers on, at a version
   of a generation (one per bus): ``[8, gen, base, version, added, removed]`` a change from version
   ``base``; ``[9, gen, version, part, final, streams]`` one part of the whole set;
   ``[10, gen, version]`` an acknowledgement (the receiver routes by that version of the
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import msgpack
 
 from server.core.events import Event
-from server.store.base import Appended, Closed, Head, Notice
+from server.core.ports.store import Appended, Closed, Head, Notice
 
 VERSION = 1
 """Format version: the first element of every datagram."""

@@ -1,15 +1,17 @@
 """Cross-worker notices: the workers of one host tell each other of their commits by Unix datagrams.
 
+This is the host-local implementation of :class:`server.core.ports.bus.Bus`.
+
 Each worker binds an ``AF_UNIX`` datagram socket ``worker-<ident>.sock`` (``ident``: its PID by
 default) in a runtime directory shared by the host's workers (systemd's ``RuntimeDirectory``).
-The store's listener hears only this worker's own commits; :meth:`PeerBus.broadcast` sends each
+The store's listener hears only this worker's own commits; :meth:`LocalBus.publish` sends each
 of them to every other worker that has watchers on its stream (interest routing,
-:mod:`server.process.interest`: each worker tells the others which streams it watches; a worker
+:mod:`server.bus.local_interest`: each worker tells the others which streams it watches; a worker
 whose interest is not known is sent everything), and the receiving task feeds what arrives to
 the local hub as if it had been committed here. Nothing is shared but the store file and these
 messages.
 
-Notices committed in one scheduling pass share datagrams (format: :mod:`server.process.peers_wire`),
+Notices committed in one scheduling pass share datagrams (format: :mod:`server.bus.local_wire`),
 each encoded once for all peers, one ``sendto`` per peer and datagram. Sending never blocks: a
 peer whose queue is full is owed a hint per stream it missed (past :data:`MAX_OWED` streams, a
 resync), resent with backoff and before its next datagram; a peer whose socket is gone or
@@ -38,16 +40,16 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from server.bus import local_dir as files
+from server.bus import local_wire as wire
+from server.bus.local_interest import ack_datagram
+from server.bus.local_send import BusSender, Peer
+from server.bus.stats import BusStats
 from server.core.groups import lone_error_unwrapped
-from server.core.hub import Hub
-from server.process import peers_dir as files
-from server.process import peers_wire as wire
-from server.process.interest import ack_datagram
-from server.process.peers_send import BusSender, Peer
-from server.process.peers_stats import BusStats
-from server.store.base import Appended, Closed, Deleted, Store
+from server.core.ports.bus import Receiver
+from server.core.ports.store import Appended, Closed, Deleted, Store
 
-__all__ = ["BusStats", "PeerBus", "open_peer_bus"]
+__all__ = ["BusStats", "LocalBus", "open_local_bus"]
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +59,18 @@ RECV_BATCH = 256
 INTEREST_KINDS = frozenset(range(wire.INTEREST, wire.INTEREST_NEED + 1))
 
 
-class PeerBus(BusSender):
-    """One worker's end of the host's notice bus. Obtain it from :func:`open_peer_bus`.
+class LocalBus(BusSender):
+    """One worker's end of the host's notice bus. Obtain it from :func:`open_local_bus`.
 
-    Promises: every change passed to :meth:`broadcast` is sent to every known peer that watches
-    its stream or whose interest is unknown, or that peer is owed a hint for the stream, resent
-    until it has room; what a peer receives it hands to its hub (:meth:`Hub.on_notice` with
-    ``remote=True``, :meth:`Hub.on_hint`); a stream that starts being watched here is read from
-    the store once every peer acknowledged the interest (or after ``hello_timeout``), so nothing a
-    peer committed before it knew is missed; and every ``reconcile_interval`` the store's head of
-    every locally watched stream that heard of no change for an interval (or is suspect) is
-    checked, so even a notice lost entirely is delivered within about two intervals. Everything
+    Promises (those of :class:`server.core.ports.bus.Bus`, kept this way): every change passed
+    to :meth:`publish` is sent to every known peer that watches its stream or whose interest is
+    unknown, or that peer is owed a hint for the stream, resent until it has room; what a peer
+    receives it hands to its hub (:meth:`Hub.on_notice` with ``remote=True``, :meth:`Hub.on_hint`);
+    a stream that starts being watched here is read from the store once every peer acknowledged
+    the interest (or after ``hello_timeout``), so nothing a peer committed before it knew is
+    missed; and every ``reconcile_interval`` the store's head of every locally watched stream
+    that heard of no change for an interval (or is suspect) is checked, so even a notice lost
+    entirely is delivered within about two intervals. Everything
     runs on the trio thread; nothing blocks.
     """
 
@@ -275,9 +278,9 @@ class PeerBus(BusSender):
 
 
 @asynccontextmanager
-async def open_peer_bus(
+async def open_local_bus(
     peers_dir: str | os.PathLike[str],
-    hub: Hub,
+    hub: Receiver,
     store: Store,
     *,
     ident: str | None = None,
@@ -287,13 +290,13 @@ async def open_peer_bus(
     max_peers: int = 256,
     max_interest: int = 100_000,
     hello_timeout: float = 1.0,
-) -> AsyncIterator[PeerBus]:
+) -> AsyncIterator[LocalBus]:
     """Join the bus of the workers whose sockets are in ``peers_dir``; leave it when the block exits.
 
-    Binds ``worker-<ident>.sock`` (``ident``: the PID, see :func:`.peers_dir.default_ident`) in
+    Binds ``worker-<ident>.sock`` (``ident``: the PID, see :func:`.local_dir.default_ident`) in
     ``peers_dir`` (created ``0700`` if missing), greets the workers there and returns once each
     has welcomed this one (or after ``hello_timeout`` seconds). The caller must pass every change
-    its store commits to :meth:`PeerBus.broadcast`. ``max_datagram`` bounds a datagram in bytes
+    its store commits to :meth:`LocalBus.publish`. ``max_datagram`` bounds a datagram in bytes
     (the same on every worker); ``reconcile_interval`` (seconds, 0: off) paces the store checks
     that repair lost notices; ``rescan_interval`` paces directory listings; ``max_peers`` bounds
     the workers sent to. On exit: queued notices are sent, peers told bye, the file removed.
@@ -303,7 +306,7 @@ async def open_peer_bus(
             "max_datagram >= 1024, max_peers >= 1, max_interest >= 1, reconcile_interval >= 0, rescan_interval > 0"
         )
     sock, path, ino = files.bind(peers_dir, ident if ident is not None else files.default_ident())
-    bus = PeerBus(
+    bus = LocalBus(
         sock,
         path,
         ino,
@@ -317,8 +320,8 @@ async def open_peer_bus(
         interest_wait=hello_timeout,
     )
     for stream in hub.streams():
-        bus.on_interest(stream, True)
-    hub.set_interest_listener(bus.on_interest)
+        bus.declare_interest(stream, True)
+    hub.set_interest_listener(bus.declare_interest)
     try:
         with lone_error_unwrapped():
             async with trio.open_nursery() as nursery:

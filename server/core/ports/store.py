@@ -1,13 +1,15 @@
 """The store interface: the replay log every transport and worker reads from.
 
-Every backend (``memory``, ``sqlite``, later ``redis``) implements :class:`Store` and passes the
-shared suite in ``tests/store_contract.py``.
+Everything a consumer of a store needs lives here: :class:`Store`, the results it returns
+(:class:`AppendResult`, :class:`Page`, :class:`Head`), the notices it tells its :data:`Listener`
+of (:data:`Notice`: :class:`Appended`, :class:`Closed`, :class:`Deleted`), :class:`Retention`
+and the errors it raises. Every backend under ``server/store/`` (``memory``, ``sqlite``, later
+``redis``) implements :class:`Store` and passes the shared suite in ``tests/store_contract.py``.
 """
 
 from __future__ import annotations
 
 import abc
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -22,24 +24,6 @@ class StreamClosed(Exception):
 class IdempotencyKeyReused(Exception):
     """Raised by :meth:`Store.append` when its idempotency key is live for a different request
     (another stream, or other events) (HTTP 422 ``idempotency_key_reused``). Nothing was appended."""
-
-
-FINGERPRINT_BYTES = 16
-"""Length of a :func:`fingerprint` (a BLAKE2b digest)."""
-
-
-def fingerprint(events: Sequence[NewEvent]) -> bytes:
-    """A digest of ``events`` as an idempotent request is told apart by: each event's type,
-    text-or-binary mark and data, in order. Equal lists give equal digests; any change in one of
-    those, or in the number or order of events, gives another (barring a BLAKE2b collision)."""
-    h = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
-    h.update(len(events).to_bytes(8, "big"))
-    for e in events:
-        etype = str(e.type).encode("utf-8", "surrogatepass")
-        h.update(len(etype).to_bytes(8, "big") + etype + (b"b" if e.binary else b"t"))
-        h.update(len(e.data).to_bytes(8, "big"))
-        h.update(e.data)
-    return h.digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +130,10 @@ class Store(abc.ABC):
         Raises :class:`StreamClosed` if the stream is closed. Idempotency keys are global (one
         namespace for every stream) and live for the ``idempotency_window`` from their first
         append, or until their stream is deleted. With ``idempotency_key`` live for this stream
-        and the same events (see :func:`fingerprint`), even if the stream was closed since,
-        appends nothing and returns the original ids, no events, and ``duplicate=True``; live for
-        another stream or for other events, appends nothing and raises
-        :class:`IdempotencyKeyReused`. Raises ``ValueError`` for an empty ``events``.
+        and the same events (each event's type, text-or-binary mark and data, in order), even if
+        the stream was closed since, appends nothing and returns the original ids, no events, and
+        ``duplicate=True``; live for another stream or for other events, appends nothing and
+        raises :class:`IdempotencyKeyReused`. Raises ``ValueError`` for an empty ``events``.
         """
 
     async def append_each(self, items: Sequence[tuple[str, Sequence[NewEvent]]]) -> list[AppendResult | StreamClosed]:

@@ -1,6 +1,6 @@
 """Interest routing on the notice bus: a commit goes only to the workers watching its stream.
 
-Real buses on one sqlite file and one peers directory (see ``tests/test_peers.py``); loss is made
+Real buses on one sqlite file and one peers directory (see ``tests/test_bus_local.py``); loss is made
 by holding or dropping datagrams in the receiving bus's handler.
 """
 
@@ -13,12 +13,12 @@ import msgpack
 import pytest
 import trio
 
+from server.bus import local_wire as wire
+from server.bus.local import LocalBus
+from server.bus.local_interest import LocalInterest, RemoteInterest
+from server.bus.reconcile import Freshness
 from server.core.events import NewEvent
-from server.process import peers_wire as wire
-from server.process.interest import LocalInterest, RemoteInterest
-from server.process.peers import PeerBus
-from server.process.reconcile import Freshness
-from tests.test_peers import Recorder, open_store, open_worker, subscribe, wait_until
+from tests.test_bus_local import Recorder, open_store, open_worker, subscribe, wait_until
 
 Handler = Callable[[bytes, str], None]
 
@@ -28,7 +28,7 @@ def _kind(data: bytes) -> object:
     return items[0][0] if items else None
 
 
-def intercept(bus: PeerBus, kind: int, into: list[tuple[bytes, str]]) -> Handler:
+def intercept(bus: LocalBus, kind: int, into: list[tuple[bytes, str]]) -> Handler:
     """Make ``bus`` put the datagrams whose first item is of ``kind`` into ``into`` instead of
     handling them; returns the real handler."""
     real: Handler = bus._handle

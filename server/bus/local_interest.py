@@ -1,4 +1,4 @@
-"""Interest routing for the notice bus (:mod:`server.process.peers`): which worker watches what.
+"""Interest routing for the notice bus (:mod:`server.bus.local`): which worker watches what.
 
 Each worker tells its peers the streams it has watchers on, so that a commit is sent only to the
 workers that have a subscriber on its stream. What a worker tells (:class:`LocalInterest`) is a
@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 
 import msgpack
 
-from server.process import peers_wire as wire
+from server.bus import local_wire as wire
 
 ITEM_OVERHEAD = 48
 """Generous bytes an interest item adds to its stream names (kind, generation, versions, headers)."""

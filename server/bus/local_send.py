@@ -1,7 +1,7 @@
-"""The sending half of the notice bus (see :mod:`server.process.peers`): the table of peers, the
+"""The sending half of the notice bus (see :mod:`server.bus.local`): the table of peers, the
 queue of notices, interest routing, and what peers are owed after a send failed.
 
-A notice goes only to the peers whose interest (:mod:`server.process.interest`) includes its
+A notice goes only to the peers whose interest (:mod:`server.bus.local_interest`) includes its
 stream, or is unknown; a peer whose queue is full is owed a hint per stream it missed (past
 :data:`MAX_OWED`, a resync) and, if an interest change could not be sent, the whole set.
 """
@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-from server.core.hub import Hub
-from server.process import peers_dir as files
-from server.process import peers_wire as wire
-from server.process.interest import LocalInterest, RemoteInterest
-from server.process.peers_stats import BusStats
-from server.process.reconcile import Reconciler
-from server.store.base import Appended, Head, Notice, Store
+from server.bus import local_dir as files
+from server.bus import local_wire as wire
+from server.bus.local_interest import LocalInterest, RemoteInterest
+from server.bus.reconcile import Reconciler
+from server.bus.stats import BusStats
+from server.core.ports.bus import Receiver
+from server.core.ports.store import Appended, Head, Notice, Store
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _stream_of(notice: Notice) -> str:
 
 
 class BusSender:
-    """The peers and everything sent to them; :class:`server.process.peers.PeerBus` adds
+    """The peers and everything sent to them; :class:`server.bus.local.LocalBus` adds
     discovery, receiving and repair. Everything runs on the trio thread; nothing blocks."""
 
     def __init__(
@@ -68,7 +68,7 @@ class BusSender:
         sock: socket.socket,
         path: str,
         ino: int,
-        hub: Hub,
+        hub: Receiver,
         store: Store,
         *,
         max_datagram: int,
@@ -115,7 +115,7 @@ class BusSender:
         """The socket paths of the workers this one currently sends to."""
         return list(self._peers)
 
-    def broadcast(self, notice: Notice) -> None:
+    def publish(self, notice: Notice) -> None:
         """Send a change this worker committed to the peers watching its stream (the store's
         listener calls this).
 
@@ -138,7 +138,7 @@ class BusSender:
             self._pending_size += len(item)
         self._flush_wanted.set()
 
-    def on_interest(self, stream: str, watched: bool) -> None:
+    def declare_interest(self, stream: str, watched: bool) -> None:
         """``stream`` gained its first watcher on this worker, or lost its last one (the hub's
         interest listener): the peers are told at the end of the scheduling pass."""
         self._interest.change(stream, watched)
