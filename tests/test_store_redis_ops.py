@@ -21,10 +21,6 @@ from server.store.base import (
 from server.store.redis_keys import Keys, prefix_problem
 from server.store.redis_ops import (
     SCRIPT,
-    AppendOp,
-    CloseOp,
-    DeleteOp,
-    append_op,
     head,
     ms,
     read_call,
@@ -33,6 +29,7 @@ from server.store.redis_ops import (
     write_call,
     write_outcome,
 )
+from server.store.writes import AppendOp, CloseOp, DeleteOp, append_op
 
 KEYS = Keys("p:")
 RETENTION = Retention(max_events=5, max_bytes=100, max_age=1.5, idempotency_window=60)

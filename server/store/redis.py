@@ -24,33 +24,34 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
-import coredis
 import trio
-from coredis.connection import TCPLocation
-from coredis.exceptions import NoScriptError, RedisError
-from coredis.retry import NoRetryPolicy
+from coredis.exceptions import NoScriptError
 from coredis.tokens import PureToken
 
 from server.core.events import NewEvent, StreamInfo
 from server.core.groups import lone_error_unwrapped
 from server.core.ids import new_epoch
 from server.store.base import AppendResult, Head, Notice, Page, Retention, Store, StreamClosed
+from server.store.redis_client import (
+    Redis,
+    RedisUnavailable,
+    ReplicationFailed,
+    deadline,
+    fewer_acks,
+    open_client,
+    settled,
+)
 from server.store.redis_keys import DEFAULT_PREFIX, Keys
 from server.store.redis_ops import (
     HEAD_FIELDS,
     SCRIPT,
     Call,
-    CloseOp,
-    DeleteOp,
-    OpValue,
-    Outcome,
     WriteOp,
-    append_op,
     head,
     ms,
     read_call,
@@ -59,6 +60,20 @@ from server.store.redis_ops import (
     write_call,
     write_outcome,
 )
+from server.store.writes import (
+    CloseOp,
+    DeleteOp,
+    OpValue,
+    Outcome,
+    Request,
+    append_op,
+    each_result,
+    fail_pending,
+    next_batch,
+    outcome_value,
+)
+
+__all__ = ["RedisStats", "RedisStore", "RedisUnavailable", "ReplicationFailed", "open_redis_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,20 +92,6 @@ TRIM_CHUNK = 256
 TRIM_ROUNDS = 64
 """Most rounds of one :meth:`RedisStore.trim_expired` call; the rest waits for the next sweep."""
 
-_Redis = coredis.Redis[bytes]
-
-
-class RedisUnavailable(RuntimeError):
-    """The request was not carried out, or its outcome is unknown: Redis was unreachable or did
-    not answer within ``store.redis_timeout``, refused the command, or the store is closed.
-    (Meant to join the store interface with the sqlite store's ``StoreUnavailable``.)"""
-
-
-class ReplicationFailed(RedisUnavailable):
-    """The write was applied on the primary, but fewer than ``store.redis_wait_replicas`` replicas
-    acknowledged it within the timeout: a failover now could lose it. The listener was told."""
-
-
 @dataclass(slots=True)
 class RedisStats:
     """Counters of the writer since the store was opened (read them, do not write them).
@@ -108,19 +109,7 @@ class RedisStats:
     failed_commits: int = 0
 
 
-@dataclass(eq=False, slots=True)
-class _Request:
-    op: WriteOp
-    deadline: float
-    done: trio.Event = field(default_factory=trio.Event)
-    outcome: Outcome | None = None
-
-    def finish(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        self.done.set()
-
-    def fail(self, error: Exception) -> None:
-        self.finish(Outcome(error=error))
+_Request = Request[WriteOp]
 
 
 class RedisStore(Store):
@@ -132,7 +121,7 @@ class RedisStore(Store):
 
     def __init__(
         self,
-        client: _Redis,
+        client: Redis,
         keys: Keys,
         retention: Retention,
         clock: Callable[[], float],
@@ -170,16 +159,7 @@ class RedisStore(Store):
         """As :meth:`Store.append_each`: every item is queued before any is waited for, so the
         writer sends them in one pipeline (up to ``max_batch`` requests), one round trip for all."""
         requests = [await self._enqueue(append_op(stream, events, None)) for stream, events in items]
-        results: list[AppendResult | StreamClosed] = []
-        for request in requests:
-            try:
-                value = await self._outcome(request)
-            except StreamClosed as exc:
-                results.append(exc)
-                continue
-            assert isinstance(value, AppendResult)
-            results.append(value)
-        return results
+        return await each_result(requests, self._outcome)
 
     async def read(self, stream: str, after_seq: int, limit: int) -> Page:
         """Return up to ``limit`` (at most :data:`MAX_READ_LIMIT`) retained events after ``after_seq``,
@@ -262,7 +242,7 @@ class RedisStore(Store):
 
     def _deadline(self, what: str, at: float | None = None) -> AbstractContextManager[None]:
         """The store's deadline for one call (see :func:`_deadline`): ``at``, or ``timeout`` from now."""
-        return _deadline(what, trio.current_time() + self._timeout if at is None else at, self._timeout)
+        return deadline(what, trio.current_time() + self._timeout if at is None else at, self._timeout)
 
     async def _script(self, call: Call, what: str) -> Any:
         """One script call under the store's deadline (loading the script if Redis lacks it)."""
@@ -290,8 +270,8 @@ class RedisStore(Store):
         async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
             requests = [pipe.evalsha(self._sha, keys, args) for keys, args in calls]
             waited = pipe.wait(wait, wait_ms) if wait else None
-        replies = [await _settled(r) for r in requests]
-        acked = None if waited is None else await _settled(waited)
+        replies = [await settled(r) for r in requests]
+        acked = None if waited is None else await settled(waited)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             await self._load_script()
@@ -299,7 +279,7 @@ class RedisStore(Store):
             for i, reply in zip(missing, again, strict=False):
                 replies[i] = reply
             if wait:
-                acked = _fewer(acked, again[-1])
+                acked = fewer_acks(acked, again[-1])
         return [*replies, acked] if wait else replies
 
     # -- writer -------------------------------------------------------------------------------
@@ -327,29 +307,15 @@ class RedisStore(Store):
         """Wait for ``request``'s outcome (the writer settles it by its deadline); its value, or raise its error."""
         with trio.move_on_at(request.deadline + self._timeout):
             await request.done.wait()
-        outcome = request.outcome
-        if outcome is None:
+        if request.outcome is None:
             raise RedisUnavailable("redis store: no outcome within store.redis_timeout; the write may still apply")
-        if outcome.error is not None:
-            raise outcome.error
-        assert outcome.value is not None
-        return outcome.value
+        return outcome_value(request.outcome)
 
     async def _run_writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send queued requests in pipelines until the queue is closed and drained."""
         task_status.started()
         try:
-            while True:
-                try:
-                    first = await self._recv.receive()
-                except trio.EndOfChannel:
-                    return
-                batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+            while (batch := await next_batch(self._recv, self._max_batch)) is not None:
                 self._inflight = batch
                 await self._commit(batch)
                 self._inflight = []
@@ -415,16 +381,9 @@ class RedisStore(Store):
     def _stop_writer(self) -> None:
         """Fail every request the writer will not send, and refuse new ones."""
         pending, self._inflight = self._inflight, []
-        while True:
-            try:
-                pending.append(self._recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
         self._closing = True
-        self._recv.close()
-        for request in pending:
-            if not request.done.is_set():
-                request.fail(RedisUnavailable("redis store: the writer stopped before this request was answered"))
+        stopped = "redis store: the writer stopped before this request was answered"
+        fail_pending(pending, self._recv, lambda: RedisUnavailable(stopped))
         self._writer_done.set()
 
     def _tell(self, notice: Notice) -> None:
@@ -432,64 +391,6 @@ class RedisStore(Store):
             self._notify(notice)
         except Exception:
             logger.exception("store listener failed on %s", type(notice).__name__)
-
-
-@contextmanager
-def _deadline(what: str, at: float, timeout: float) -> Iterator[None]:
-    """Cancel the block at ``at`` (trio time) and turn that, or any Redis or connection failure
-    inside, into :class:`RedisUnavailable` naming ``what``."""
-    try:
-        with lone_error_unwrapped(), trio.CancelScope(deadline=at) as scope:
-            yield
-    except (RedisError, OSError, TimeoutError) as exc:
-        raise RedisUnavailable(f"redis store: {what} failed: {exc}") from exc
-    if scope.cancelled_caught:
-        raise RedisUnavailable(f"redis store: {what}: no answer within {timeout} s (store.redis_timeout)")
-
-
-async def _settled(request: Any) -> Any:
-    """A pipelined command's reply, or the error Redis answered it with."""
-    try:
-        return await request
-    except RedisError as exc:
-        return exc
-
-
-def _fewer(a: Any, b: Any) -> Any:
-    """The smaller of two WAIT replies (an error counts as none)."""
-    if isinstance(a, Exception) or isinstance(b, Exception):
-        return a if isinstance(a, Exception) else b
-    return min(int(a), int(b))
-
-
-@asynccontextmanager
-async def _client(
-    url: str | None, sentinels: Sequence[str], master: str | None, timeout: float, max_connections: int
-) -> AsyncIterator[_Redis]:
-    """A running coredis client for ``url``, or for the primary of ``master`` that ``sentinels``
-    (``host:port`` each) name. Commands are never retried by the client: a script call retried
-    after a lost answer could apply twice."""
-    options: dict[str, Any] = {"stream_timeout": timeout, "connect_timeout": timeout}
-    async with AsyncExitStack() as stack:
-        client: _Redis
-        if sentinels:
-            if master is None:
-                raise ValueError("redis sentinels need the name of the primary (store.redis_master)")
-            sentinel = coredis.Sentinel([_location(s) for s in sentinels], retry_policy=NoRetryPolicy(), **options)
-            await stack.enter_async_context(sentinel)
-            client = sentinel.primary_for(master, max_connections=max_connections, timeout=timeout)
-        elif url is not None:
-            client = coredis.Redis.from_url(
-                url, retry_policy=NoRetryPolicy(), max_connections=max_connections, pool_timeout=timeout, **options
-            )
-        else:
-            raise ValueError("the redis store needs a URL or sentinels")
-        yield await stack.enter_async_context(client)
-
-
-def _location(text: str) -> TCPLocation:
-    host, _, port = text.rpartition(":")
-    return TCPLocation(host.strip("[]"), int(port))
 
 
 @asynccontextmanager
@@ -523,7 +424,7 @@ async def open_redis_store(
     if not timeout > 0:
         raise ValueError("timeout must be positive")
     keys = Keys(prefix)
-    async with _client(url, sentinels, master, timeout, max_connections) as client:
+    async with open_client(url, sentinels, master, timeout, max_connections) as client:
         store = RedisStore(
             client, keys, retention, clock, timeout=timeout, wait_replicas=wait_replicas,
             queue_size=queue_size, max_batch=max_batch,

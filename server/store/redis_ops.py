@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from server.core.events import Event, NewEvent, StreamInfo
+from server.core.events import Event, StreamInfo
 from server.core.ids import MAX_SEQ, format_id
 from server.store.base import (
     Appended,
@@ -22,13 +21,13 @@ from server.store.base import (
     Deleted,
     Head,
     IdempotencyKeyReused,
-    Notice,
     Page,
     Retention,
     StreamClosed,
     fingerprint,
 )
 from server.store.redis_keys import Keys
+from server.store.writes import AppendOp, CloseOp, DeleteOp, Outcome
 
 SCRIPT: str = resources.files("server.store").joinpath("redis_store.lua").read_text(encoding="utf-8")
 """The store's Lua script: every operation, chosen by ``ARGV[1]``."""
@@ -42,47 +41,8 @@ def ms(seconds: float) -> int:
     return math.floor(seconds * 1000)
 
 
-@dataclass(frozen=True, slots=True)
-class AppendOp:
-    """Append ``events`` to ``stream``; ``key`` is the optional idempotency key."""
-
-    stream: str
-    events: tuple[NewEvent, ...]
-    key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CloseOp:
-    """Close ``stream``, creating it closed if missing."""
-
-    stream: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteOp:
-    """Drop ``stream``, its events and its place in the ages index."""
-
-    stream: str
-
-
 WriteOp = AppendOp | CloseOp | DeleteOp
-OpValue = AppendResult | StreamInfo | bool
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What one write produced: a value or an error, and the notices to publish."""
-
-    value: OpValue | None = None
-    error: Exception | None = None
-    notices: list[Notice] = field(default_factory=list)
-
-
-def append_op(stream: str, events: Sequence[NewEvent], key: str | None) -> AppendOp:
-    """The op for one append (its own copy of the events); ``ValueError`` when ``events`` is empty."""
-    if not events:
-        raise ValueError("append needs at least one event")
-    return AppendOp(stream, tuple(NewEvent(str(e.type), bytes(e.data), bool(e.binary)) for e in events), key)
+"""The writes the Redis store's writer sends (the sweep runs apart: :func:`trim_call`)."""
 
 
 def write_call(keys: Keys, op: WriteOp, now: float, retention: Retention, epoch: str) -> Call:
