@@ -33,6 +33,7 @@ from server.http.tls import make_server_ssl_context
 from server.observability.host import HostMetrics, metrics_dir
 from server.observability.metrics import Samples, add_connection_refusals, collect
 from server.store.memory import MemoryStore
+from server.store.redis import RedisStore, open_redis_store
 from server.store.sqlite import open_sqlite_store
 from server.transports.context import Context, Settings
 from server.transports.guard import Guard
@@ -77,10 +78,28 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
         finally:
             await store.aclose()
         return
+    if config.store.backend == "redis":
+        async with open_redis_store_for(config) as redis_store:
+            yield redis_store
+        return
     path = Path(config.store.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     async with open_sqlite_store(str(path), config.retention(), sync=config.store.sync) as sqlite_store:
         yield sqlite_store
+
+
+def open_redis_store_for(config: Config) -> AbstractAsyncContextManager[RedisStore]:
+    """The Redis store that ``[store]`` describes (``redis_url`` or ``redis_sentinels``)."""
+    s = config.store
+    return open_redis_store(
+        s.redis_url,
+        config.retention(),
+        sentinels=s.redis_sentinels,
+        master=s.redis_master,
+        prefix=s.redis_prefix,
+        timeout=s.redis_timeout,
+        wait_replicas=s.redis_wait_replicas,
+    )
 
 
 async def _periodic(interval: float, fn: Any) -> None:

@@ -64,7 +64,7 @@ OTHER_ENV_PREFIXES = ("SLUICE_TEST_",)
 Kind = Literal["int", "float", "str", "path", "choice", "bool", "list", "optlist", "tables"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 SighupAction = Literal["restart", "certificate"]
-Backend = Literal["sqlite", "memory"]
+Backend = Literal["sqlite", "memory", "redis"]
 Sync = Literal["full", "normal"]
 
 
@@ -100,6 +100,12 @@ class StoreConfig:
     backend: Backend = "sqlite"
     path: str = "./var/sluice.db"
     sync: Sync = "full"
+    redis_url: str | None = None
+    redis_sentinels: tuple[str, ...] = ()
+    redis_master: str | None = None
+    redis_wait_replicas: int = 0
+    redis_prefix: str = "sluice:"
+    redis_timeout: float = 2.0
     max_events: int = _RETENTION.max_events
     max_bytes: int = _RETENTION.max_bytes
     max_age: float = _RETENTION.max_age

@@ -72,6 +72,7 @@ def cross_check(config: Config, sources: Mapping[str, str]) -> None:
             key="server.workers",
             source=sources.get("server.workers"),
         )
+    _check_redis(config, sources)
     for name, other in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
         path, key = getattr(server, name), f"server.{name}"
         if path is not None and getattr(server, other) is None:
@@ -85,6 +86,32 @@ def cross_check(config: Config, sources: Mapping[str, str]) -> None:
             jwks = config.auth.jwks_file
             key = "auth.jwks_file" if jwks and (not config.auth.keys or repr(jwks) in str(exc)) else "auth.keys"
             raise ConfigError(str(exc), key=key, source=sources.get(key)) from None
+
+
+def _check_redis(config: Config, sources: Mapping[str, str]) -> None:
+    """With ``store.backend = "redis"``: exactly one of ``redis_url`` and ``redis_sentinels``, and
+    ``redis_master`` with the sentinels."""
+    store = config.store
+    if store.backend != "redis":
+        return
+    if store.redis_url is not None and store.redis_sentinels:
+        raise ConfigError(
+            "set either store.redis_url or store.redis_sentinels, not both",
+            key="store.redis_sentinels",
+            source=sources.get("store.redis_sentinels"),
+        )
+    if store.redis_url is None and not store.redis_sentinels:
+        raise ConfigError(
+            'is required with store.backend = "redis" (or store.redis_sentinels with store.redis_master)',
+            key="store.redis_url",
+            source=sources.get("store.backend"),
+        )
+    if store.redis_sentinels and store.redis_master is None:
+        raise ConfigError(
+            "is required with store.redis_sentinels (the name the Sentinels monitor the primary by)",
+            key="store.redis_master",
+            source=sources.get("store.redis_sentinels"),
+        )
 
 
 WS_PUBLISH_MARGIN = 4096  # bytes of a publish op besides its base64 data (op, stream, type, ref)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
+from server.store.redis_keys import prefix_problem
+
 
 class ConfigError(Exception):
     """An invalid configuration. ``key`` (``section.key``) and ``source`` say what and where."""
@@ -63,6 +65,14 @@ POSITIVE_SECONDS = Rule("a positive number (seconds)", lambda v: v > 0)
 NON_NEGATIVE_SECONDS = Rule("a non-negative number (seconds)", lambda v: v >= 0)
 NON_EMPTY = Rule("a non-empty string", lambda v: bool(v.strip()))
 ANY_PATH = Rule("a file path", lambda v: True)
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_URL = Rule("a redis://, rediss:// or unix:// URL", lambda v: v.startswith(REDIS_SCHEMES) and len(v) > 8)
+
+
+def _host_port(text: str) -> bool:
+    """True for ``host:port`` (``[v6]:port`` too) with a port in 1..65535."""
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) <= 65535)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +112,40 @@ META: dict[str, Meta] = {
     ),
     "server.max_body_bytes": Meta("Largest publish request body in bytes, batches included (larger: 413)"),
     "server.max_batch_events": Meta("Most events in one batch publish"),
-    "store.backend": Meta("sqlite (durable, shared by the host's workers) or memory (one worker, not durable)"),
+    "store.backend": Meta(
+        "sqlite (durable, shared by the host's workers), memory (one worker, not durable) or redis"
+        " (Redis Streams, shared by every host on the same Redis: see redis_url)"
+    ),
     "store.path": Meta("SQLite database file; a relative path is relative to the working directory", NON_EMPTY),
     "store.sync": Meta(
         "sqlite durability: full = fsync at every commit (an acknowledged publish survives power loss);"
         " normal = no fsync per commit, commits on the event loop's thread (survives a crash or kill -9"
         " of the server, not a power loss or kernel crash)"
+    ),
+    "store.redis_url": Meta(
+        "With backend = redis: the Redis to use, redis://[user:password@]host:port[/db], rediss:// (TLS)"
+        " or unix:///path/to/socket (or set redis_sentinels instead)",
+        REDIS_URL,
+        "redis://127.0.0.1:6379/0",
+    ),
+    "store.redis_sentinels": Meta(
+        "With backend = redis: Sentinels (host:port each) to ask for the primary named redis_master,"
+        " instead of redis_url",
+        Rule("a list of host:port", lambda v: all(_host_port(s) for s in v)),
+    ),
+    "store.redis_master": Meta("With redis_sentinels: the name of the monitored primary", NON_EMPTY, "mymaster"),
+    "store.redis_wait_replicas": Meta(
+        "With backend = redis: replicas that must acknowledge each write (WAIT) before a publish succeeds;"
+        " fewer within redis_timeout fail the publish (0: do not wait)",
+        NON_NEGATIVE_INT,
+    ),
+    "store.redis_prefix": Meta(
+        "With backend = redis: prefix of every key Sluice keeps in Redis (printable ASCII, no spaces or braces)",
+        Rule("1-64 printable ASCII characters without spaces, '{' or '}'", lambda v: prefix_problem(v) is None),
+    ),
+    "store.redis_timeout": Meta(
+        "With backend = redis: seconds every Redis call (connecting included) may take before the request fails",
+        Rule("a number of seconds in 0.01..60", lambda v: 0.01 <= v <= 60),
     ),
     "store.max_events": Meta("Events kept per stream (0: no limit)", NON_NEGATIVE_INT),
     "store.max_bytes": Meta("Bytes of event data kept per stream (0: no limit)", NON_NEGATIVE_INT),

@@ -101,7 +101,9 @@ def test_dedicated_flag_wins_over_set(capsys: pytest.CaptureFixture[str]) -> Non
         (["--set", "nope.x=3"], "config error: nope: unknown section"),
         (["--set", "sse.heartbeat=-1"], "sse.heartbeat: must be a positive number (seconds), got -1.0"),
         (["--port", "http"], 'server.port: must be an integer in 0..65535, got "http" (from --port)'),
-        (["--store", "redis"], 'store.backend: must be one of "sqlite", "memory", got "redis" (from --store)'),
+        (["--store", "pg"], 'store.backend: must be one of "sqlite", "memory", "redis", got "pg" (from --store)'),
+        (["--store", "redis"], 'store.redis_url: is required with store.backend = "redis" (or store.redis_sent'),
+        (["--redis-url", "tcp://h"], 'store.redis_url: must be a redis://, rediss:// or unix:// URL, got "tcp://h"'),
         (["--tls-cert", "/nonexistent/cert.pem"], "server.tls_cert: is set but server.tls_key is not"),
     ],
 )

@@ -235,7 +235,12 @@ def test_every_number_rejects_negative_values_and_wrong_types(spec: KeySpec, tmp
         ({"SLUICE_SERVER_WORKERS": "-1"}, "server.workers: must be a non-negative integer, got -1"),
         ({"SLUICE_SERVER_HOST": ""}, 'server.host: must be a non-empty string, got ""'),
         ({"SLUICE_SERVER_LOG_LEVEL": "loud"}, 'must be one of "critical", "error", "warning", "info", "debug"'),
-        ({"SLUICE_STORE_BACKEND": "redis"}, 'store.backend: must be one of "sqlite", "memory", got "redis"'),
+        ({"SLUICE_STORE_BACKEND": "pg"}, 'store.backend: must be one of "sqlite", "memory", "redis", got "pg"'),
+        ({"SLUICE_STORE_REDIS_URL": "http://x"}, 'store.redis_url: must be a redis://, rediss:// or unix:// URL'),
+        ({"SLUICE_STORE_REDIS_SENTINELS": "a:1,b"}, 'store.redis_sentinels: must be a list of host:port, got ["a:1",'),
+        ({"SLUICE_STORE_REDIS_PREFIX": "s{1}:"}, "store.redis_prefix: must be 1-64 printable ASCII characters without"),
+        ({"SLUICE_STORE_REDIS_TIMEOUT": "61"}, "store.redis_timeout: must be a number of seconds in 0.01..60, got 61"),
+        ({"SLUICE_STORE_REDIS_WAIT_REPLICAS": "-1"}, "store.redis_wait_replicas: must be a non-negative integer"),
         ({"SLUICE_STORE_SYNC": "off"}, 'store.sync: must be one of "full", "normal", got "off"'),
         ({"SLUICE_STORE_MAX_AGE": "-0.5"}, "store.max_age: must be a non-negative number (seconds), got -0.5"),
         ({"SLUICE_SSE_HEARTBEAT": "0"}, "sse.heartbeat: must be a positive number (seconds), got 0.0"),
@@ -247,6 +252,25 @@ def test_every_number_rejects_negative_values_and_wrong_types(spec: KeySpec, tmp
 )
 def test_constraints(env: dict[str, str], message: str) -> None:
     assert message in str(error_of(environ=env))
+
+
+def test_redis_settings_load() -> None:
+    config = load_config(
+        environ={
+            "SLUICE_STORE_BACKEND": "redis",
+            "SLUICE_STORE_REDIS_SENTINELS": "10.0.0.1:26379, [::1]:26380",
+            "SLUICE_STORE_REDIS_MASTER": "main",
+            "SLUICE_STORE_REDIS_WAIT_REPLICAS": "1",
+            "SLUICE_STORE_REDIS_PREFIX": "app:",
+            "SLUICE_STORE_REDIS_TIMEOUT": "0.5",
+        }
+    )
+    store = config.store
+    assert (store.backend, store.redis_url, store.redis_master) == ("redis", None, "main")
+    assert store.redis_sentinels == ("10.0.0.1:26379", "[::1]:26380")
+    assert (store.redis_wait_replicas, store.redis_prefix, store.redis_timeout) == (1, "app:", 0.5)
+    url = load_config({"store": {"backend": "redis", "redis_url": "unix:///run/redis.sock"}}, environ={})
+    assert url.store.redis_url == "unix:///run/redis.sock"
 
 
 def test_zero_means_no_limit_where_documented() -> None:
@@ -279,6 +303,15 @@ def test_zero_means_no_limit_where_documented() -> None:
         ({"http": {"send_low_water": 2_000_000}}, "http.send_low_water: must not exceed http.send_buffer"),
         ({"longpoll": {"max_timeout": 10}}, "longpoll.max_timeout: must be at least longpoll.default_timeout"),
         ({"server": {"workers": 2}, "store": {"backend": "memory"}}, "server.workers: must be 1 with store.backend"),
+        ({"store": {"backend": "redis"}}, 'store.redis_url: is required with store.backend = "redis" (or store.redis'),
+        (
+            {"store": {"backend": "redis", "redis_url": "redis://h:1", "redis_sentinels": ["h:2"]}},
+            "store.redis_sentinels: set either store.redis_url or store.redis_sentinels, not both",
+        ),
+        (
+            {"store": {"backend": "redis", "redis_sentinels": ["h:2"]}},
+            "store.redis_master: is required with store.redis_sentinels",
+        ),
     ],
 )
 def test_cross_key_constraints_name_the_key_that_was_set(overrides: dict[str, dict[str, object]], message: str) -> None:

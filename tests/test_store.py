@@ -26,8 +26,14 @@ from server.core.ports.store import (
     StreamClosed,
 )
 from server.store.memory import MemoryStore
+from server.store.redis import open_redis_store
 from server.store.sqlite import open_sqlite_store
+from tests.redis_server import RedisServer, redis_server
 from tests.store_contract import FakeClock, OpenStore, StoreContract
+
+__all__ = ["redis_server"]  # the session's redis-server, a fixture the redis backend asks for
+
+PREFIXES = itertools.count()
 
 
 @asynccontextmanager
@@ -43,11 +49,19 @@ async def open_memory_store(retention: Retention, clock: FakeClock) -> AsyncIter
 class TestStoreContract(StoreContract):
     """Every :class:`StoreContract` test, once per backend."""
 
-    @pytest.fixture(params=["memory", "sqlite-full", "sqlite-normal"])
+    @pytest.fixture(params=["memory", "sqlite-full", "sqlite-normal", "redis"])
     def open_store(self, request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
         if request.param == "memory":
             return open_memory_store
         counter = itertools.count()
+        if request.param == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+
+            def open_redis(retention: Retention, clock: FakeClock) -> AbstractAsyncContextManager[Store]:
+                prefix = f"t{next(PREFIXES)}:"  # a fresh, empty store on the session's server
+                return open_redis_store(server.url, retention, prefix=prefix, clock=clock, timeout=5.0)
+
+            return open_redis
         sync = request.param.removeprefix("sqlite-")
 
         def open_sqlite(retention: Retention, clock: FakeClock) -> AbstractAsyncContextManager[Store]:

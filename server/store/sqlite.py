@@ -30,7 +30,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,7 +40,6 @@ from server.core.events import NewEvent, StreamInfo
 from server.core.groups import lone_error_unwrapped
 from server.core.ports.store import AppendResult, Head, Notice, Page, Retention, Store, StreamClosed
 from server.store.sqlite_ops import (
-    AppendOp,
     BatchFailed,
     CloseOp,
     DeleteOp,
@@ -57,6 +56,7 @@ from server.store.sqlite_ops import (
     read_page,
 )
 from server.store.sqlite_schema import SYNC_MODES, open_checkpointer, open_reader, open_writer
+from server.store.writes import Request, append_op, each_result, fail_pending, next_batch, outcome_value, take_queued
 
 logger = logging.getLogger(__name__)
 
@@ -101,25 +101,7 @@ class SqliteStats:
     checkpoint_failures: int = 0
 
 
-def _append_op(stream: str, events: Sequence[NewEvent], key: str | None) -> AppendOp:
-    """The writer's op for one append (its own copy of the events); ``ValueError`` when empty."""
-    if not events:
-        raise ValueError("append needs at least one event")
-    return AppendOp(stream, tuple(NewEvent(str(e.type), bytes(e.data), bool(e.binary)) for e in events), key)
-
-
-@dataclass(eq=False, slots=True)
-class _Request:
-    op: WriteOp
-    done: trio.Event = field(default_factory=trio.Event)
-    outcome: Outcome | None = None
-
-    def finish(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        self.done.set()
-
-    def fail(self, error: Exception) -> None:
-        self.finish(Outcome(error=error))
+_Request = Request[WriteOp]
 
 
 class SqliteStore(Store):
@@ -180,24 +162,15 @@ class SqliteStore(Store):
         self, stream: str, events: Sequence[NewEvent], *, idempotency_key: str | None = None
     ) -> AppendResult:
         """Append ``events`` atomically and in order, durably, honouring ``idempotency_key``."""
-        value = await self._submit(_append_op(stream, events, idempotency_key))
+        value = await self._submit(append_op(stream, events, idempotency_key))
         assert isinstance(value, AppendResult)
         return value
 
     async def append_each(self, items: Sequence[tuple[str, Sequence[NewEvent]]]) -> list[AppendResult | StreamClosed]:
         """As :meth:`Store.append_each`: every item is queued before any is waited for, so the
         writer takes them into one transaction (up to ``max_batch`` requests), one fsync for all."""
-        requests = [await self._enqueue(_append_op(stream, events, None)) for stream, events in items]
-        results: list[AppendResult | StreamClosed] = []
-        for request in requests:
-            try:
-                value = await self._outcome(request)
-            except StreamClosed as exc:
-                results.append(exc)
-                continue
-            assert isinstance(value, AppendResult)
-            results.append(value)
-        return results
+        requests = [await self._enqueue(append_op(stream, events, None)) for stream, events in items]
+        return await each_result(requests, self._outcome)
 
     async def read(self, stream: str, after_seq: int, limit: int) -> Page:
         """Return up to ``limit`` (at most :data:`MAX_READ_LIMIT`) retained events after ``after_seq``."""
@@ -266,24 +239,13 @@ class SqliteStore(Store):
     async def _outcome(self, request: _Request) -> OpValue:
         """Wait for ``request`` to be committed; its value, or raise its error."""
         await request.done.wait()
-        outcome = request.outcome
-        assert outcome is not None
-        if outcome.error is not None:
-            raise outcome.error
-        assert outcome.value is not None
-        return outcome.value
+        return outcome_value(request.outcome)
 
     async def _run_writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Commit queued requests in groups until the queue is closed and drained."""
         task_status.started()
         try:
-            while True:
-                try:
-                    first = await self._recv.receive()
-                except trio.EndOfChannel:
-                    return
-                batch = [first]
-                self._take_queued(batch)
+            while (batch := await next_batch(self._recv, self._max_batch)) is not None:
                 self._inflight = batch
                 await self._commit(batch)
                 self._inflight = []
@@ -295,11 +257,7 @@ class SqliteStore(Store):
 
     def _take_queued(self, batch: list[_Request]) -> None:
         """Add to ``batch`` what is queued now, up to ``max_batch`` requests in all."""
-        while len(batch) < self._max_batch:
-            try:
-                batch.append(self._recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+        take_queued(self._recv, batch, self._max_batch)
 
     async def _commit(self, batch: list[_Request]) -> None:
         try:
@@ -381,17 +339,13 @@ class SqliteStore(Store):
     def _stop_writer(self) -> None:
         """Fail every request the writer will not commit, and refuse new ones (no checkpoint)."""
         pending, self._inflight = self._inflight, []
-        while True:
-            try:
-                pending.append(self._recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        self._recv.close()
-        for request in pending:
-            if not request.done.is_set():
-                error = StoreUnavailable("the store's writer stopped before committing this request")
-                error.__cause__ = self._failure
-                request.fail(error)
+
+        def stopped() -> Exception:
+            error = StoreUnavailable("the store's writer stopped before committing this request")
+            error.__cause__ = self._failure
+            return error
+
+        fail_pending(pending, self._recv, stopped)
         self._writer_done.set()
 
     def _tell(self, notice: Notice) -> None:

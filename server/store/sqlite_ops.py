@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.core.events import Event, NewEvent, StreamInfo
+from server.core.events import Event, StreamInfo
 from server.core.ids import format_id, new_epoch
 from server.core.ports.store import (
     Appended,
@@ -24,35 +24,14 @@ from server.core.ports.store import (
     Deleted,
     Head,
     IdempotencyKeyReused,
-    Notice,
     Page,
     Retention,
     StreamClosed,
 )
 from server.store.fingerprint import fingerprint
+from server.store.writes import AppendOp, CloseOp, DeleteOp, OpValue, Outcome
 
-
-@dataclass(frozen=True, slots=True)
-class AppendOp:
-    """Append ``events`` to ``stream``; ``key`` is the optional idempotency key."""
-
-    stream: str
-    events: tuple[NewEvent, ...]
-    key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CloseOp:
-    """Close ``stream``, creating it closed if missing."""
-
-    stream: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteOp:
-    """Drop ``stream``, its events and its idempotency keys."""
-
-    stream: str
+__all__ = ["AppendOp", "CloseOp", "DeleteOp", "OpValue", "Outcome", "TrimOp", "WriteOp"]  # with the functions below
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +40,6 @@ class TrimOp:
 
 
 WriteOp = AppendOp | CloseOp | DeleteOp | TrimOp
-OpValue = AppendResult | StreamInfo | bool | int
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What one write request produced: a value or an error, and the notices to publish."""
-
-    value: OpValue | None = None
-    error: Exception | None = None
-    notices: list[Notice] = field(default_factory=list)
 
 
 FORGET_KEYS_INTERVAL = 1.0
