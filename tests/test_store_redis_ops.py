@@ -16,8 +16,8 @@ from server.core.ports.store import (
     Page,
     Retention,
     StreamClosed,
-    fingerprint,
 )
+from server.store.fingerprint import fingerprint
 from server.store.redis_keys import Keys, prefix_problem
 from server.store.redis_ops import (
     SCRIPT,
