@@ -157,9 +157,7 @@ def _open_bus(opener: BusOpener | None, hub: Hub, store: Store) -> AbstractAsync
     return nullcontext(None) if opener is None else opener(hub, store)
 
 
-def _samples(
-    ctx: Context, engine: list[HttpServer], bus: Bus | None, admission: Admission | None = None
-) -> Samples:
+def _samples(ctx: Context, engine: list[HttpServer], bus: Bus | None, admission: Admission | None = None) -> Samples:
     """This worker's live counters: hub, engine, guard, bus, store (a store with a ``stats``
     record) and the connection caps' refusals."""
     guard = ctx.guard

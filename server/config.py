@@ -500,6 +500,3 @@ def _convert(spec: KeySpec, raw: object, source: str, text: bool) -> object:
     if value is not None and not spec.rule.test(value):
         raise ConfigError(f"must be {spec.rule.what}, got {toml_literal(value)}", key=spec.name, source=source)
     return value
-
-
-

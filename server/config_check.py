@@ -28,9 +28,7 @@ def cross_check(config: Config, sources: Mapping[str, str]) -> None:
                 raise ConfigError(
                     f"must not exceed {high} ({hi_text}), got {lo_text}", key=low, source=sources.get(low)
                 )
-            raise ConfigError(
-                f"must be at least {low} ({lo_text}), got {hi_text}", key=high, source=sources.get(high)
-            )
+            raise ConfigError(f"must be at least {low} ({lo_text}), got {hi_text}", key=high, source=sources.get(high))
 
     at_most("server.max_event_bytes", "server.max_body_bytes")
     ws_floor = ws_publish_floor(config.server.max_event_bytes)

@@ -34,10 +34,13 @@ class H2Client:
         self.sock = stream
         cfg = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
         self.conn = h2.connection.H2Connection(config=cfg)
-        self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-        })
+        self.conn.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(window)
         self.streams: dict[int, H2Stream] = {}
@@ -52,8 +55,14 @@ class H2Client:
     async def get(self, path: str, headers: dict[str, str] | None = None, authority: str = "127.0.0.1") -> int:
         """Send a GET; return its stream id."""
         sid = self.conn.get_next_available_stream_id()
-        hdrs = [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", authority),
-                ("accept", "text/event-stream"), *(headers or {}).items()]
+        hdrs = [
+            (":method", "GET"),
+            (":path", path),
+            (":scheme", "http"),
+            (":authority", authority),
+            ("accept", "text/event-stream"),
+            *(headers or {}).items(),
+        ]
         self.conn.send_headers(sid, hdrs, end_stream=True)
         self.streams[sid] = H2Stream()
         await self.flush()
@@ -62,8 +71,14 @@ class H2Client:
     async def post(self, path: str, body: bytes, content_type: str = "text/plain") -> int:
         """Send a POST with a body; return its stream id."""
         sid = self.conn.get_next_available_stream_id()
-        hdrs = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", "127.0.0.1"),
-                ("content-type", content_type), ("content-length", str(len(body)))]
+        hdrs = [
+            (":method", "POST"),
+            (":path", path),
+            (":scheme", "http"),
+            (":authority", "127.0.0.1"),
+            ("content-type", content_type),
+            ("content-length", str(len(body))),
+        ]
         self.conn.send_headers(sid, hdrs)
         self.conn.send_data(sid, body, end_stream=True)
         self.streams[sid] = H2Stream()

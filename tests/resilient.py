@@ -19,8 +19,15 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from server.core.sse import SSEParser
 from tests.h2client import open_h2
 
-NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, EOFError, h11.ProtocolError,
-              ConnectionClosed, HandshakeError)
+NET_ERRORS = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    EOFError,
+    h11.ProtocolError,
+    ConnectionClosed,
+    HandshakeError,
+)
 
 
 @dataclass
@@ -112,8 +119,9 @@ async def sse_h2_client(port: int, streams: list[str], goal: Goal, t: Transcript
                 sids: dict[int, str] = {}
                 for s in streams:
                     last = t.last(s)
-                    sid = await c.get(f"/v1/streams/{s}" + ("" if last else "?from=start"),
-                                      {"last-event-id": last} if last else None)
+                    sid = await c.get(
+                        f"/v1/streams/{s}" + ("" if last else "?from=start"), {"last-event-id": last} if last else None
+                    )
                     sids[sid] = s
                 seen = {sid: 0 for sid in sids}
                 while not goal.reached(t) and not c.closed and c.goaway is None:
@@ -121,7 +129,7 @@ async def sse_h2_client(port: int, streams: list[str], goal: Goal, t: Transcript
                         await c.pump()
                     for sid, s in sids.items():
                         st = c.streams[sid]
-                        for ev in st.events[seen[sid]:]:
+                        for ev in st.events[seen[sid] :]:
                             if ev.event == "sluice.reset":
                                 t.resets.append(ev.data)
                             elif not ev.event.startswith("sluice."):
@@ -174,8 +182,11 @@ async def longpoll_client(port: int, stream: str, goal: Goal, t: Transcript) -> 
                 async with sock:
                     conn = h11.Connection(h11.CLIENT)
                     target = f"/v1/streams/{stream}/poll?{query}&timeout=1"
-                    await sock.send_all(conn.send(h11.Request(method="GET", target=target,
-                                                              headers=[("host", "x"), ("connection", "close")])))
+                    await sock.send_all(
+                        conn.send(
+                            h11.Request(method="GET", target=target, headers=[("host", "x"), ("connection", "close")])
+                        )
+                    )
                     await sock.send_all(conn.send(h11.EndOfMessage()))
                     body = bytearray()
                     status = 0

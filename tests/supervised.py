@@ -120,5 +120,3 @@ async def supervisor(
                 if _is_worker(pid):
                     os.kill(pid, signal.SIGKILL)
             print(f"--- {name} log ---\n{running.log()}")  # shown when the test fails
-
-

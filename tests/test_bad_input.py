@@ -47,8 +47,7 @@ async def test_bad_input_everywhere_while_others_are_served(sluice: Running) -> 
             assert (await raw_exchange(sluice.port, b"NOT HTTP AT ALL\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
             await still_served(sluice, sse, 2)
             # malformed WebSocket frame (reserved bits set, unmasked): close 1002
-            async with open_websocket_url(f"ws://127.0.0.1:{sluice.port}/v1/ws",
-                                          subprotocols=["sluice.json.v1"]) as ws:
+            async with open_websocket_url(f"ws://127.0.0.1:{sluice.port}/v1/ws", subprotocols=["sluice.json.v1"]) as ws:
                 await ws._stream.send_all(b"\xf1\x05hello")  # RSV1-3 set, not masked
                 try:
                     await ws.get_message()

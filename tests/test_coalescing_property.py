@@ -58,8 +58,9 @@ class OutboxSink:
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 @given(
-    bursts=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 6000), st.sampled_from([0.0, 0.005, 0.05])),
-                    min_size=1, max_size=25),
+    bursts=st.lists(
+        st.tuples(st.integers(1, 6), st.integers(0, 6000), st.sampled_from([0.0, 0.005, 0.05])), min_size=1, max_size=25
+    ),
     coalesce=st.sampled_from([0.0, 0.02]),
     cap=st.sampled_from([8 * 1024, 1024 * 1024]),
     size=st.sampled_from([10, 700]),

@@ -236,7 +236,7 @@ def test_every_number_rejects_negative_values_and_wrong_types(spec: KeySpec, tmp
         ({"SLUICE_SERVER_HOST": ""}, 'server.host: must be a non-empty string, got ""'),
         ({"SLUICE_SERVER_LOG_LEVEL": "loud"}, 'must be one of "critical", "error", "warning", "info", "debug"'),
         ({"SLUICE_STORE_BACKEND": "pg"}, 'store.backend: must be one of "sqlite", "memory", "redis", got "pg"'),
-        ({"SLUICE_STORE_REDIS_URL": "http://x"}, 'store.redis_url: must be a redis://, rediss:// or unix:// URL'),
+        ({"SLUICE_STORE_REDIS_URL": "http://x"}, "store.redis_url: must be a redis://, rediss:// or unix:// URL"),
         ({"SLUICE_STORE_REDIS_SENTINELS": "a:1,b"}, 'store.redis_sentinels: must be a list of host:port, got ["a:1",'),
         ({"SLUICE_STORE_REDIS_PREFIX": "s{1}:"}, "store.redis_prefix: must be 1-64 printable ASCII characters without"),
         ({"SLUICE_STORE_REDIS_TIMEOUT": "61"}, "store.redis_timeout: must be a number of seconds in 0.01..60, got 61"),

@@ -67,8 +67,13 @@ async def publisher(port: int, published: dict[str, list[str]]) -> None:
         key = f"pub-{i}"
         for _attempt in range(50):
             try:
-                r = await request(port, "POST", f"/v1/streams/{stream}", f"event {i}".encode(),
-                                  {"content-type": "text/plain", "idempotency-key": key})
+                r = await request(
+                    port,
+                    "POST",
+                    f"/v1/streams/{stream}",
+                    f"event {i}".encode(),
+                    {"content-type": "text/plain", "idempotency-key": key},
+                )
             except (*NET_ERRORS, trio.TooSlowError, AssertionError):  # the killed worker cut it
                 await trio.sleep(0.05)
                 continue
@@ -87,8 +92,18 @@ async def test_rolling_restarts_and_a_worker_kill_lose_nothing(tmp_path: Path) -
     goal = Goal(STREAMS)
     probe = Probe()
     stop_probe = trio.Event()
-    args = ["--workers", "3", "--set", "drain.window=1.0", "--set", "drain.deadline=6",
-            "--set", "sse.retry_ms=100", "--set", "sse.retry_jitter_ms=300"]
+    args = [
+        "--workers",
+        "3",
+        "--set",
+        "drain.window=1.0",
+        "--set",
+        "drain.deadline=6",
+        "--set",
+        "sse.retry_ms=100",
+        "--set",
+        "sse.retry_jitter_ms=300",
+    ]
     with trio.fail_after(120):
         async with supervisor(tmp_path, *args) as sup:
             await sup.ready()
@@ -145,8 +160,10 @@ async def test_rolling_restarts_and_a_worker_kill_lose_nothing(tmp_path: Path) -
 
     assert len(sup.started()) >= 3 + 3 + 1 + 3
     assert probe.outcomes["ok"] > 100 and set(probe.outcomes) == {"ok"}, probe.outcomes
-    kinds = Counter(t.name.split("-")[0] + "-" + t.name.split("-")[1] if t.name.startswith("sse") else
-                    t.name.split("-")[0] for t in transcripts)
+    kinds = Counter(
+        t.name.split("-")[0] + "-" + t.name.split("-")[1] if t.name.startswith("sse") else t.name.split("-")[0]
+        for t in transcripts
+    )
     reconnects = sum(t.reconnects for t in transcripts)
     print(f"subscribers {dict(kinds)}; reconnects {reconnects}; probe {dict(probe.outcomes)}")
     for t in transcripts:

@@ -205,9 +205,14 @@ async def test_h2_resets_within_budget_leave_no_handlers(nursery: trio.Nursery, 
                 sid += 200
             # a last, ordinary request on the same connection is answered: everything before it was read
             await stream.send_all(
-                h2_frame(HEADERS, END_HEADERS | END_STREAM, sid, encoder.encode(
-                    [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "t")]
-                ))
+                h2_frame(
+                    HEADERS,
+                    END_HEADERS | END_STREAM,
+                    sid,
+                    encoder.encode(
+                        [(":method", "GET"), (":path", "/healthz"), (":scheme", "http"), (":authority", "t")]
+                    ),
+                )
             )
             status, data = await _status_of(stream, sid)
             assert status == "200"

@@ -166,7 +166,10 @@ async def test_publishes_that_arrive_together_are_each_charged_and_answered_in_o
         answers = await ws_ops_together(s.port, ops, 4)
         assert (await request(s.port, "GET", "/v1/streams/w/info")).json()["length"] == 2
     assert [(a["op"], a["ref"], a.get("code")) for a in answers] == [
-        ("published", 0, None), ("published", 1, None), ("error", 2, "rate_limited"), ("error", 3, "rate_limited")
+        ("published", 0, None),
+        ("published", 1, None),
+        ("error", 2, "rate_limited"),
+        ("error", 3, "rate_limited"),
     ]
 
 

@@ -109,8 +109,9 @@ async def test_a_stream_asked_with_connection_close_ends_the_connection() -> Non
     with trio.fail_after(10):
         async with running_server() as (_, port, _app):
             sock = await connect(port)
-            await sock.send(b"GET /stream?n=2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-                            b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+            await sock.send(
+                b"GET /stream?n=2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
+            )
             reply = await read_until_eof(sock)  # the pipelined request is not served
             assert reply.endswith(b"data: e-1\n\n\r\n0\r\n\r\n"), reply
             assert reply.count(b"HTTP/1.1 ") == 1

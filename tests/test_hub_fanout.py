@@ -67,8 +67,12 @@ async def _hub_with_history(coalesce: float = 0.0) -> tuple[MemoryStore, Hub]:
 
 
 async def _live(
-    hub: Hub, nursery: trio.Nursery, rec: BatchRecorder, heartbeat: float | None = None,
-    stream: str = "s", start: Start = NOW,
+    hub: Hub,
+    nursery: trio.Nursery,
+    rec: BatchRecorder,
+    heartbeat: float | None = None,
+    stream: str = "s",
+    start: Start = NOW,
 ) -> None:
     ready = trio.Event()
 

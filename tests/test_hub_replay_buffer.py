@@ -152,7 +152,6 @@ async def test_a_crowd_resuming_where_the_buffer_knew_nothing_reads_the_store_ab
             nursery.cancel_scope.cancel()
 
 
-
 async def test_a_closed_stream_ends_a_resume_from_the_buffer_position() -> None:
     store, hub = buffered_hub()
     with trio.fail_after(10):

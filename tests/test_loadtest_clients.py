@@ -177,8 +177,10 @@ async def test_reconnects_and_resumes_when_the_server_closes(
         for t in c.tracks:
             assert (t.received, t.dups, t.disorder, t.foreign) == (15, 0, 0, 0), t.stream
         # a connection cut between two polls may count a send error; nothing else is expected
-        assert all(key.startswith(("BrokenResourceError", "OSError", "ConnectionResetError", "BrokenPipeError"))
-                   for key in c.load.errors), c.load.errors
+        assert all(
+            key.startswith(("BrokenResourceError", "OSError", "ConnectionResetError", "BrokenPipeError"))
+            for key in c.load.errors
+        ), c.load.errors
 
 
 @pytest.mark.parametrize("name", ["longpoll", "ws-msgpack"])
@@ -188,8 +190,9 @@ async def test_binary_events_arrive_as_bytes(name: str, nursery: trio.Nursery, t
         c = Client(s, name, tracks=1)
         for seq in range(3):
             body = payload.encode(seq, time.monotonic_ns())
-            resp = await request(s.port, "POST", f"/v1/streams/{c.streams[0]}", body,
-                                 {"content-type": "application/octet-stream"})
+            resp = await request(
+                s.port, "POST", f"/v1/streams/{c.streams[0]}", body, {"content-type": "application/octet-stream"}
+            )
             assert resp.status == 201
         await close_stream(s.port, c.streams[0])
         async with trio.open_nursery() as inner:

@@ -56,8 +56,9 @@ def test_track_with_nothing_received_lost_everything() -> None:
 
 
 def test_parse_head() -> None:
-    raw = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-           b"X: a\r\nX: b\r\n\r\nrest")
+    raw = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nX: a\r\nX: b\r\n\r\nrest"
+    )
     head, used = parse_head(raw)  # type: ignore[misc]
     assert head.status == 200 and head.chunked and head.headers["x"] == "a, b"
     assert raw[used:] == b"rest"
@@ -70,7 +71,7 @@ def chunked(body: bytes, sizes: list[int]) -> bytes:
     out = b""
     pos = 0
     for n in sizes:
-        piece = body[pos:pos + n]
+        piece = body[pos : pos + n]
         pos += n
         if piece:
             out += b"%x\r\n%s\r\n" % (len(piece), piece)
@@ -79,8 +80,10 @@ def chunked(body: bytes, sizes: list[int]) -> bytes:
     return out + b"0\r\n\r\n"
 
 
-SSE = (b"retry: 1500\n\n: heartbeat\n\nid: 1-a\ndata: one\n\nid: 1-b\nevent: token\ndata: two\ndata: lines\n\n"
-       b"event: sluice.end\ndata: {}\n\n")
+SSE = (
+    b"retry: 1500\n\n: heartbeat\n\nid: 1-a\ndata: one\n\nid: 1-b\nevent: token\ndata: two\ndata: lines\n\n"
+    b"event: sluice.end\ndata: {}\n\n"
+)
 
 
 @given(st.lists(st.integers(1, 40), max_size=10), st.lists(st.integers(1, 60), max_size=20))
@@ -91,7 +94,7 @@ def test_chunked_and_sse_decode_whatever_the_splits(sizes: list[int], cuts: list
     events = []
     pos = 0
     for n in [*cuts, len(wire)]:
-        events += sse.feed(dec.feed(wire[pos:pos + n]))
+        events += sse.feed(dec.feed(wire[pos : pos + n]))
         pos += n
     assert dec.done
     assert events == [("1-a", "message", b"one"), ("1-b", "token", b"two\nlines"), (None, "sluice.end", b"{}")]
@@ -126,8 +129,22 @@ def test_cli_refuses_non_loopback_and_spreads_actions() -> None:
     with pytest.raises(ValueError, match=r"127\.0\.0\.0/8"):
         endpoint_of("http://10.0.0.1:80", "sluice")
     assert endpoint_of("http://127.0.0.9:8080", "nchan").port == 8080
-    args = parser().parse_args(["run", "deploy", "--url", "http://127.0.0.1:1", "--duration", "30",
-                                "--restarts", "2", "--kills", "1", "--storm-at", "5"])
+    args = parser().parse_args(
+        [
+            "run",
+            "deploy",
+            "--url",
+            "http://127.0.0.1:1",
+            "--duration",
+            "30",
+            "--restarts",
+            "2",
+            "--kills",
+            "1",
+            "--storm-at",
+            "5",
+        ]
+    )
     acts = actions(args)
     assert [a.kind for a in acts] == ["storm", "restart", "kill", "restart"]
     assert [a.at for a in acts] == [5, 7.5, 15, 22.5]
@@ -176,16 +193,25 @@ def test_a_token_goes_on_every_subscribe_request() -> None:
 
 def test_whole_chunks_take_the_fast_paths_and_agree_with_the_general_ones() -> None:
     # One server write = one whole chunk: decoded without the general loop, same result.
-    pieces = [b"id: 1-a\ndata: one\n\n", b"id: 1-b\nevent: token\ndata: two\n\n", b"id:  1-c\ndata: x\ndata: y\n\n",
-              b"id: 1-d\ndata: three\n\nid: 1-e\ndata: four\n\n"]
+    pieces = [
+        b"id: 1-a\ndata: one\n\n",
+        b"id: 1-b\nevent: token\ndata: two\n\n",
+        b"id:  1-c\ndata: x\ndata: y\n\n",
+        b"id: 1-d\ndata: three\n\nid: 1-e\ndata: four\n\n",
+    ]
     dec, sse = ChunkedDecoder(), SSEDecoder()
     events = []
     for piece in pieces:
         body = dec.feed(b"%x\r\n%s\r\n" % (len(piece), piece))
         assert body == piece
         events += sse.feed(body)
-    assert events == [("1-a", "message", b"one"), ("1-b", "token", b"two"), ("1-c", "message", b"x\ny"),
-                      ("1-d", "message", b"three"), ("1-e", "message", b"four")]
+    assert events == [
+        ("1-a", "message", b"one"),
+        ("1-b", "token", b"two"),
+        ("1-c", "message", b"x\ny"),
+        ("1-d", "message", b"three"),
+        ("1-e", "message", b"four"),
+    ]
     assert sse.last_id == "1-e"
     # A size that does not match what follows is left to the general path: buffered until whole.
     dec = ChunkedDecoder()
@@ -197,12 +223,28 @@ def test_whole_chunks_take_the_fast_paths_and_agree_with_the_general_ones() -> N
 
 
 _BLOCKS = st.one_of(
-    st.builds(lambda i, seq, t, pad: b"id: e-%d\ndata: %d %d%s\n\n" % (i, seq, t, b"." * pad),
-              st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**18), st.integers(0, 4)),
-    st.sampled_from([b"id: e-1\nevent: token\ndata: 1 2\n\n", b": heartbeat\n\n", b"retry: 1500\n\n",
-                     b"id: e-2\ndata: not harness\n\n", b"id: e-3\ndata: 1 2\ndata: 3\n\n", b"data: 4 5\n\n",
-                     b"event: sluice.end\ndata: {}\n\n", b"id:  e-4\ndata: 6 7\n\n", b"id: e-5\r\ndata: 8 9\r\n\r\n",
-                     b"id: e-6\n\n", b"xid: e-7\ndata: 1 2\n\n"]),
+    st.builds(
+        lambda i, seq, t, pad: b"id: e-%d\ndata: %d %d%s\n\n" % (i, seq, t, b"." * pad),
+        st.integers(0, 10**6),
+        st.integers(0, 10**6),
+        st.integers(0, 10**18),
+        st.integers(0, 4),
+    ),
+    st.sampled_from(
+        [
+            b"id: e-1\nevent: token\ndata: 1 2\n\n",
+            b": heartbeat\n\n",
+            b"retry: 1500\n\n",
+            b"id: e-2\ndata: not harness\n\n",
+            b"id: e-3\ndata: 1 2\ndata: 3\n\n",
+            b"data: 4 5\n\n",
+            b"event: sluice.end\ndata: {}\n\n",
+            b"id:  e-4\ndata: 6 7\n\n",
+            b"id: e-5\r\ndata: 8 9\r\n\r\n",
+            b"id: e-6\n\n",
+            b"xid: e-7\ndata: 1 2\n\n",
+        ]
+    ),
 )
 
 
@@ -227,8 +269,13 @@ def test_the_harness_event_scan_takes_a_typical_write() -> None:
     body = b"id: ab-1\ndata: 0 123...\n\nid: ab-2\ndata: 1 456\n\n"
     assert harness_events(body) == [(b"ab-1", b"0", b"123"), (b"ab-2", b"1", b"456")]
     assert harness_events(body + b": hb\n\n") is None
-    for other in (b"xid: e-7\ndata: 1 2\n\n", b"id:  e-4\ndata: 6 7\n\n", b"id: e-3\ndata: 1 2\ndata: 3\n\n",
-                  b"id: e-2\ndata: not harness\n\n", b"id: e-5\r\ndata: 8 9\r\n\r\n"):
+    for other in (
+        b"xid: e-7\ndata: 1 2\n\n",
+        b"id:  e-4\ndata: 6 7\n\n",
+        b"id: e-3\ndata: 1 2\ndata: 3\n\n",
+        b"id: e-2\ndata: not harness\n\n",
+        b"id: e-5\r\ndata: 8 9\r\n\r\n",
+    ):
         assert harness_events(body + other) is None  # a block of another shape: the general path
         assert harness_events(other + body) is None
     assert harness_events(body[:-1]) is None

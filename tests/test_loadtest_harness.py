@@ -34,8 +34,9 @@ def sluice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 def run(target: Target, scenario: str, **kw: Any) -> dict[str, Any]:
     kw.setdefault("connect_timeout", 30)
     kw.setdefault("settle_timeout", 20)
-    spec = RunSpec(scenario=scenario, endpoint=Endpoint(target.host, target.port, target.kind),
-                   server_pid=target.pid, **kw)
+    spec = RunSpec(
+        scenario=scenario, endpoint=Endpoint(target.host, target.port, target.kind), server_pid=target.pid, **kw
+    )
     return Run(spec, progress=False).execute()
 
 
@@ -76,9 +77,10 @@ def test_topics_and_llm(sluice: Target) -> None:
     assert llm["delivered"] == 8 * 20
 
 
-@pytest.mark.parametrize(("transport", "per_conn", "scenario"),
-                         [("sse-h2", 5, "topics"), ("ws-json", 3, "topics"), ("ws-msgpack", 1, "fanout"),
-                          ("longpoll", 1, "fanout")])
+@pytest.mark.parametrize(
+    ("transport", "per_conn", "scenario"),
+    [("sse-h2", 5, "topics"), ("ws-json", 3, "topics"), ("ws-msgpack", 1, "fanout"), ("longpoll", 1, "fanout")],
+)
 def test_every_transport(sluice: Target, transport: str, per_conn: int, scenario: str) -> None:
     r = run(sluice, scenario, transport=transport, per_conn=per_conn, subs=12, rate=40, duration=0.5)
     assert r["ok"], (r["verdict"], r["errors"])
@@ -104,8 +106,16 @@ def test_idle_reports_rss_per_connection(sluice: Target) -> None:
 
 def test_deploy_with_restart_and_worker_kill(tmp_path: Path) -> None:
     with open_target("sluice", workdir=tmp_path, workers=2, config={"drain": {"window": 0.5, "deadline": 5}}) as t:
-        r = run(t, "deploy", base="topics", subs=40, rate=40, duration=6, settle_timeout=30,
-                actions=[Action(1.5, "restart", "kill -HUP {pid}"), Action(4, "kill", "kill -KILL {child}")])
+        r = run(
+            t,
+            "deploy",
+            base="topics",
+            subs=40,
+            rate=40,
+            duration=6,
+            settle_timeout=30,
+            actions=[Action(1.5, "restart", "kill -HUP {pid}"), Action(4, "kill", "kill -KILL {child}")],
+        )
     assert [m["exit"] for m in r["marks"]] == [0, 0]
     assert r["verdict"]["lost"] == 0 and r["verdict"]["duplicated"] == 0 and r["verdict"]["disorder"] == 0
     assert r["reconnects"] >= 1
@@ -113,21 +123,50 @@ def test_deploy_with_restart_and_worker_kill(tmp_path: Path) -> None:
 
 
 def test_cli_writes_json_and_plots_and_fails_on_loss(sluice: Target, tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "loadtest.cli", "run", "fanout", "--url", sluice.base_url,
-            "--server-pid", str(sluice.pid), "--subs", "5", "--rate", "20", "--duration", "0.5", "--quiet",
-            "--settle-timeout", "5"]
-    ok = subprocess.run([*base, "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")],
-                        capture_output=True, text=True, timeout=120, check=False)
+    base = [
+        sys.executable,
+        "-m",
+        "loadtest.cli",
+        "run",
+        "fanout",
+        "--url",
+        sluice.base_url,
+        "--server-pid",
+        str(sluice.pid),
+        "--subs",
+        "5",
+        "--rate",
+        "20",
+        "--duration",
+        "0.5",
+        "--quiet",
+        "--settle-timeout",
+        "5",
+    ]
+    ok = subprocess.run(
+        [*base, "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "verdict" in ok.stdout and "OK" in ok.stdout
     assert json.loads((tmp_path / "r.json").read_text())["delivered"] == 50
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["fanout-sse-h1-connections.png",
-                                                                      "fanout-sse-h1-latency.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "fanout-sse-h1-connections.png",
+        "fanout-sse-h1-latency.png",
+    ]
     bad = subprocess.run([*base, "--fault", "drop:3"], capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 1
     assert "FAILED" in bad.stdout
-    refused = subprocess.run([sys.executable, "-m", "loadtest.cli", "run", "idle", "--url", "http://10.1.2.3:80"],
-                             capture_output=True, text=True, timeout=60, check=False)
+    refused = subprocess.run(
+        [sys.executable, "-m", "loadtest.cli", "run", "idle", "--url", "http://10.1.2.3:80"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert refused.returncode == 2 and "127.0.0.0/8" in refused.stderr
 
 

@@ -52,31 +52,41 @@ def nothing_connected(sock: socket.socket) -> bool:
 
 # --- 1. impossible runs are refused up front ----------------------------------------------------
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["fanout", "--transport", "ws-json", "--per-conn", "4", "--subs", "40"], "needs at least 4 streams"),
-    (["topics", "--transport", "ws-msgpack", "--per-conn", "5", "--subs", "20", "--streams", "2"],
-     "needs at least 5 streams"),
-    (["fanout", "--per-conn", "3"], "SSE/HTTP/1.1 connection carries one subscription"),
-    (["fanout", "--kind", "uvicorn", "--transport", "ws-json"], "uvicorn speaks only sse-h1"),
-    (["llm", "--kind", "nchan"], "nchan has no close"),
-    (["storm"], "storm needs at least one --storm-at"),
-    (["deploy"], "deploy needs --restarts or --kills"),
-    (["fanout", "--duration", "10", "--storm-at", "12"], "within the 10 s of publishing"),
-    (["storm", "--base", "llm", "--tokens", "10", "--rate", "10", "--stagger", "1", "--storm-at", "5"],
-     "within the 2 s of publishing"),
-    (["idle", "--storm-at", "1"], "idle publishes nothing"),
-    (["idle", "--fault", "drop:1"], "idle publishes nothing"),
-    (["fanout", "--duration", "0"], "--duration must be above 0"),
-    (["fanout", "--rate", "-1"], "--rate must be above 0"),
-    (["fanout", "--batch", "0"], "--batch must be at least 1"),
-    (["fanout", "--pub-transport", "ws", "--restarts", "1"], "--pub-transport ws cannot survive"),
-    (["deploy", "--kind", "uvicorn", "--restarts", "1"], "need --server-pid"),
-])
-def test_an_impossible_run_is_refused_before_anything_connects(listener: socket.socket, args: list[str],
-                                                               says: str) -> None:
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["fanout", "--transport", "ws-json", "--per-conn", "4", "--subs", "40"], "needs at least 4 streams"),
+        (
+            ["topics", "--transport", "ws-msgpack", "--per-conn", "5", "--subs", "20", "--streams", "2"],
+            "needs at least 5 streams",
+        ),
+        (["fanout", "--per-conn", "3"], "SSE/HTTP/1.1 connection carries one subscription"),
+        (["fanout", "--kind", "uvicorn", "--transport", "ws-json"], "uvicorn speaks only sse-h1"),
+        (["llm", "--kind", "nchan"], "nchan has no close"),
+        (["storm"], "storm needs at least one --storm-at"),
+        (["deploy"], "deploy needs --restarts or --kills"),
+        (["fanout", "--duration", "10", "--storm-at", "12"], "within the 10 s of publishing"),
+        (
+            ["storm", "--base", "llm", "--tokens", "10", "--rate", "10", "--stagger", "1", "--storm-at", "5"],
+            "within the 2 s of publishing",
+        ),
+        (["idle", "--storm-at", "1"], "idle publishes nothing"),
+        (["idle", "--fault", "drop:1"], "idle publishes nothing"),
+        (["fanout", "--duration", "0"], "--duration must be above 0"),
+        (["fanout", "--rate", "-1"], "--rate must be above 0"),
+        (["fanout", "--batch", "0"], "--batch must be at least 1"),
+        (["fanout", "--pub-transport", "ws", "--restarts", "1"], "--pub-transport ws cannot survive"),
+        (["deploy", "--kind", "uvicorn", "--restarts", "1"], "need --server-pid"),
+    ],
+)
+def test_an_impossible_run_is_refused_before_anything_connects(
+    listener: socket.socket, args: list[str], says: str
+) -> None:
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    done = subprocess.run([*CLI, "run", *args, "--url", url, "--quiet"], capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [*CLI, "run", *args, "--url", url, "--quiet"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert says in done.stderr
     assert "Traceback" not in done.stderr
@@ -84,17 +94,30 @@ def test_an_impossible_run_is_refused_before_anything_connects(listener: socket.
 
 
 def test_server_pid_goes_with_url_only() -> None:
-    done = subprocess.run([*CLI, "run", "fanout", "--start", "sluice", "--server-pid", "1"], capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [*CLI, "run", "fanout", "--start", "sluice", "--server-pid", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2 and "--server-pid goes with --url" in done.stderr
 
 
 # --- 1. every run inside its time bound ---------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_run_that_cannot_finish_stops_at_its_deadline_and_says_so(listener: socket.socket) -> None:
-    spec = RunSpec(scenario="fanout", endpoint=Endpoint("127.0.0.1", listener.getsockname()[1]), subs=2,
-                   rate=5, duration=1, connect_timeout=2, settle_timeout=1)
+    spec = RunSpec(
+        scenario="fanout",
+        endpoint=Endpoint("127.0.0.1", listener.getsockname()[1]),
+        subs=2,
+        rate=5,
+        duration=1,
+        connect_timeout=2,
+        settle_timeout=1,
+    )
     r = Run(spec, progress=False).execute()
     assert r["time"]["over_time"] is True
     assert r["time"]["bound"] == spec.time_bound == 2 + 1 + 1 + 20
@@ -105,6 +128,7 @@ def test_a_run_that_cannot_finish_stops_at_its_deadline_and_says_so(listener: so
 
 # --- 4. one clock ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sluice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     with open_target("sluice", workdir=tmp_path_factory.mktemp("sluice"), workers=1) as target:
@@ -113,8 +137,17 @@ def sluice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
 @pytest.mark.slow
 def test_a_storm_is_reported_and_plotted_at_the_second_it_was_asked_for(sluice: Target, tmp_path: Path) -> None:
-    spec = RunSpec(scenario="storm", endpoint=Endpoint(sluice.host, sluice.port), server_pid=sluice.pid, subs=10,
-                   rate=20, duration=2.5, connect_timeout=30, settle_timeout=20, actions=[Action(1.5, "storm")])
+    spec = RunSpec(
+        scenario="storm",
+        endpoint=Endpoint(sluice.host, sluice.port),
+        server_pid=sluice.pid,
+        subs=10,
+        rate=20,
+        duration=2.5,
+        connect_timeout=30,
+        settle_timeout=20,
+        actions=[Action(1.5, "storm")],
+    )
     r = Run(spec, progress=False).execute()
     assert r["ok"], r["verdict"]
     [mark] = r["marks"]
@@ -131,6 +164,7 @@ def test_a_storm_is_reported_and_plotted_at_the_second_it_was_asked_for(sluice: 
 
 # --- 3. the server says which process it is ----------------------------------------------------
 
+
 async def test_sluice_names_its_supervisor_and_the_harness_measures_it(tmp_path: Path) -> None:
     with trio.fail_after(90):
         async with supervisor(tmp_path, "--workers", "2") as running:
@@ -139,8 +173,23 @@ async def test_sluice_names_its_supervisor_and_the_harness_measures_it(tmp_path:
             pid, note = await trio.to_thread.run_sync(supervisor_pid, endpoint)
             assert pid == running.proc.pid, note
             out = tmp_path / "idle.json"
-            cmd = [*CLI, "run", "idle", "--url", f"http://127.0.0.1:{running.port}", "--subs", "3",
-                   "--duration", "0.5", "--connect-timeout", "20", "--settle-timeout", "5", "--json", str(out)]
+            cmd = [
+                *CLI,
+                "run",
+                "idle",
+                "--url",
+                f"http://127.0.0.1:{running.port}",
+                "--subs",
+                "3",
+                "--duration",
+                "0.5",
+                "--connect-timeout",
+                "20",
+                "--settle-timeout",
+                "5",
+                "--json",
+                str(out),
+            ]
             done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
             assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
             assert f"server pid {running.proc.pid}, from the server's /metrics" in done.stderr.decode()
@@ -148,7 +197,7 @@ async def test_sluice_names_its_supervisor_and_the_harness_measures_it(tmp_path:
             assert result["spec"]["server_pid"] == running.proc.pid
             assert result["timeline"][0]["server_procs"] == 3  # the supervisor and its two workers
             # --server-pid still decides
-            cmd[cmd.index("--json"):] = ["--json", str(out), "--server-pid", str(os.getpid())]
+            cmd[cmd.index("--json") :] = ["--json", str(out), "--server-pid", str(os.getpid())]
             done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False, cwd=REPO)
             assert done.returncode == 0, done.stderr.decode()
             assert json.loads(out.read_text())["spec"]["server_pid"] == os.getpid()
@@ -160,19 +209,31 @@ def test_metrics_name_the_supervisor_only_when_there_is_one(tmp_path: Path) -> N
 
     lines = HostMetrics(str(tmp_path), Samples).render().decode().splitlines()
     assert [ln for ln in lines if ln.startswith("sluice_supervisor_info")] == [
-        f'sluice_supervisor_info{{pid="{os.getppid()}"}} 1']
+        f'sluice_supervisor_info{{pid="{os.getppid()}"}} 1'
+    ]
     assert "# TYPE sluice_supervisor_info gauge" in lines
     assert b"sluice_supervisor_info" not in HostMetrics(None, Samples).render()
 
 
 # --- 5. plots ----------------------------------------------------------------------------------
 
+
 def quiet_run() -> dict[str, Any]:
-    rows = [{"t": t - 3.0, "phase": "connect" if t < 3 else "publish", "connected": min(300, 100 * t),
-             "reconnects": 0, "latency": {"p50": 1.5, "p99": 4.0 + t % 3, "max": 300.0 + t} if t >= 3 else {}}
-            for t in range(30)]
-    return {"timeline": rows, "marks": [{"t": 8.0, "at": 8.0, "kind": "storm"}],
-            "spec": {"scenario": "storm", "transport": "sse-h1", "endpoint": {"kind": "sluice"}}}
+    rows = [
+        {
+            "t": t - 3.0,
+            "phase": "connect" if t < 3 else "publish",
+            "connected": min(300, 100 * t),
+            "reconnects": 0,
+            "latency": {"p50": 1.5, "p99": 4.0 + t % 3, "max": 300.0 + t} if t >= 3 else {},
+        }
+        for t in range(30)
+    ]
+    return {
+        "timeline": rows,
+        "marks": [{"t": 8.0, "at": 8.0, "kind": "storm"}],
+        "spec": {"scenario": "storm", "transport": "sse-h1", "endpoint": {"kind": "sluice"}},
+    }
 
 
 def test_plots_keep_legends_off_the_data_and_axes_readable(tmp_path: Path) -> None:
@@ -216,10 +277,17 @@ def test_an_idle_run_without_a_single_latency_is_plotted_without_the_latency_fig
 
 # --- 2. the harness runs from a fresh clone ----------------------------------------------------
 
+
 def test_missing_dependencies_name_the_command_that_installs_them() -> None:
     code = "import sys; sys.modules['trio_websocket'] = None; from loadtest.cli import main; main(sys.argv[1:])"
-    done = subprocess.run([sys.executable, "-c", code, "run", "idle", "--url", "http://127.0.0.1:9"],
-                          capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "run", "idle", "--url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPO,
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "trio-websocket missing" in done.stderr
@@ -234,8 +302,11 @@ def fake_checkout(tmp_path: Path) -> tuple[Path, Path, Path]:
         shutil.copy(REPO / "scripts" / name, root / "scripts" / name)
     (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
     (venv / "bin").mkdir(parents=True)
-    for name, body in (("python", f'echo "python $*" >> {log}'), ("sluice-loadtest", 'echo "harness $*"'),
-                       ("sluice", 'echo "sluice $*"')):
+    for name, body in (
+        ("python", f'echo "python $*" >> {log}'),
+        ("sluice-loadtest", 'echo "harness $*"'),
+        ("sluice", 'echo "sluice $*"'),
+    ):
         path = venv / "bin" / name
         path.write_text(textwrap.dedent(f"#!/bin/sh\n{body}\n"))
         path.chmod(0o755)
@@ -253,8 +324,9 @@ def test_scripts_loadtest_installs_the_extra_once_and_shares_the_venv(tmp_path: 
     env = {**os.environ, "SLUICE_VENV": str(venv)}
 
     def script(name: str, *args: str) -> str:
-        done = subprocess.run([str(root / "scripts" / name), *args], capture_output=True, text=True, env=env,
-                              timeout=60, check=False)
+        done = subprocess.run(
+            [str(root / "scripts" / name), *args], capture_output=True, text=True, env=env, timeout=60, check=False
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 

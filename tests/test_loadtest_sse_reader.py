@@ -94,8 +94,9 @@ class Sub:
         self.outcome = "cancelled"
 
 
-async def connect(nursery: trio.Nursery, server: Server, reader: sse_h1.Reader | None, n: int,
-                  *, chunked: bool = True) -> tuple[list[Sub], list[trio.socket.SocketType]]:
+async def connect(
+    nursery: trio.Nursery, server: Server, reader: sse_h1.Reader | None, n: int, *, chunked: bool = True
+) -> tuple[list[Sub], list[trio.socket.SocketType]]:
     """``n`` sessions of one load, subscribed (response head sent), with one event each."""
     load = Load(Endpoint("127.0.0.1", server.port), limits={"timeout": 5.0})
     subs = [Sub(load, i) for i in range(n)]

@@ -54,8 +54,11 @@ async def test_poll_times_out_empty(nursery: trio.Nursery, tmp_path: Path, autoj
 
 async def test_poll_reset_binary_and_end(sluice: Running) -> None:
     with trio.fail_after(10):
-        bid = (await request(sluice.port, "POST", "/v1/streams/lp", b"\x00\x01",
-                             {"content-type": "application/octet-stream"})).json()["id"]
+        bid = (
+            await request(
+                sluice.port, "POST", "/v1/streams/lp", b"\x00\x01", {"content-type": "application/octet-stream"}
+            )
+        ).json()["id"]
         await request(sluice.port, "POST", "/v1/streams/lp/close")
         r = await poll(sluice.port, "", {"last-event-id": "garbage"})
         assert r["reset"] == {"reason": "invalid", "earliest": bid, "requested": "garbage"}

@@ -26,6 +26,7 @@ from tests.supervised import STOP_WITHIN, _is_worker, supervisor
 
 pytestmark = pytest.mark.slow
 
+
 async def healthz_pids(port: int, connections: int = 60, until: set[int] | None = None) -> Counter[int]:
     """Which worker pid answered ``/healthz`` on each of ``connections`` fresh connections; with
     ``until``, stop early once every pid in it has answered."""

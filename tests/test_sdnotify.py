@@ -96,7 +96,8 @@ def test_monotonic_usec_is_microseconds() -> None:
 
 
 async def test_serve_watchdog_pings_every_half_interval(
-    receiver: tuple[socket.socket, str], autojump_clock: trio.abc.Clock,
+    receiver: tuple[socket.socket, str],
+    autojump_clock: trio.abc.Clock,
 ) -> None:
     sock, path = receiver
     sock.setblocking(False)

@@ -55,8 +55,9 @@ async def test_tls_alpn_h2(nursery: trio.Nursery, tmp_path: Path) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
-    s = await start_sluice(nursery, tmp_path, server={"tls_cert": str(tmp_path / "server.pem"),
-                                                      "tls_key": str(tmp_path / "server.pem")})
+    s = await start_sluice(
+        nursery, tmp_path, server={"tls_cert": str(tmp_path / "server.pem"), "tls_key": str(tmp_path / "server.pem")}
+    )
     client_ctx = ssl.create_default_context()
     ca.configure_trust(client_ctx)
     client_ctx.set_alpn_protocols(["h2", "http/1.1"])
@@ -71,8 +72,9 @@ async def test_tls_alpn_h2(nursery: trio.Nursery, tmp_path: Path) -> None:
 
 
 async def _curl(*args: str, timeout: float = 10) -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process(["curl", "-sS", "--max-time", str(timeout), *args], capture_stdout=True,
-                                  capture_stderr=True, check=False)
+    return await trio.run_process(
+        ["curl", "-sS", "--max-time", str(timeout), *args], capture_stdout=True, capture_stderr=True, check=False
+    )
 
 
 async def test_curl_h1_and_h2c_read_to_end(sluice: Running) -> None:
@@ -101,6 +103,7 @@ async def test_curl_streams_live_events(sluice: Running) -> None:
             await wait_live(sluice.ctx, "live")
             eid = await publish(sluice.port, "live", "hot")
             await publish(sluice.port, "live", "x")
-            await trio.run_process(["curl", "-sS", "-X", "POST", f"{sluice.base}/v1/streams/live/close"],
-                                   capture_stdout=True)
+            await trio.run_process(
+                ["curl", "-sS", "-X", "POST", f"{sluice.base}/v1/streams/live/close"], capture_stdout=True
+            )
         assert f"id: {eid}\ndata: hot\n\n" in result[0].stdout.decode()

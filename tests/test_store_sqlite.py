@@ -15,8 +15,8 @@ import trio.testing
 
 from server.core.events import NewEvent
 from server.core.ids import parse_id
-from server.core.ports.store import Appended, AppendResult, IdempotencyKeyReused, Notice, Retention
-from server.store.sqlite import StoreUnavailable, open_sqlite_store
+from server.core.ports.store import Appended, AppendResult, IdempotencyKeyReused, Notice, Retention, StoreUnavailable
+from server.store.sqlite import open_sqlite_store
 from server.store.sqlite_schema import SCHEMA_VERSION, SchemaError
 from tests.store_contract import DEADLINE, FakeClock
 

@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from server.core.events import NewEvent
-from server.core.ports.store import AppendResult
-from server.store.sqlite import SqliteStore, StoreUnavailable, open_sqlite_store
+from server.core.ports.store import AppendResult, StoreUnavailable
+from server.store.sqlite import SqliteStore, open_sqlite_store
 from tests.store_contract import DEADLINE
 
 

@@ -129,8 +129,13 @@ async def test_resets_for_evicted_and_foreign_ids(nursery: trio.Nursery, tmp_pat
             for requested, reason in ((ids[0], "gone"), ("abcdef0123-0000000000000001", "epoch")):
                 await c.send({"op": "subscribe", "stream": "ev", "last_event_id": requested})
                 reset = await c.recv()
-                assert reset == {"op": "reset", "stream": "ev", "reason": reason, "earliest": ids[2],
-                                 "requested": requested}
+                assert reset == {
+                    "op": "reset",
+                    "stream": "ev",
+                    "reason": reason,
+                    "earliest": ids[2],
+                    "requested": requested,
+                }
                 assert [(await c.recv())["id"] for _ in range(2)] == ids[2:]
                 await c.send({"op": "unsubscribe", "stream": "ev"})
 

@@ -38,7 +38,6 @@ RETRY_MIN, RETRY_MAX = 0.005, 0.25
 class Peer:
     """Another worker, as this one knows it."""
 
-
     path: str
     interest: RemoteInterest  # the streams it watches, as it told us
     owed: dict[str, Head] = field(default_factory=dict)  # stream -> newest head it missed
@@ -320,4 +319,3 @@ class BusSender:
         self._awaiting.discard(path)
         if not self._awaiting:
             self._welcomed.set()
-

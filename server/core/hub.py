@@ -494,4 +494,3 @@ class Hub:
             yield n.event
         finally:
             self.remove(stream, n)
-

@@ -24,7 +24,7 @@ import trio
 from server.core.encoding import EncodedEvent, EventBatch
 from server.core.events import Event
 from server.core.ids import format_id
-from server.core.ports.store import Closed
+from server.core.ports.store import Closed, StoreUnavailable
 from server.core.replay import Reset, Start, plan_replay
 
 if TYPE_CHECKING:
@@ -63,6 +63,11 @@ class Sink(Protocol):
 
 
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+STORE_RETRY_FIRST = 0.1
+"""Seconds a subscription whose store read failed (:class:`StoreUnavailable`) waits before it
+reads again; the wait doubles up to :data:`STORE_RETRY_MAX`. It stays open meanwhile (its
+heartbeats go on) and continues exactly where it was once the store answers."""
+STORE_RETRY_MAX = 2.0
 
 
 class Watcher(Protocol):
@@ -461,10 +466,17 @@ class Subscription:
         if self._pending_reset is not None:
             reset, self._pending_reset = self._pending_reset, None
             self._reset(reset)
+        retry = STORE_RETRY_FIRST
         try:
             while not self.done:
                 if not self.live:
-                    await self._catch_up()
+                    try:
+                        await self._catch_up()
+                    except StoreUnavailable:
+                        await trio.sleep(retry)  # and read again from where it stands
+                        retry = min(2 * retry, STORE_RETRY_MAX)
+                        continue
+                    retry = STORE_RETRY_FIRST
                     continue
                 self._parked = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort_park)

@@ -402,5 +402,3 @@ def _grant(grant: object) -> tuple[PatternSet, PatternSet]:
         except ValueError:
             raise bad from None
     return sets[0], sets[1]
-
-

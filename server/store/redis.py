@@ -92,6 +92,7 @@ TRIM_CHUNK = 256
 TRIM_ROUNDS = 64
 """Most rounds of one :meth:`RedisStore.trim_expired` call; the rest waits for the next sweep."""
 
+
 @dataclass(slots=True)
 class RedisStats:
     """Counters of the writer since the store was opened (read them, do not write them).
@@ -426,8 +427,14 @@ async def open_redis_store(
     keys = Keys(prefix)
     async with open_client(url, sentinels, master, timeout, max_connections) as client:
         store = RedisStore(
-            client, keys, retention, clock, timeout=timeout, wait_replicas=wait_replicas,
-            queue_size=queue_size, max_batch=max_batch,
+            client,
+            keys,
+            retention,
+            clock,
+            timeout=timeout,
+            wait_replicas=wait_replicas,
+            queue_size=queue_size,
+            max_batch=max_batch,
         )
         try:
             with store._deadline("load the store's script"):

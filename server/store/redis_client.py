@@ -14,15 +14,15 @@ from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from server.core.groups import lone_error_unwrapped
+from server.core.ports.store import StoreUnavailable
 
 Redis = coredis.Redis[bytes]
 """The client type: replies undecoded (bytes)."""
 
 
-class RedisUnavailable(RuntimeError):
+class RedisUnavailable(StoreUnavailable):
     """The request was not carried out, or its outcome is unknown: Redis was unreachable or did
-    not answer within ``store.redis_timeout``, refused the command, or the store is closed.
-    (Meant to join the store interface with the sqlite store's ``StoreUnavailable``.)"""
+    not answer within ``store.redis_timeout``, refused the command, or the store is closed."""
 
 
 class ReplicationFailed(RedisUnavailable):

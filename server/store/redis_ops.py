@@ -59,8 +59,16 @@ def write_call(keys: Keys, op: WriteOp, now: float, retention: Retention, epoch:
         names.append(keys.idempotency(op.key))
         digest = fingerprint(op.events)
     args: list[str | bytes] = [
-        "append", str(ms(now)), epoch, str(retention.max_events), str(retention.max_bytes),
-        str(ms(retention.max_age)), str(ms(retention.idempotency_window)), stream, keys.prefix, digest,
+        "append",
+        str(ms(now)),
+        epoch,
+        str(retention.max_events),
+        str(retention.max_bytes),
+        str(ms(retention.max_age)),
+        str(ms(retention.idempotency_window)),
+        stream,
+        keys.prefix,
+        digest,
         str(len(op.events)),
     ]
     for e in op.events:

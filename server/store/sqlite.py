@@ -38,7 +38,16 @@ import trio
 
 from server.core.events import NewEvent, StreamInfo
 from server.core.groups import lone_error_unwrapped
-from server.core.ports.store import AppendResult, Head, Notice, Page, Retention, Store, StreamClosed
+from server.core.ports.store import (
+    AppendResult,
+    Head,
+    Notice,
+    Page,
+    Retention,
+    Store,
+    StoreUnavailable,
+    StreamClosed,
+)
 from server.store.sqlite_ops import (
     BatchFailed,
     CloseOp,
@@ -73,10 +82,6 @@ BUSY_MAX_WAIT = 0.008
 """Longest single wait of the ``"normal"`` writer for the write lock (the waits double up to it)."""
 
 _T = TypeVar("_T")
-
-
-class StoreUnavailable(RuntimeError):
-    """The request was not carried out: the store is closed, its writer stopped, or the commit failed."""
 
 
 @dataclass(slots=True)
@@ -265,8 +270,13 @@ class SqliteStore(Store):
                 outcomes = await self._commit_inline(batch)
             else:
                 outcomes = await trio.to_thread.run_sync(
-                    commit_batch, self._writer, [request.op for request in batch], self._clock(),
-                    self._retention, self._writer_state, limiter=self._write_limiter,
+                    commit_batch,
+                    self._writer,
+                    [request.op for request in batch],
+                    self._clock(),
+                    self._retention,
+                    self._writer_state,
+                    limiter=self._write_limiter,
                 )
         except BatchFailed as exc:
             self.stats.failed_commits += 1
@@ -440,9 +450,17 @@ async def open_sqlite_store(
             await trio.to_thread.run_sync(_close_all, conns)
         raise
     store = SqliteStore(
-        conns[0], conns[1 : readers + 1], retention, clock, queue_size=queue_size, max_batch=max_batch,
-        sync=sync, busy_timeout=busy_timeout, checkpointer=conns[readers + 1] if sync == "normal" else None,
-        checkpoint_interval=checkpoint_interval, checkpoint_commits=checkpoint_commits,
+        conns[0],
+        conns[1 : readers + 1],
+        retention,
+        clock,
+        queue_size=queue_size,
+        max_batch=max_batch,
+        sync=sync,
+        busy_timeout=busy_timeout,
+        checkpointer=conns[readers + 1] if sync == "normal" else None,
+        checkpoint_interval=checkpoint_interval,
+        checkpoint_commits=checkpoint_commits,
     )
     try:
         with lone_error_unwrapped():

@@ -145,9 +145,7 @@ def _load_keyed(conn: sqlite3.Connection, stream: str, key: str) -> tuple[_Row |
     return row, records
 
 
-def _replay(
-    op: AppendOp, row: _Row | None, records: list[_KeyRecord], now: float, window: float
-) -> Outcome | None:
+def _replay(op: AppendOp, row: _Row | None, records: list[_KeyRecord], now: float, window: float) -> Outcome | None:
     """The outcome of an append whose key has ``records``: the original ids for the same request,
     :class:`IdempotencyKeyReused` for another one, or ``None`` when no record is live (append)."""
     stream = op.stream

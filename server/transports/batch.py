@@ -25,6 +25,8 @@ from server.core.events import InvalidInput, NewEvent, check_type
 NDJSON = "application/x-ndjson"
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per call
+
 
 class TooLarge(InvalidInput):
     """An event or batch beyond the configured size (HTTP 413)."""
@@ -129,7 +131,7 @@ def item_event(item: Any, max_event_bytes: int, *, where: str) -> NewEvent:
         except UnicodeEncodeError:
             raise InvalidInput("bad_encoding", f"{where}: 'data' is not valid Unicode") from None
     else:
-        event = NewEvent(etype, json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), False)
+        event = NewEvent(etype, _COMPACT.encode(data).encode(), False)
     _check_size(event.data, max_event_bytes)
     check_encoded_size(event, max_event_bytes)
     return event

@@ -49,14 +49,27 @@ class Context:
 JSON_HEADERS = [("content-type", "application/json"), ("cache-control", "no-store")]
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once: json.dumps with
+# arguments builds an encoder per call, which cost more than the encoding of a publish's answer
+
+
 def dumps(obj: object) -> bytes:
     """Compact UTF-8 JSON."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 async def send_json(ex: Exchange, status: int, obj: object, headers: list[tuple[str, str]] | None = None) -> None:
     """Answer with a JSON body."""
     await ex.respond(status, JSON_HEADERS + (headers or []), dumps(obj))
+
+
+STORE_UNAVAILABLE = "the store is unavailable: retry later (with the same Idempotency-Key for a publish)"
+STORE_RETRY_AFTER = "1"  # seconds, the Retry-After of a 503 for an unavailable store
+
+
+def store_unavailable() -> HTTPError:
+    """The answer when the store could not carry a request out (:class:`StoreUnavailable`): 503."""
+    return HTTPError(503, "store_unavailable", STORE_UNAVAILABLE, [("retry-after", STORE_RETRY_AFTER)])
 
 
 def bad_request(code: str, message: str) -> HTTPError:

@@ -12,9 +12,10 @@ import math
 import trio
 
 from server.core.encoding import EncodedEvent
+from server.core.ports.store import StoreUnavailable
 from server.core.replay import Reset
 from server.http.base import Exchange, HTTPError
-from server.transports.context import JSON_HEADERS, Context, send_json
+from server.transports.context import JSON_HEADERS, Context, send_json, store_unavailable
 from server.transports.guard import Access
 from server.transports.sse import start_of
 
@@ -91,23 +92,26 @@ async def handle_poll(ex: Exchange, ctx: Context, stream: str, access: Access) -
     timeout = _timeout(ex, ctx)
     deadline = access.deadline
     sink = CollectSink(ctx.settings.poll_max_events)
-    async with ctx.hub.open_subscription(stream, start) as sub, trio.open_nursery() as nursery:
+    try:
+        async with ctx.hub.open_subscription(stream, start) as sub, trio.open_nursery() as nursery:
 
-        def wind_down() -> None:  # drain or rotation: answer now with what there is
-            sub.stop()
-            sink.ready.set()
-            sink.checked.set()
+            def wind_down() -> None:  # drain or rotation: answer now with what there is
+                sub.stop()
+                sink.ready.set()
+                sink.checked.set()
 
-        nursery.start_soon(sub.run, sink)
-        ex.on_close_request(wind_down)
-        # "At once when events are available": the timeout only starts once the store was read.
-        with trio.move_on_at(min(trio.current_time() + FIRST_READ_LIMIT, deadline)):
-            await sink.checked.wait()
-        if not sink.ready.is_set():
-            with trio.move_on_at(min(trio.current_time() + timeout, deadline)):
-                await sink.ready.wait()
-        if not sub.stopped:
-            nursery.cancel_scope.cancel()  # stopped: run() returns by itself, its reset sent
+            nursery.start_soon(sub.run, sink)
+            ex.on_close_request(wind_down)
+            # "At once when events are available": the timeout only starts once the store was read.
+            with trio.move_on_at(min(trio.current_time() + FIRST_READ_LIMIT, deadline)):
+                await sink.checked.wait()
+            if not sink.ready.is_set():
+                with trio.move_on_at(min(trio.current_time() + timeout, deadline)):
+                    await sink.ready.wait()
+            if not sub.stopped:
+                nursery.cancel_scope.cancel()  # stopped: run() returns by itself, its reset sent
+    except StoreUnavailable:  # the subscription could not be planned: nothing was sent yet
+        raise store_unavailable() from None
     events = sink.events
     next_id = events[-1]["id"] if events else sub.position
     reset = sink.reset_seen if sink.reset_seen is not None else sub.pending_reset

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.core.events import InvalidInput, NewEvent
-from server.core.ports.store import IdempotencyKeyReused, StreamClosed
+from server.core.ports.store import IdempotencyKeyReused, StoreUnavailable, StreamClosed
 from server.http.base import Exchange, HTTPError
 from server.transports.batch import (
     MSGPACK_TYPES,
@@ -14,7 +14,7 @@ from server.transports.batch import (
     ndjson_events,
     single_event,
 )
-from server.transports.context import Context, send_json
+from server.transports.context import Context, send_json, store_unavailable
 from server.transports.guard import Access
 
 MAX_IDEMPOTENCY_KEY = 256
@@ -41,6 +41,8 @@ async def append(ctx: Context, stream: str, events: list[NewEvent], key: str | N
         result = await ctx.store.append(stream, events, idempotency_key=key)
     except StreamClosed:
         raise HTTPError(409, "closed", f"stream {stream!r} is closed") from None
+    except StoreUnavailable:
+        raise store_unavailable() from None
     except IdempotencyKeyReused:
         raise HTTPError(
             422, "idempotency_key_reused", "this Idempotency-Key was already used for a different request"
@@ -77,19 +79,28 @@ async def handle_publish(ex: Exchange, ctx: Context, stream: str, access: Access
 
 async def handle_close(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
     """``POST /v1/streams/{stream}/close``: 204, idempotent."""
-    await ctx.store.close_stream(stream)
+    try:
+        await ctx.store.close_stream(stream)
+    except StoreUnavailable:
+        raise store_unavailable() from None
     await ex.respond(204, [])
 
 
 async def handle_delete(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
     """``DELETE /v1/streams/{stream}``: 204 whether or not it existed."""
-    await ctx.store.delete(stream)
+    try:
+        await ctx.store.delete(stream)
+    except StoreUnavailable:
+        raise store_unavailable() from None
     await ex.respond(204, [])
 
 
 async def handle_info(ex: Exchange, ctx: Context, stream: str, access: Access) -> None:
     """``GET /v1/streams/{stream}/info``: the stream's state, 404 if it does not exist."""
-    info = await ctx.store.info(stream)
+    try:
+        info = await ctx.store.info(stream)
+    except StoreUnavailable:
+        raise store_unavailable() from None
     if info is None:
         raise HTTPError(404, "not_found", f"stream {stream!r} does not exist")
     await send_json(

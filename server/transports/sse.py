@@ -11,11 +11,12 @@ from server.core.events import InvalidInput
 from server.core.frame import Frame
 from server.core.gzipsse import GzipFraming
 from server.core.hub import heartbeat_or_none
+from server.core.ports.store import StoreUnavailable
 from server.core.replay import Reset, Start, parse_start
 from server.core.sse import encode_comment, encode_retry
 from server.edge.compress import accepts_gzip
 from server.http.base import Exchange, HTTPError, ResponseStream
-from server.transports.context import Context
+from server.transports.context import Context, store_unavailable
 from server.transports.guard import Access
 
 SSE_HEADERS = [
@@ -126,24 +127,27 @@ async def handle_sse(ex: Exchange, ctx: Context, stream: str, access: Access) ->
     gz = GzipFraming(settings.gzip_level) if settings.sse_gzip and wants_gzip(ex) else None
     # Subscribe (and fix what "now" means) before the client hears 200: nothing published after
     # it has the response head can be missed.
-    async with ctx.hub.open_subscription(stream, start, heartbeat=heartbeat) as sub:
-        retry = encode_retry(settings.retry_value())
-        if gz is None:
-            resp = await ex.open_stream(200, SSE_HEADERS)
-            resp.send(retry)
-            sink = SSESink(resp)
-        else:
-            resp = await ex.open_stream(200, GZIP_HEADERS)
-            resp.send(gz.start(retry))
-            sink = GzipSSESink(resp, gz)
-        ex.on_close_request(sub.stop)  # drain or rotation: stop, then end cleanly below
-        expired = False
-        if access.deadline == math.inf:  # no token to expire: no cancel scope per connection
-            await sub.run(sink)
-        else:
-            with trio.CancelScope(deadline=access.deadline) as expiry:
+    try:
+        async with ctx.hub.open_subscription(stream, start, heartbeat=heartbeat) as sub:
+            retry = encode_retry(settings.retry_value())
+            if gz is None:
+                resp = await ex.open_stream(200, SSE_HEADERS)
+                resp.send(retry)
+                sink = SSESink(resp)
+            else:
+                resp = await ex.open_stream(200, GZIP_HEADERS)
+                resp.send(gz.start(retry))
+                sink = GzipSSESink(resp, gz)
+            ex.on_close_request(sub.stop)  # drain or rotation: stop, then end cleanly below
+            expired = False
+            if access.deadline == math.inf:  # no token to expire: no cancel scope per connection
                 await sub.run(sink)
-            expired = expiry.cancelled_caught
+            else:
+                with trio.CancelScope(deadline=access.deadline) as expiry:
+                    await sub.run(sink)
+                expired = expiry.cancelled_caught
+    except StoreUnavailable:  # the subscription could not be planned: nothing was sent yet
+        raise store_unavailable() from None
     if sub.ended:
         if gz is not None:
             resp.send(gz.trailer())

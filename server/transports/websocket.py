@@ -34,14 +34,14 @@ import trio
 
 from server.core.encoding import EncodedEvent, EventBatch, ws_end, ws_message, ws_reset
 from server.core.events import InvalidInput, NewEvent, check_stream
-from server.core.ports.store import StreamClosed
+from server.core.ports.store import StoreUnavailable, StreamClosed
 from server.core.replay import Reset, Start, parse_start
 from server.core.subscription import Subscription
 from server.edge.auth import Action
 from server.edge.limits import retry_after
 from server.http.base import Exchange, HTTPError, WebSocket, WebSocketClosed
 from server.transports.batch import item_event
-from server.transports.context import Context
+from server.transports.context import STORE_UNAVAILABLE, Context
 from server.transports.guard import Access
 
 PUBLISH_GROUP = 64  # most publish ops already received that are committed together
@@ -218,11 +218,18 @@ class _Session:
                 continue
             refusals.append(None)
             admitted.append((stream, [event]))
-        results = iter(await self.ctx.store.append_each(admitted) if admitted else [])
+        unavailable = False
+        try:
+            results = iter(await self.ctx.store.append_each(admitted) if admitted else [])
+        except StoreUnavailable:  # nothing (or not knowably anything) was committed: each op is told
+            results, unavailable = iter(()), True
         for msg, refusal in zip(msgs, refusals, strict=True):
             ref = msg.get("ref")
             if refusal is not None:
                 self.error(refusal.code, refusal.message, ref)
+                continue
+            if unavailable:
+                self.error("store_unavailable", STORE_UNAVAILABLE, ref)
                 continue
             result = next(results)
             if isinstance(result, StreamClosed):

@@ -21,6 +21,12 @@ class StreamClosed(Exception):
     """Raised by :meth:`Store.append` when the stream is closed (HTTP 409)."""
 
 
+class StoreUnavailable(RuntimeError):
+    """Raised by any store operation that was not carried out, or whose outcome is unknown: the
+    store is closed or unreachable, did not answer in time, or its commit failed (HTTP 503 with
+    ``Retry-After``; a publisher retries with its ``Idempotency-Key``)."""
+
+
 class IdempotencyKeyReused(Exception):
     """Raised by :meth:`Store.append` when its idempotency key is live for a different request
     (another stream, or other events) (HTTP 422 ``idempotency_key_reused``). Nothing was appended."""

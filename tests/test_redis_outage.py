@@ -1,0 +1,72 @@
+"""A Redis outage as clients see it, on a real `sluice serve --store redis` and `redis-server`:
+publishes are refused with 503 and Retry-After within `store.redis_timeout` (never hang), a
+WebSocket publish is answered `store_unavailable`, a new subscription or poll gets 503, an open
+subscriber stays connected, and once
+Redis is back it continues exactly, with nothing acknowledged lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.client import open_sse, publish, request, ws_ops_together
+from tests.redis_server import RedisServer
+from tests.supervised import supervisor
+
+pytestmark = pytest.mark.slow
+
+DEADLINE = 90.0
+
+
+async def test_publishes_get_503_while_redis_is_down_and_subscribers_continue(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    flags = ["--store", "redis", "--redis-url", redis.url, "--workers", "1", "--set", "store.redis_timeout=1"]
+    try:
+        with trio.fail_after(DEADLINE):
+            async with supervisor(tmp_path, *flags, db=False, env={"RUNTIME_DIRECTORY": str(tmp_path)}) as s:
+                await s.ready()
+                first = await publish(s.port, "room", "before")
+                async with open_sse(s.port, "/v1/streams/room", {"last-event-id": first}) as sse:
+                    assert sse.status == 200
+                    redis.stop()
+                    started = trio.current_time()
+                    refused = await request(
+                        s.port, "POST", "/v1/streams/room", b"lost?", {"content-type": "text/plain"}
+                    )
+                    assert refused.status == 503, refused.body
+                    assert refused.headers["retry-after"] == "1"
+                    assert refused.json()["error"] == "store_unavailable"
+                    assert trio.current_time() - started < 5.0  # bounded by redis_timeout, not a hang
+                    [answer] = await ws_ops_together(
+                        s.port, [{"op": "publish", "stream": "room", "data": "ws", "ref": "r1"}], 1
+                    )
+                    assert (answer["op"], answer["code"], answer.get("ref")) == ("error", "store_unavailable", "r1")
+                    for path, headers in (
+                        ("/v1/streams/room/info", {}),
+                        ("/v1/streams/room", {"accept": "text/event-stream", "last-event-id": first}),
+                        ("/v1/streams/room/poll?from=start&timeout=0", {}),
+                    ):
+                        resp = await request(s.port, "GET", path, b"", headers)
+                        assert resp.status == 503, (path, resp.status, resp.body)
+                        assert resp.json()["error"] == "store_unavailable"
+                    redis.start()  # reloads its AOF: everything acknowledged is there
+                    after = ""
+                    with trio.fail_after(30):
+                        while not after:  # the client reconnects by itself; until then, 503s
+                            resp = await request(
+                                s.port, "POST", "/v1/streams/room", b"after", {"content-type": "text/plain"}
+                            )
+                            if resp.status == 201:
+                                after = str(resp.json()["id"])
+                            else:
+                                assert resp.status == 503
+                                await trio.sleep(0.2)
+                    [event] = await sse.take(1)  # the same connection, the next event exactly
+                    assert (event.id, event.data) == (after, "after")
+                history = await request(s.port, "GET", "/v1/streams/room/poll?from=start&timeout=0")
+                assert [e["data"] for e in history.json()["events"]] == ["before", "after"]
+    finally:
+        redis.stop()
