@@ -28,6 +28,7 @@ async def test_publishes_get_503_while_redis_is_down_and_subscribers_continue(tm
         with trio.fail_after(DEADLINE):
             async with supervisor(tmp_path, *flags, db=False, env={"RUNTIME_DIRECTORY": str(tmp_path)}) as s:
                 await s.ready()
+                assert (await request(s.port, "GET", "/readyz")).status == 200
                 first = await publish(s.port, "room", "before")
                 async with open_sse(s.port, "/v1/streams/room", {"last-event-id": first}) as sse:
                     assert sse.status == 200
@@ -52,6 +53,8 @@ async def test_publishes_get_503_while_redis_is_down_and_subscribers_continue(tm
                         resp = await request(s.port, "GET", path, b"", headers)
                         assert resp.status == 503, (path, resp.status, resp.body)
                         assert resp.json()["error"] == "store_unavailable"
+                    ready = await request(s.port, "GET", "/readyz")  # the balancer takes the host out
+                    assert (ready.status, ready.json()["status"]) == (503, "store_unavailable")
                     redis.start()  # reloads its AOF: everything acknowledged is there
                     after = ""
                     with trio.fail_after(30):
@@ -64,6 +67,7 @@ async def test_publishes_get_503_while_redis_is_down_and_subscribers_continue(tm
                             else:
                                 assert resp.status == 503
                                 await trio.sleep(0.2)
+                    assert (await request(s.port, "GET", "/readyz")).status == 200
                     [event] = await sse.take(1)  # the same connection, the next event exactly
                     assert (event.id, event.data) == (after, "after")
                 history = await request(s.port, "GET", "/v1/streams/room/poll?from=start&timeout=0")

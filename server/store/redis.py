@@ -226,6 +226,17 @@ class RedisStore(Store):
                 break
         return dropped
 
+    async def ready(self) -> bool:
+        """Redis answers a PING within ``store.redis_timeout`` (and the store is open)."""
+        if self._closing:
+            return False
+        try:
+            with self._deadline("ping"):
+                await self._client.ping()
+        except RedisUnavailable:
+            return False
+        return True
+
     async def aclose(self) -> None:
         """Send what is already queued, refuse anything new, and stop the writer."""
         self._begin_close()

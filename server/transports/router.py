@@ -101,9 +101,7 @@ def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Ha
         if path == "/readyz":
             if method not in GET_OR_HEAD:
                 raise _not_allowed(list(GET_OR_HEAD))
-            if ctx.draining:
-                return send_json(ex, 503, {"status": "draining"})
-            return send_json(ex, 200, {"status": "ready"})
+            return _readyz(ex, ctx)
         if path == "/metrics" and metrics is not None:
             if method not in GET_OR_HEAD:
                 raise _not_allowed(list(GET_OR_HEAD))
@@ -111,6 +109,16 @@ def make_handler(ctx: Context, metrics: Callable[[], bytes] | None = None) -> Ha
         raise HTTPError(404, "not_found", "no such endpoint")
 
     return handle
+
+
+async def _readyz(ex: Exchange, ctx: Context) -> None:
+    """``/readyz``: 503 while draining or while the store cannot take requests, else 200."""
+    if ctx.draining:
+        await send_json(ex, 503, {"status": "draining"})
+    elif not await ctx.store.ready():
+        await send_json(ex, 503, {"status": "store_unavailable"})
+    else:
+        await send_json(ex, 200, {"status": "ready"})
 
 
 def _call_stream(handler: StreamHandler, ctx: Context, stream: str, ex: Exchange, access: Access) -> Awaitable[None]:

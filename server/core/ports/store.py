@@ -174,6 +174,11 @@ class Store(abc.ABC):
     async def delete(self, stream: str) -> bool:
         """Drop the stream and its history; return whether it existed."""
 
+    async def ready(self) -> bool:
+        """Whether the store can take requests now (``/readyz``); never raises, and answers within
+        the store's own deadline. The default (an embedded store): True."""
+        return True
+
     async def heads(self, streams: Sequence[str]) -> dict[str, Head]:
         """Return the current :class:`Head` of each existing stream in ``streams`` (missing ones are left out).
 
