@@ -129,23 +129,30 @@ class Connection:
         self.outbox.use_stream(stream)
         return stream
 
-    async def receive(self) -> bytes:
-        """Return the next bytes from the peer; ``b""`` on EOF, reset or a closed socket."""
-        if self._stream is not None:
-            data: bytes | bytearray = b""
-            with trio.CancelScope() as self._recv_scope:
-                try:
-                    data = await self._stream.receive_some(RECV_SIZE)
-                except _TRANSPORT_ERRORS:
-                    data = b""
+    async def receive(self, *, interruptible: bool = False) -> bytes:
+        """Return the next bytes from the peer; ``b""`` on EOF, reset or a closed socket, or when
+        :meth:`interrupt_receive` ends the wait (``interruptible``: over TLS, the receive runs in
+        a cancel scope for it; plain TCP needs none)."""
+        stream = self._stream
+        if stream is None:
+            return await self._recv(RECV_SIZE, 0)
+        data: bytes | bytearray = b""
+        try:
+            if interruptible:
+                with trio.CancelScope() as self._recv_scope:
+                    data = await stream.receive_some(RECV_SIZE)
+                self._recv_scope = None
+            else:
+                data = await stream.receive_some(RECV_SIZE)
+        except _TRANSPORT_ERRORS:
             self._recv_scope = None
-            return data if isinstance(data, bytes) else bytes(data)
-        return await self._recv(RECV_SIZE, 0)
+            return b""
+        return data if isinstance(data, bytes) else bytes(data)
 
     def interrupt_receive(self) -> bool:
-        """Make a :meth:`receive` waiting now return ``b""`` at once, closing nothing; False
-        (nothing done) while the send side has bytes queued, whose writer may be waiting on the
-        socket too (try again later).
+        """Make a :meth:`receive` waiting now (over TLS, an ``interruptible`` one) return ``b""`` at
+        once, closing nothing; False (nothing done) while the send side has bytes queued, whose
+        writer may be waiting on the socket too (try again later).
 
         On plain TCP the waiter is woken through ``trio.lowlevel.notify_closing`` (the socket stays
         open and usable); over TLS the receive is cancelled, as a deadline would cancel it."""

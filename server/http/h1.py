@@ -202,7 +202,7 @@ class H1Driver:
                     narrow = False
                     deadline = min(deadline, trio.current_time() + limits.header_timeout)
                     timer.arm(self, deadline)
-                data = await self.conn.receive()
+                data = await self.conn.receive(interruptible=True)
                 if not data and self._woken:
                     break
                 if data and not started:

@@ -66,6 +66,7 @@ from server.store.writes import (
     OpValue,
     Outcome,
     Request,
+    WriterStats,
     append_op,
     each_result,
     fail_pending,
@@ -94,20 +95,9 @@ TRIM_ROUNDS = 64
 
 
 @dataclass(slots=True)
-class RedisStats:
-    """Counters of the writer since the store was opened (read them, do not write them).
-
-    ``commits`` counts pipelines Redis answered and ``requests`` the write requests they carried;
-    ``largest_batch`` is the most requests one pipeline carried; ``events`` counts appended events;
-    ``failed_commits`` counts pipelines whose outcome is unknown (no answer in time, a lost
-    connection).
-    """
-
-    commits: int = 0
-    requests: int = 0
-    events: int = 0
-    largest_batch: int = 0
-    failed_commits: int = 0
+class RedisStats(WriterStats):
+    """The writer's counters (:class:`WriterStats`): a commit is a pipeline Redis answered, a
+    failed one a pipeline whose outcome is unknown (no answer in time, a lost connection)."""
 
 
 _Request = Request[WriteOp]

@@ -65,7 +65,16 @@ from server.store.sqlite_ops import (
     read_page,
 )
 from server.store.sqlite_schema import SYNC_MODES, open_checkpointer, open_reader, open_writer
-from server.store.writes import Request, append_op, each_result, fail_pending, next_batch, outcome_value, take_queued
+from server.store.writes import (
+    Request,
+    WriterStats,
+    append_op,
+    each_result,
+    fail_pending,
+    next_batch,
+    outcome_value,
+    take_queued,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,22 +94,13 @@ _T = TypeVar("_T")
 
 
 @dataclass(slots=True)
-class SqliteStats:
-    """Counters of the writer since the store was opened (read them, do not write them).
-
-    ``commits`` counts committed transactions and ``requests`` the write requests they carried, so
-    ``requests / commits`` is the mean group-commit size; ``largest_batch`` is the most requests
-    one transaction carried; ``events`` counts appended events; ``failed_commits`` counts
-    transactions rolled back as a whole. With ``sync = "normal"``: ``busy_waits`` counts the
+class SqliteStats(WriterStats):
+    """The writer's counters (:class:`WriterStats`): a commit is a committed transaction, a
+    failed one was rolled back as a whole. With ``sync = "normal"``: ``busy_waits`` counts the
     times the writer found the write lock taken by another connection and waited, and
     ``checkpoints`` the WAL checkpoints run (``checkpoint_failures`` those that raised).
     """
 
-    commits: int = 0
-    requests: int = 0
-    events: int = 0
-    largest_batch: int = 0
-    failed_commits: int = 0
     busy_waits: int = 0
     checkpoints: int = 0
     checkpoint_failures: int = 0

@@ -42,6 +42,21 @@ OpValue = AppendResult | StreamInfo | bool | int
 
 
 @dataclass(slots=True)
+class WriterStats:
+    """The counters every store writer keeps since its store was opened (read them, do not write
+    them); each store says what a commit is for it. ``requests / commits`` is the mean
+    group-commit size, ``largest_batch`` the most requests one commit carried, ``events`` the
+    events appended, ``failed_commits`` the commits that failed as a whole (or whose outcome is
+    unknown)."""
+
+    commits: int = 0
+    requests: int = 0
+    events: int = 0
+    largest_batch: int = 0
+    failed_commits: int = 0
+
+
+@dataclass(slots=True)
 class Outcome:
     """What one write request produced: a value or an error, and the notices to publish."""
 
