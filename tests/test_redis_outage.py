@@ -33,14 +33,13 @@ async def test_publishes_get_503_while_redis_is_down_and_subscribers_continue(tm
                 async with open_sse(s.port, "/v1/streams/room", {"last-event-id": first}) as sse:
                     assert sse.status == 200
                     redis.stop()
-                    started = trio.current_time()
-                    refused = await request(
-                        s.port, "POST", "/v1/streams/room", b"lost?", {"content-type": "text/plain"}
-                    )
+                    with trio.fail_after(5):  # refused within redis_timeout (1 s), never a hang
+                        refused = await request(
+                            s.port, "POST", "/v1/streams/room", b"lost?", {"content-type": "text/plain"}
+                        )
                     assert refused.status == 503, refused.body
                     assert refused.headers["retry-after"] == "1"
                     assert refused.json()["error"] == "store_unavailable"
-                    assert trio.current_time() - started < 5.0  # bounded by redis_timeout, not a hang
                     [answer] = await ws_ops_together(
                         s.port, [{"op": "publish", "stream": "room", "data": "ws", "ref": "r1"}], 1
                     )
