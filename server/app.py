@@ -23,6 +23,7 @@ import trio
 
 from server.app_edge import Admission, edge_hooks
 from server.bus.local import open_local_bus
+from server.bus.redis import open_redis_bus
 from server.config import Config
 from server.core.hub import Hub
 from server.core.ports.bus import Bus, BusOpener
@@ -135,12 +136,24 @@ class Worker:
 
 
 def bus_opener(config: Config, peers_dir: str | None) -> BusOpener | None:
-    """How the worker joins the host's notice bus: the Unix-datagram bus in ``peers_dir``, or
-    ``None`` without ``peers_dir`` or with the memory store (whose history no other process can
-    read, so a notice could not be repaired)."""
-    if peers_dir is None or config.store.backend == "memory":
+    """How the worker joins the notice bus: with the Redis store, Redis PUB/SUB (the workers of
+    every host that shares the Redis, :mod:`server.bus.redis`); else the Unix-datagram bus of
+    the host's workers in ``peers_dir``, or ``None`` without ``peers_dir`` or with the memory
+    store (whose history no other process can read, so a notice could not be repaired)."""
+    b, s = config.bus, config.store
+    if s.backend == "redis":
+        return partial(
+            open_redis_bus,
+            url=s.redis_url,
+            sentinels=s.redis_sentinels,
+            master=s.redis_master,
+            prefix=s.redis_prefix,
+            timeout=s.redis_timeout,
+            max_message=b.max_datagram,
+            reconcile_interval=b.reconcile_interval,
+        )
+    if peers_dir is None or s.backend == "memory":
         return None
-    b = config.bus
     return partial(
         open_local_bus,
         peers_dir,

@@ -201,17 +201,20 @@ META: dict[str, Meta] = {
         NON_NEGATIVE_SECONDS,
     ),
     "bus.max_datagram": Meta(
-        "Largest notice datagram in bytes sent to the other workers; larger events go as a hint to read the store",
+        "Largest notice message in bytes (a datagram to the host's other workers, or a Redis PUB/SUB message"
+        " with the Redis store); larger events go as a hint to read the store",
         Rule("an integer in 1024..4194304", lambda v: 1024 <= v <= 4 * 1024 * 1024),
     ),
     "bus.reconcile_interval": Meta(
         "Seconds between checks of the store for changes whose notice was missed (0: never)", NON_NEGATIVE_SECONDS
     ),
-    "bus.rescan_interval": Meta("Seconds between scans of the runtime directory for workers that came or went"),
-    "bus.max_peers": Meta("Most other workers one worker sends notices to"),
+    "bus.rescan_interval": Meta(
+        "Seconds between scans of the runtime directory for workers that came or went (not with the Redis store)"
+    ),
+    "bus.max_peers": Meta("Most other workers one worker sends notices to (not with the Redis store)"),
     "bus.max_interest": Meta(
         "Most streams a worker remembers another worker watches (interest routing); a worker watching "
-        "more is sent every notice"
+        "more is sent every notice (not with the Redis store, where Redis routes by channel)"
     ),
     "http.max_connection_age": Meta(
         "Seconds after which a connection is asked to close gracefully, so clients rebalance (0: never)",

@@ -1,11 +1,13 @@
 """The promises every notice bus (:class:`server.core.ports.bus.Bus`) keeps, written once.
 
-Each test runs against every implementation in :data:`IMPLEMENTATIONS` (today the Unix-datagram
-bus, on real sockets in a temporary runtime directory). The workers are in-process buses sharing
+Each test runs against every implementation: the Unix-datagram bus, on real sockets in a
+temporary runtime directory, and the Redis PUB/SUB bus, against a real ``redis-server`` (one per
+session; each test under its own key and channel prefix). The workers are in-process buses sharing
 one memory store (what their repairs read); each bus's receiver is a :class:`Watching`, which
-stands in for a hub: it watches the streams a test says and records what it is told. The clock is
-trio's mock clock, jumping whenever every task waits, so deadlines and intervals cost no time and
-a bus that hangs fails at once.
+stands in for a hub: it watches the streams a test says and records what it is told. For the
+Unix-datagram bus the clock is trio's mock clock, jumping whenever every task waits, so deadlines
+and intervals cost no time and a bus that hangs fails at once; the Redis bus waits on another
+process, so it runs on the real clock, every test under the same deadline.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ import pytest
 import trio
 import trio.testing
 
+from server.bus import local_wire as wire
 from server.bus.local import LocalBus, open_local_bus
 from server.bus.local_send import MAX_OWED
+from server.bus.redis import RedisBus, open_redis_bus
 from server.core.events import NewEvent
 from server.core.ports.bus import Bus, InterestListener, Receiver
 from server.core.ports.store import Appended, Closed, Deleted, Notice, Retention, Store
 from server.store.memory import MemoryStore
+from tests.redis_server import RedisServer, redis_server
+
+__all__ = ["redis_server"]
 
 KEEP_ALL = Retention(max_events=0, max_bytes=0, max_age=0)
 
@@ -119,6 +126,8 @@ class Implementation:
     """How many messages the worker's end has taken in from the others."""
     settle: Callable[[], Awaitable[None]]
     """Wait until everything the buses sent each other so far has been handled."""
+    mock_clock: bool = True
+    """Whether the tests run on trio's autojumping mock clock (else on the real one)."""
 
 
 # -- the Unix-datagram bus -------------------------------------------------------------------------
@@ -162,7 +171,72 @@ LOCAL = Implementation(
     settle=trio.testing.wait_all_tasks_blocked,
 )
 
-IMPLEMENTATIONS = [LOCAL]
+
+# -- the Redis PUB/SUB bus -------------------------------------------------------------------------
+
+
+def redis_implementation(url: str) -> Implementation:
+    """The Redis bus on the server at ``url``; the buses a test opens are kept to settle them."""
+    opened: list[RedisBus] = []
+    markers: dict[int, int] = {}  # id(bus) -> settle markers it took in
+
+    def _open(
+        directory: Path, name: str, receiver: Receiver, store: Store, repair: float
+    ) -> AbstractAsyncContextManager[Bus]:
+        @asynccontextmanager
+        async def joined() -> AsyncIterator[Bus]:
+            prefix = f"bus-{directory.parent.name[-40:]}:"
+            async with open_redis_bus(receiver, store, url=url, prefix=prefix, reconcile_interval=repair) as bus:
+                assert bus.connected
+                opened.append(bus)
+                try:
+                    yield bus
+                finally:
+                    opened.remove(bus)
+
+        return joined()
+
+    def _kill(bus: Bus) -> None:
+        assert isinstance(bus, RedisBus)
+        bus._closed = True  # takes in and sends nothing more, no goodbye
+
+    async def _settle() -> None:
+        # Every bus idle (nothing queued, published or subscribed in flight), then one marker on
+        # the control channel: Redis delivers in the order it ran the PUBLISHes, so a bus that
+        # took the marker in has taken in everything published before it.
+        while not all(bus.idle for bus in opened):
+            await trio.sleep(0.001)
+        live = [bus for bus in opened if not bus._closed]
+        if not live:
+            return
+        before = {id(bus): bus.stats.received for bus in live}
+        await live[0]._client.publish(live[0].control, b"settle!!" + wire.datagram([]))
+        while any(bus.stats.received == before[id(bus)] for bus in live):
+            await trio.sleep(0.001)
+        for bus in live:
+            markers[id(bus)] = markers.get(id(bus), 0) + 1
+
+    def _held(bus: Bus) -> int:
+        assert isinstance(bus, RedisBus)
+        return bus.held
+
+    def _arrived(bus: Bus) -> int:
+        assert isinstance(bus, RedisBus)
+        return bus.stats.received - markers.get(id(bus), 0)
+
+    return Implementation(
+        name="redis",
+        open=_open,
+        kill=_kill,
+        held=_held,
+        bound=MAX_OWED + 1,
+        arrived=_arrived,
+        settle=_settle,
+        mock_clock=False,
+    )
+
+
+IMPLEMENTATIONS = ["local", "redis"]
 
 
 # -- the suite -------------------------------------------------------------------------------------
@@ -191,11 +265,19 @@ class Host:
         return notice
 
 
-@pytest.fixture(params=IMPLEMENTATIONS, ids=lambda impl: impl.name)
+@pytest.fixture(params=IMPLEMENTATIONS)
 def impl(request: pytest.FixtureRequest) -> Implementation:
     """Each implementation in turn."""
-    implementation: Implementation = request.param
-    return implementation
+    if request.param == "local":
+        return LOCAL
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return redis_implementation(server.url)
+
+
+@pytest.fixture
+def bus_clock(impl: Implementation) -> trio.testing.MockClock | None:
+    """The autojumping mock clock for an implementation that runs on it, else none (the real one)."""
+    return trio.testing.MockClock(autojump_threshold=0) if impl.mock_clock else None
 
 
 @asynccontextmanager
@@ -210,7 +292,7 @@ async def open_host(impl: Implementation, tmp_path: Path, seconds: float = 30.0)
 
 
 async def test_a_notice_reaches_every_interested_peer_and_not_its_sender(
-    impl: Implementation, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    impl: Implementation, tmp_path: Path, bus_clock: trio.testing.MockClock | None
 ) -> None:
     async with open_host(impl, tmp_path) as host:
         a, mine = await host.join("a", "s")
@@ -228,7 +310,7 @@ async def test_a_notice_reaches_every_interested_peer_and_not_its_sender(
 
 
 async def test_an_uninterested_peer_is_sent_nothing(
-    impl: Implementation, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    impl: Implementation, tmp_path: Path, bus_clock: trio.testing.MockClock | None
 ) -> None:
     async with open_host(impl, tmp_path) as host:
         a, _ = await host.join("a")
@@ -248,7 +330,7 @@ async def test_an_uninterested_peer_is_sent_nothing(
 
 
 async def test_interest_changes_are_honoured(
-    impl: Implementation, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    impl: Implementation, tmp_path: Path, bus_clock: trio.testing.MockClock | None
 ) -> None:
     async with open_host(impl, tmp_path) as host:
         a, _ = await host.join("a")
@@ -272,7 +354,7 @@ async def test_interest_changes_are_honoured(
 
 
 async def test_a_commit_made_before_the_peers_knew_of_a_new_interest_still_arrives(
-    impl: Implementation, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    impl: Implementation, tmp_path: Path, bus_clock: trio.testing.MockClock | None
 ) -> None:
     async with open_host(impl, tmp_path) as host:
         a, _ = await host.join("a")
@@ -285,7 +367,7 @@ async def test_a_commit_made_before_the_peers_knew_of_a_new_interest_still_arriv
 
 
 async def test_a_peer_that_goes_away_does_not_block_the_sender(
-    impl: Implementation, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    impl: Implementation, tmp_path: Path, bus_clock: trio.testing.MockClock | None
 ) -> None:
     async with open_host(impl, tmp_path) as host:
         a, _ = await host.join("a", "s")
@@ -301,7 +383,7 @@ async def test_a_peer_that_goes_away_does_not_block_the_sender(
 
 
 async def test_what_is_held_for_a_peer_that_cannot_keep_up_is_bounded(
-    impl: Implementation, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    impl: Implementation, tmp_path: Path, bus_clock: trio.testing.MockClock | None
 ) -> None:
     streams = [f"s{i}" for i in range(2 * impl.bound)]
     async with open_host(impl, tmp_path) as host:
@@ -325,7 +407,7 @@ async def test_what_is_held_for_a_peer_that_cannot_keep_up_is_bounded(
 
 
 async def test_a_lost_notice_is_repaired_from_the_store_within_two_intervals(
-    impl: Implementation, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    impl: Implementation, tmp_path: Path, bus_clock: trio.testing.MockClock | None
 ) -> None:
     interval = 1.0
     async with open_host(impl, tmp_path) as host:

@@ -42,12 +42,13 @@ import trio
 
 from server.bus import local_dir as files
 from server.bus import local_wire as wire
+from server.bus.deliver import NOTICE_KINDS, deliver
 from server.bus.local_interest import ack_datagram
 from server.bus.local_send import BusSender, Peer
 from server.bus.stats import BusStats
 from server.core.groups import lone_error_unwrapped
 from server.core.ports.bus import Receiver
-from server.core.ports.store import Appended, Closed, Deleted, Store
+from server.core.ports.store import Store
 
 __all__ = ["BusStats", "LocalBus", "open_local_bus"]
 
@@ -167,23 +168,8 @@ class LocalBus(BusSender):
 
     def _dispatch(self, item: list[object], sender: str) -> None:
         kind = item[0]
-        hub = self._hub
-        if kind == wire.EVENTS:
-            stream = wire.text(item[1])
-            if hub.watcher_count(stream):
-                self._fresh.heard(stream, trio.current_time())
-                hub.on_notice(Appended(wire.events_of(item)), remote=True)
-        elif kind == wire.HINT:
-            self.stats.hints_received += 1
-            stream = wire.text(item[1])
-            self._fresh.suspect((stream,))
-            hub.on_hint(stream, wire.text(item[2]), wire.count(item[3]), wire.flag(item[4]))
-        elif kind == wire.CLOSED:
-            stream = wire.text(item[1])
-            self._fresh.heard(stream, trio.current_time())
-            hub.on_notice(Closed(stream, wire.text(item[2]), wire.count(item[3])), remote=True)
-        elif kind == wire.DELETED:
-            hub.on_notice(Deleted(wire.text(item[1])), remote=True)
+        if kind in NOTICE_KINDS:
+            deliver(self._hub, self._fresh, self.stats, item)
         elif kind == wire.HELLO:
             peer = self._add(sender) if sender else None
             if peer is not None:

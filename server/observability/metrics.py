@@ -30,7 +30,7 @@ from server.observability.stats import EdgeStats
 
 HUB_GAUGES = frozenset({"subscriptions", "replay_buffered"})
 HTTP_GAUGES = frozenset({"connections_open"})
-BUS_GAUGES = frozenset({"peers"})
+BUS_GAUGES = frozenset({"peers", "channels"})
 STORE_SKIP = frozenset({"largest_batch"})  # a maximum: adding it up over workers means nothing
 HTTP_PREFIX, BUS_PREFIX, STORE_PREFIX = "sluice_http_", "sluice_bus_", "sluice_store_"
 WORKERS = "sluice_workers"
@@ -67,6 +67,8 @@ HELP: dict[str, str] = {
     "sluice_edge_rate_limited_total": "Requests refused by rate rules (429, or 413: never fits)",
     "sluice_edge_connections_refused_total": "Connections turned away at accept, by the cap reached",
     "sluice_bus_peers": "Other workers this worker's notice bus knows",
+    "sluice_bus_channels": "Stream channels the Redis notice bus is subscribed to",
+    "sluice_bus_reconnects_total": "Redis PUB/SUB connections of the notice bus lost and made again",
     "sluice_bus_unrouted_total": "Notice items sent to no other worker, as none watches their stream",
     "sluice_bus_interest_sent_total": "Interest items (changes, parts of whole sets) sent to other workers",
     "sluice_bus_interest_received_total": "Interest items received from other workers",

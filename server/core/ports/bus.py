@@ -1,9 +1,10 @@
-"""The notice bus interface: how the workers of one host tell each other of their commits.
+"""The notice bus interface: how workers (of one host, or of every host) tell each other of their commits.
 
 A worker's store tells only that worker of what it commits (:data:`~server.core.ports.store.Listener`).
 A :class:`Bus` carries those notices to the host's other workers, and hands what they commit to
 this worker's :class:`Receiver` (its hub, :class:`server.core.hub.Hub`), as if committed here.
-Every implementation (``server/bus/``: ``local``, over Unix datagrams; later one over Redis)
+Every implementation (``server/bus/``: ``local``, over Unix datagrams between one host's workers;
+``redis``, over Redis PUB/SUB between the workers of every host that shares the Redis store)
 keeps the promises below and passes ``tests/test_bus_contract.py``.
 
 An implementation is opened by an ``open_*`` async context manager (a :data:`BusOpener` once its
