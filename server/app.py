@@ -35,6 +35,7 @@ from server.observability.host import HostMetrics, metrics_dir
 from server.observability.metrics import Samples, add_connection_refusals, collect
 from server.store.memory import MemoryStore
 from server.store.redis import RedisStore, open_redis_store
+from server.store.redis_client import open_client as open_redis_client
 from server.store.sqlite import open_sqlite_store
 from server.transports.context import Context, Settings
 from server.transports.guard import Guard
@@ -142,11 +143,10 @@ def bus_opener(config: Config, peers_dir: str | None) -> BusOpener | None:
     store (whose history no other process can read, so a notice could not be repaired)."""
     b, s = config.bus, config.store
     if s.backend == "redis":
+        connect = partial(open_redis_client, s.redis_url, s.redis_sentinels, s.redis_master, s.redis_timeout, 4)
         return partial(
             open_redis_bus,
-            url=s.redis_url,
-            sentinels=s.redis_sentinels,
-            master=s.redis_master,
+            connect=connect,
             prefix=s.redis_prefix,
             timeout=s.redis_timeout,
             max_message=b.max_datagram,

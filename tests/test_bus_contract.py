@@ -17,6 +17,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,12 @@ import trio.testing
 from server.bus import local_wire as wire
 from server.bus.local import LocalBus, open_local_bus
 from server.bus.local_send import MAX_OWED
-from server.bus.redis import RedisBus, open_redis_bus
+from server.bus.redis import Connect, RedisBus, open_redis_bus
 from server.core.events import NewEvent
 from server.core.ports.bus import Bus, InterestListener, Receiver
 from server.core.ports.store import Appended, Closed, Deleted, Notice, Retention, Store
 from server.store.memory import MemoryStore
+from server.store.redis_client import open_client
 from tests.redis_server import RedisServer, redis_server
 
 __all__ = ["redis_server"]
@@ -175,6 +177,11 @@ LOCAL = Implementation(
 # -- the Redis PUB/SUB bus -------------------------------------------------------------------------
 
 
+def connector(url: str, timeout: float = 2.0) -> Connect:
+    """How a worker's bus opens its client for ``url`` (what the composition root gives it)."""
+    return partial(open_client, url, (), None, timeout, 4)
+
+
 def redis_implementation(url: str) -> Implementation:
     """The Redis bus on the server at ``url``; the buses a test opens are kept to settle them."""
     opened: list[RedisBus] = []
@@ -186,7 +193,9 @@ def redis_implementation(url: str) -> Implementation:
         @asynccontextmanager
         async def joined() -> AsyncIterator[Bus]:
             prefix = f"bus-{directory.parent.name[-40:]}:"
-            async with open_redis_bus(receiver, store, url=url, prefix=prefix, reconcile_interval=repair) as bus:
+            async with open_redis_bus(
+                receiver, store, connect=connector(url), prefix=prefix, reconcile_interval=repair
+            ) as bus:
                 assert bus.connected
                 opened.append(bus)
                 try:

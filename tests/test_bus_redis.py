@@ -16,7 +16,7 @@ from server.core.events import Event, NewEvent
 from server.core.ports.store import Appended, Deleted, Head
 from server.store.memory import MemoryStore
 from tests.redis_server import RedisServer
-from tests.test_bus_contract import KEEP_ALL, Watching
+from tests.test_bus_contract import KEEP_ALL, Watching, connector
 
 TOKEN = b"worker-1"
 
@@ -77,7 +77,12 @@ async def test_workers_stay_up_through_a_redis_restart_and_miss_nothing(tmp_path
         with trio.fail_after(60):
             async with AsyncExitStack() as stack:
                 watcher = Watching("s")
-                options = {"url": redis.url, "prefix": "restart:", "timeout": 1.0, "reconcile_interval": 0.0}
+                options = {
+                    "connect": connector(redis.url, 1.0),
+                    "prefix": "restart:",
+                    "timeout": 1.0,
+                    "reconcile_interval": 0.0,
+                }
                 a = await stack.enter_async_context(open_redis_bus(watcher, store, **options))  # type: ignore[arg-type]
                 b = await stack.enter_async_context(open_redis_bus(Watching(), store, **options))  # type: ignore[arg-type]
                 assert isinstance(a, RedisBus) and a.connected and b.connected

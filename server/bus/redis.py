@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import coredis
 import trio
+from coredis.exceptions import RedisError
 from coredis.patterns.pubsub import PubSub
 from coredis.retry import NoRetryPolicy
 
@@ -44,10 +46,15 @@ from server.bus.stats import BusStats
 from server.core.groups import lone_error_unwrapped
 from server.core.ports.bus import Receiver
 from server.core.ports.store import Notice, Store
-from server.store.redis_client import Redis, RedisUnavailable, deadline, open_client
-from server.store.redis_keys import DEFAULT_PREFIX
 
-__all__ = ["RedisBus", "RedisBusStats", "open_redis_bus"]
+__all__ = ["Connect", "RedisBus", "RedisBusStats", "open_redis_bus"]
+
+Redis = coredis.Redis[bytes]
+"""The client type: replies undecoded (bytes)."""
+
+Connect = Callable[[], AbstractAsyncContextManager[Redis]]
+"""Opens a running client for the Redis the bus uses (the composition root gives the store's
+settings: a URL, or Sentinels): commands never retried, none waiting past the bus's ``timeout``."""
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +196,16 @@ class RedisBus:
         stats = self.stats
         self._busy += 1
         try:
-            with deadline("publishing notices", trio.current_time() + self._timeout, self._timeout, who="notice bus"):
+            with lone_error_unwrapped(), trio.fail_after(self._timeout):
                 async with self._client.pipeline(transaction=False) as pipe:
                     requests = [
                         pipe.publish(self.control if m.stream is None else self.channel(m.stream), m.data)
                         for m in messages
                     ]
                 replies = [await r for r in requests]
-        except RedisUnavailable as exc:
+        except (RedisError, OSError, trio.TooSlowError) as exc:
             stats.send_failures += len(messages)
-            log.warning("%s (%d message(s) owed again)", exc, len(messages))
+            log.warning("notice bus: %d message(s) not published, owed again: %r", len(messages), exc)
             for m in messages:
                 if m.stream is None:
                     self._outbox.resync = True
@@ -379,27 +386,27 @@ async def open_redis_bus(
     hub: Receiver,
     store: Store,
     *,
-    url: str | None = None,
-    sentinels: Sequence[str] = (),
-    master: str | None = None,
-    prefix: str = DEFAULT_PREFIX,
+    connect: Connect,
+    prefix: str,
     timeout: float = 2.0,
     max_message: int = 64 * 1024,
     reconcile_interval: float = 1.0,
     connect_timeout: float | None = None,
 ) -> AsyncIterator[RedisBus]:
-    """Join the notice bus of every worker that uses the Redis at ``url`` (or the primary of
-    ``master`` that ``sentinels`` name) under ``prefix``; leave it when the block exits.
+    """Join the notice bus of every worker that uses the Redis that ``connect`` reaches, under
+    ``prefix`` (``store.redis_prefix``: the channels are ``<prefix>bus:<stream>``); leave it when
+    the block exits.
 
     Returns once the PUB/SUB connection is subscribed, or after ``connect_timeout`` seconds
-    (default ``timeout``) if Redis cannot be reached (it is retried in the background). The
-    caller must pass every change its store commits to :meth:`RedisBus.publish`.
-    ``max_message`` bounds a message in bytes (events that do not fit travel as hints);
-    ``reconcile_interval`` (seconds, 0: off) paces the store reads that repair lost notices.
+    (default ``timeout``) if Redis cannot be reached (it is retried in the background). Every
+    command waits at most ``timeout`` seconds. The caller must pass every change its store commits
+    to :meth:`RedisBus.publish`. ``max_message`` bounds a message in bytes (events that do not fit
+    travel as hints); ``reconcile_interval`` (seconds, 0: off) paces the store reads that repair
+    lost notices.
     """
     if max_message < 1024 or reconcile_interval < 0 or timeout <= 0:
         raise ValueError("max_message >= 1024, reconcile_interval >= 0, timeout > 0")
-    async with open_client(url, sentinels, master, timeout, max_connections=4) as client:
+    async with connect() as client:
         bus = RedisBus(
             client,
             hub,

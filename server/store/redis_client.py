@@ -31,16 +31,16 @@ class ReplicationFailed(RedisUnavailable):
 
 
 @contextmanager
-def deadline(what: str, at: float, timeout: float, *, who: str = "redis store") -> Iterator[None]:
+def deadline(what: str, at: float, timeout: float) -> Iterator[None]:
     """Cancel the block at ``at`` (trio time) and turn that, or any Redis or connection failure
-    inside, into :class:`RedisUnavailable` naming ``who`` and ``what``."""
+    inside, into :class:`RedisUnavailable` naming ``what``."""
     try:
         with lone_error_unwrapped(), trio.CancelScope(deadline=at) as scope:
             yield
     except (RedisError, OSError, TimeoutError) as exc:
-        raise RedisUnavailable(f"{who}: {what} failed: {exc}") from exc
+        raise RedisUnavailable(f"redis store: {what} failed: {exc}") from exc
     if scope.cancelled_caught:
-        raise RedisUnavailable(f"{who}: {what}: no answer within {timeout} s (store.redis_timeout)")
+        raise RedisUnavailable(f"redis store: {what}: no answer within {timeout} s (store.redis_timeout)")
 
 
 async def settled(request: Any) -> Any:
