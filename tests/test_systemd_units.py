@@ -1,4 +1,5 @@
-"""The files in systemd/: the service and socket units, the kernel settings, the host configuration.
+"""The files in systemd/: the service and socket units, the drop-in for a Redis-backed host, the
+kernel settings, the host configuration.
 
 The units are checked by ``systemd-analyze verify`` (which is silent about many mistakes, so its
 output is searched for warnings too) and by reading the settings the server depends on.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import Config, load_config
+from server.config import Config, load_config, resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
@@ -26,6 +27,9 @@ SERVICE = SYSTEMD / "sluice.service"
 SOCKET = SYSTEMD / "sluice.socket"
 SYSCTL = SYSTEMD / "99-sluice.conf"
 HOST_CONFIG = SYSTEMD / "sluice.toml"
+REDIS_DROPIN = SYSTEMD / "redis-host.conf"
+DROPIN_DIR = "sluice.service.d"  # installed as /etc/systemd/system/sluice.service.d/redis.conf
+DROPIN_NAME = "redis.conf"
 
 INSTALLED_CONFIG = "/etc/sluice/sluice.toml"
 STATE_DIR = "/var/lib/sluice"
@@ -131,9 +135,12 @@ def real_executable() -> str:
 
 @pytest.fixture
 def unit_dir(tmp_path: Path) -> Path:
-    """The shipped units, copied; only the ExecStart= program is replaced by one that exists here
-    (``verify`` checks that it is executable), its arguments are kept."""
+    """The shipped units, copied, with the Redis drop-in where systemd looks for it next to the
+    service; only the ExecStart= program is replaced by one that exists here (``verify`` checks
+    that it is executable), its arguments are kept."""
     shutil.copy(SOCKET, tmp_path / SOCKET.name)
+    (tmp_path / DROPIN_DIR).mkdir()
+    shutil.copy(REDIS_DROPIN, tmp_path / DROPIN_DIR / DROPIN_NAME)
     lines = SERVICE.read_text(encoding="utf-8").splitlines(keepends=True)
     starts = [i for i, line in enumerate(lines) if line.startswith("ExecStart=")]
     assert len(starts) == 1, "one ExecStart= line expected"
@@ -159,6 +166,7 @@ def test_the_verified_units_are_the_shipped_text(unit_dir: Path) -> None:
     assert len(differ) == 1 and differ[0][0].startswith("ExecStart="), differ
     assert shlex.split(differ[0][0])[1:] == shlex.split(differ[0][1])[1:]
     assert (unit_dir / SOCKET.name).read_bytes() == SOCKET.read_bytes()
+    assert (unit_dir / DROPIN_DIR / DROPIN_NAME).read_bytes() == REDIS_DROPIN.read_bytes()
 
 
 @needs_systemd_analyze
@@ -176,6 +184,17 @@ def test_verify_problems_catches_unknown_keys_and_bad_values(unit_dir: Path) -> 
     _, problems = verify_problems(service)
     assert any("KillMod" in line for line in problems), problems
     assert any("soon" in line for line in problems), problems
+
+
+@needs_systemd_analyze
+def test_verify_reads_the_redis_drop_in(unit_dir: Path) -> None:
+    """The clean verdict above covers the drop-in: verify reports a mistake made in it."""
+    dropin = unit_dir / DROPIN_DIR / DROPIN_NAME
+    text = dropin.read_text(encoding="utf-8")
+    dropin.write_text(text.replace("[Service]\n", "[Service]\nStateDirectry=\nWorkingDirectory=run\n"), "utf-8")
+    _, problems = verify_problems(unit_dir / SERVICE.name)
+    assert any("StateDirectry" in line and DROPIN_NAME in line for line in problems), problems
+    assert any("WorkingDirectory" in line and DROPIN_NAME in line for line in problems), problems
 
 
 # ---- what the server relies on ---------------------------------------------------------------
@@ -324,3 +343,66 @@ def test_host_config_loads_and_matches_the_units() -> None:
     assert config.store.backend == "sqlite"
     assert Path(config.store.path).parent == Path(STATE_DIR)
     assert config.drain.window < config.drain.deadline
+
+
+# ---- the drop-in for a Redis-backed host ------------------------------------------------------
+
+
+def dropin(section: str) -> dict[str, list[str]]:
+    return unit_settings(REDIS_DROPIN, section)
+
+
+def dropin_environment(text: str | None = None) -> dict[str, str]:
+    """The variables the drop-in's ``Environment=`` lines set (``text``: another version of it)."""
+    settings = parse_unit(REDIS_DROPIN.read_text(encoding="utf-8") if text is None else text)
+    env: dict[str, str] = {}
+    for key, value in settings.get("Service", []):
+        if key == "Environment":
+            for word in shlex.split(value):
+                name, sep, val = word.partition("=")
+                assert sep, f"not NAME=VALUE: {word!r}"
+                env[name] = val
+    return env
+
+
+def test_redis_drop_in_waits_for_the_network_not_for_a_local_redis() -> None:
+    unit = dropin("Unit")
+    assert "network-online.target" in single(unit, "Wants").split()
+    assert "network-online.target" in single(unit, "After").split()
+    named = " ".join(value for values in unit.values() for value in values)
+    assert "redis" not in named, "Redis is on other hosts: the drop-in must not depend on a local unit"
+
+
+def test_redis_drop_in_sets_a_valid_redis_configuration_over_the_host_file() -> None:
+    env = dropin_environment()
+    assert all(name.startswith("SLUICE_") for name in env), env
+    resolved = resolve_config(config_path=str(HOST_CONFIG), environ=env)
+    assert resolved.warnings == (), resolved.warnings  # every variable names a real key
+    store = resolved.config.store
+    assert store.backend == "redis"
+    assert len(store.redis_sentinels) == 3 and all(s.endswith(":26379") for s in store.redis_sentinels)
+    assert store.redis_master is not None and store.redis_url is None
+    assert {resolved.sources[f"store.{key}"] for key in ("backend", "redis_sentinels", "redis_master")} == {
+        "SLUICE_STORE_BACKEND",
+        "SLUICE_STORE_REDIS_SENTINELS",
+        "SLUICE_STORE_REDIS_MASTER",
+    }
+
+
+def test_redis_drop_in_url_variant_loads_too() -> None:
+    """Its comment's alternative: SLUICE_STORE_REDIS_URL from an environment file, the Sentinel
+    lines removed."""
+    text = REDIS_DROPIN.read_text(encoding="utf-8")
+    assert "#EnvironmentFile=/etc/sluice/redis.env" in text and "SLUICE_STORE_REDIS_URL=" in text
+    env = {k: v for k, v in dropin_environment().items() if "SENTINELS" not in k and "MASTER" not in k}
+    env["SLUICE_STORE_REDIS_URL"] = "redis://:secret@10.0.0.21:6379/0"
+    config = load_config(config_path=str(HOST_CONFIG), environ=env)
+    assert (config.store.backend, config.store.redis_url) == ("redis", "redis://:secret@10.0.0.21:6379/0")
+
+
+def test_redis_drop_in_drops_the_state_directory_and_works_in_the_runtime_directory() -> None:
+    s = dropin("Service")
+    assert single(s, "StateDirectory") == "", "an empty StateDirectory= resets the service's list"
+    runtime = single(service(), "RuntimeDirectory")
+    assert single(s, "WorkingDirectory") == f"/run/{runtime}"
+    assert single(service(), "WorkingDirectory") == STATE_DIR  # what the drop-in replaces
