@@ -1,7 +1,8 @@
 """``sluice-loadtest bench``: every figure of docs/PERFORMANCE.md, baselines included, in one run.
 
-Each entry starts a fresh server (Sluice, nginx + nchan, or the uvicorn + ASGI baseline) for
-each target it compares, runs one scenario with the same harness and settings, saves the result
+Each entry starts a fresh server (Sluice, nginx + nchan, or the uvicorn + ASGI baseline; or, see
+:mod:`loadtest.stacks`, Sluice on a redis-server of its own, on one host or two) for each
+target it compares, runs one scenario with the same harness and settings, saves the result
 (JSON) and plots under ``--out``, and finally rewrites the generated part of the page (between
 ``<!-- bench:begin -->`` and ``<!-- bench:end -->``). The rest of the page is prose and stays.
 """
@@ -24,6 +25,7 @@ from loadtest import report
 from loadtest.clients.common import Endpoint
 from loadtest.run import Run
 from loadtest.spec import Action, RunSpec
+from loadtest.stacks import CROSS, REDIS, SUBSCRIBER_HOST, open_stack
 from loadtest.sysinfo import machine
 
 BEGIN = "<!-- bench:begin -->"
@@ -72,16 +74,20 @@ class Entry:
 
 ENTRIES: tuple[Entry, ...] = (
     Entry("idle-15k", "idle: 15,000 SSE connections", ("sluice", "nchan", "uvicorn"), "idle", 15_000, duration=15),
-    Entry("fanout-20", "fanout: 2,000 subscribers x 20 events/s", ("sluice", "nchan", "uvicorn"), "fanout", 2000,
-          rate=20, duration=30),
+    Entry("fanout-20", "fanout: 2,000 subscribers x 20 events/s", ("sluice", REDIS, "nchan", "uvicorn"), "fanout",
+          2000, rate=20, duration=30),
     Entry("fanout-20-edge", "fanout: 2,000 subscribers x 20 events/s, without and with auth + rate limits + CORS",
           ("sluice", EDGE), "fanout", 2000, rate=20, duration=30),
     Entry("fanout-20-h2", "fanout: 2,000 subscribers x 20 events/s over HTTP/2 (100 streams per connection)",
           ("sluice",), "fanout", 2000, rate=20, duration=30, transport="sse-h2", per_conn=100),
     Entry("fanout-200", "fanout: 2,000 subscribers x 200 events/s", ("sluice", "uvicorn", "nchan"), "fanout", 2000,
           rate=200, duration=15),
-    Entry("topics", "topics: 5,000 subscribers on their own streams, 2,000 events/s", ("sluice", "nchan", "uvicorn"),
-          "topics", 5000, rate=2000, duration=15),
+    Entry("topics", "topics: 5,000 subscribers on their own streams, 2,000 events/s",
+          ("sluice", REDIS, "nchan", "uvicorn"), "topics", 5000, rate=2000, duration=15),
+    # Two Sluice hosts on one redis-server: published on host A, every subscriber on host B,
+    # beside one host on the same Redis, in the same run.
+    Entry("cross-host", "cross-host: 2,000 subscribers on host B x 20 events/s published on host A, one Redis",
+          (REDIS, CROSS), "fanout", 2000, rate=20, duration=30),
     Entry("fanout-10k", "fanout: 10,000 subscribers x 5 events/s", ("sluice",), "fanout", 10_000, rate=5,
           duration=30),
     Entry("deploy", "deploy: 10,000 subscribers, 5 events/s, two rolling restarts", ("sluice",), "deploy", 10_000,
@@ -198,6 +204,34 @@ def _goal_h2(r: dict[str, Result]) -> tuple[str, bool | None]:
     return f"{h2} µs vs {h1} µs ({_ratio(h2, h1)})", h2 <= 1.5 * h1
 
 
+def _goal_redis(entry: str) -> Callable[[dict[str, Result]], tuple[str, bool | None]]:
+    """Sluice on Redis against Sluice on SQLite in ``entry``: the Redis target's CPU per
+    delivered event counts Sluice's processes and redis-server's (SQLite's work is inside
+    Sluice's), at most 1.5x SQLite's."""
+
+    def check(r: dict[str, Result]) -> tuple[str, bool | None]:
+        sqlite, key = _cpu(r, f"{entry}/sluice"), f"{entry}/{REDIS}"
+        total = _get(r, key, "server_with_helpers_cpu_us_per_event")
+        if sqlite is None or total is None:
+            return NOT_RUN
+        own, redis = _cpu(r, key), _get(r, key, "helpers", "redis", "cpu_us_per_event")
+        text = (f"{total} µs (Sluice {own} + Redis {redis}) vs SQLite {sqlite} µs ({_ratio(total, sqlite)}); "
+                f"p99 {_cell(_p99(r, key), 1)} vs {_cell(_p99(r, f'{entry}/sluice'), 1)} ms")
+        return text, total <= 1.5 * sqlite
+
+    return check
+
+
+def _goal_cross(r: dict[str, Result]) -> tuple[str, bool | None]:
+    one, two = f"cross-host/{REDIS}", f"cross-host/{CROSS}"
+    p1, p2 = _p99(r, one), _p99(r, two)
+    if p1 is None or p2 is None:
+        return NOT_RUN
+    bus = report.bus_text(_get(r, two, "bus", SUBSCRIBER_HOST), most=3)
+    return (f"p50 / p99 {_cell(_get(r, two, 'latency_ms', 'p50'), 1)} / {p2:,.1f} ms vs one host "
+            f"{_cell(_get(r, one, 'latency_ms', 'p50'), 1)} / {p1:,.1f} ms; host B's bus: {bus}", p2 <= p1 + 5)
+
+
 GOALS: tuple[Goal, ...] = (
     ("idle: 100,000 SSE connections, <= 10 KiB server RSS each", _goal_idle),
     ("fanout 2,000 x 20/s: server CPU/event <= 1.1x nginx+nchan", _goal_f20),
@@ -206,6 +240,9 @@ GOALS: tuple[Goal, ...] = (
     ("fanout 10,000 x 5/s: p99 <= 50 ms", _goal_f10k),
     ("deploy 10,000 subscribers, 2 rolling restarts: 0 lost, 0 duplicated, resumed within 10 s", _goal_deploy),
     ("SSE over HTTP/2 <= 1.5x SSE over HTTP/1.1 per event", _goal_h2),
+    ("Redis store, fanout 2,000 x 20/s: CPU/event (Sluice + Redis) <= 1.5x SQLite's", _goal_redis("fanout-20")),
+    ("Redis store, topics 5,000 x 2,000/s: CPU/event (Sluice + Redis) <= 1.5x SQLite's", _goal_redis("topics")),
+    ("cross-host (publish on A, subscribe on B, one Redis): p99 <= one host's p99 + 5 ms", _goal_cross),
 )
 
 
@@ -233,22 +270,25 @@ def edge_setup(workdir: Path) -> tuple[dict[str, dict[str, object]], str]:
     return config, token
 
 
-def run_entry(entry: Entry, kind: str, out: Path, scale: float, time_scale: float = 1.0) -> Result:
-    """Run one entry against one target kind; the result, also saved as JSON (and plotted)."""
-    from loadtest.targets import open_target
-
+def run_entry(entry: Entry, kind: str, out: Path, scale: float, time_scale: float = 1.0, *,
+              appendfsync: str = "always") -> Result:
+    """Run one entry against one target kind; the result, also saved as JSON (and plotted).
+    ``appendfsync`` is that of the redis-server behind the Redis targets."""
     workers = entry.workers.get(kind, 1 if kind == "uvicorn" else 2)
     print(f"== {entry.name} / {kind} ({workers} server processes)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
         config, token = edge_setup(Path(tmp)) if kind == EDGE else ({}, None)
-        server_kind = "sluice" if kind == EDGE else kind
-        with open_target(server_kind, workdir=Path(tmp), workers=workers, config=config) as target:
-            endpoint = Endpoint(target.host, target.port, server_kind, token=token)
-            result = Run(entry.spec(endpoint, target.pid, scale, time_scale), progress=True).execute()
+        with open_stack("sluice" if kind == EDGE else kind, workdir=Path(tmp), workers=workers, config=config,
+                        token=token, appendfsync=appendfsync) as stack:
+            spec = stack.apply(entry.spec(stack.endpoint, stack.pid, scale, time_scale))
+            result = Run(spec, progress=True).execute()
     result["server_workers"] = workers
+    result["server_hosts"] = stack.hosts
+    if stack.notes:
+        result["stack"] = {"kind": kind, **stack.notes}
     name = f"{entry.name}-{kind}"
     report.write_json(result, out / f"{name}.json")
-    if kind == "sluice" or entry.scenario in ("deploy", "storm"):
+    if kind in ("sluice", REDIS, CROSS) or entry.scenario in ("deploy", "storm"):
         report.plot(result, out, name)
     print(report.table(result), file=sys.stderr, flush=True)
     return result
@@ -286,6 +326,32 @@ def _clean(r: Result) -> str:
     return "no: " + (", ".join(why) or "see JSON")
 
 
+def _procs(r: Result) -> str:
+    workers, hosts = r.get("server_workers", "-"), r.get("server_hosts", 1)
+    return f"{hosts} hosts x {workers}" if hosts > 1 else str(workers)
+
+
+def _redis_cpu(r: Result) -> str:
+    return _cell(((r.get("helpers") or {}).get("redis") or {}).get("cpu_us_per_event"))
+
+
+def _subscribers_bus(r: Result) -> str:
+    bus = r.get("bus") or {}
+    if not bus:
+        return "-"
+    host = SUBSCRIBER_HOST if SUBSCRIBER_HOST in bus else next(iter(bus))
+    return report.bus_text(bus[host], most=3)
+
+
+# Columns a table has only when one of its rows has a value: the first two after the server's
+# CPU, the others at the end.
+EXTRA_COLUMNS: tuple[tuple[str, Callable[[Result], str]], ...] = (
+    ("Redis CPU µs/event", _redis_cpu),
+    ("server + Redis µs/event", lambda r: _cell(r.get("server_with_helpers_cpu_us_per_event"))),
+    ("bus counters grown on the subscribers' host", _subscribers_bus),
+)
+
+
 def render(results: dict[str, Result], out: Path, doc: Path) -> str:
     """The generated part of the page."""
     any_result = next(iter(results.values()), None)
@@ -303,22 +369,25 @@ def render(results: dict[str, Result], out: Path, doc: Path) -> str:
         rows = [(kind, results[key]) for kind, key in keys if key in results]
         if not rows:
             continue
-        lines += ["", f"### {entry.title}", "",
-                  "| server | procs | conns held | published | delivered | lost / dup / disorder "
-                  "| latency p50 / p99 / max ms | server CPU µs/event | RSS KiB/conn "
-                  "| reconnects (slowest resume s) | load cores | run clean |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        extra = [(head, cell) for head, cell in EXTRA_COLUMNS if any(cell(r) != "-" for _, r in rows)]
+        heads = ["server", "procs", "conns held", "published", "delivered", "lost / dup / disorder",
+                 "latency p50 / p99 / max ms", "server CPU µs/event", *(h for h, _ in extra[:2]), "RSS KiB/conn",
+                 "reconnects (slowest resume s)", "load cores", "run clean", *(h for h, _ in extra[2:])]
+        lines += ["", f"### {entry.title}", "", "| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
         for kind, r in rows:
+            cells = [cell(r) for _, cell in extra]
             v, lat = r["verdict"], r["latency_ms"]
             latency = "-"
             if lat.get("count"):
                 latency = f"{_cell(lat.get('p50'))} / {_cell(lat.get('p99'))} / {_cell(lat.get('max'))}"
             resume = f"{r['reconnects']:,} ({_cell(r['resume_s'].get('max'))})" if r["reconnects"] else "0"
             lines.append(
-                f"| {kind} | {r.get('server_workers', '-')} | {r['connections']['held']:,} | {r['published']:,} | "
+                f"| {kind} | {_procs(r)} | {r['connections']['held']:,} | {r['published']:,} | "
                 f"{r['delivered']:,} | {v['lost']} / {v['duplicated']} / {v['disorder']} | {latency} | "
-                f"{_cell(r.get('server_cpu_us_per_event'))} | {_cell(r.get('server_rss_kib_per_conn'))} | {resume} | "
-                f"{_cell((r.get('load_cpu') or {}).get('cores_used'))} | {_clean(r)} |")
+                f"{_cell(r.get('server_cpu_us_per_event'))} | " + "".join(f"{c} | " for c in cells[:2])
+                + f"{_cell(r.get('server_rss_kib_per_conn'))} | {resume} | "
+                f"{_cell((r.get('load_cpu') or {}).get('cores_used'))} | {_clean(r)} |"
+                + "".join(f" {c} |" for c in cells[2:]))
         spec = rows[0][1]["spec"]
         command = (f"sluice-loadtest run {spec['scenario']} --start <server> --subs {spec['subs']} "
                    f"--transport {spec['transport']} --rate {spec['rate']:g} --duration {spec['duration']:g}")
@@ -353,7 +422,7 @@ def bench(args: argparse.Namespace) -> int:
         for kind in entry.targets:
             if wanted and entry.name not in wanted and f"{entry.name}/{kind}" not in wanted:
                 continue
-            run_entry(entry, kind, out, args.scale, args.time_scale)
+            run_entry(entry, kind, out, args.scale, args.time_scale, appendfsync=args.redis_appendfsync)
     doc: Path = args.doc
     text = doc.read_text() if doc.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:

@@ -3,6 +3,7 @@
     sluice-loadtest run fanout --start sluice --subs 2000 --rate 20 --duration 30
     sluice-loadtest run idle --url http://127.0.0.1:8080 --server-pid 1234 --subs 20000
     sluice-loadtest run deploy --base topics --start sluice --workers 4 --restarts 2 --kills 1
+    sluice-loadtest run fanout --start sluice-redis-2hosts --subs 2000 --rate 20 --duration 30
     sluice-loadtest bench            # every figure of docs/PERFORMANCE.md, baselines included
 
 Targets must be on 127.0.0.0/8. Exit status 0 when the run was clean (nothing lost, duplicated
@@ -24,8 +25,10 @@ from urllib.parse import urlsplit
 
 from loadtest import deps, report
 from loadtest.clients.common import Endpoint
+from loadtest.redisd import APPENDFSYNC
 from loadtest.serverpid import supervisor_pid
 from loadtest.spec import SCENARIOS, Action, RunSpec, publish_seconds
+from loadtest.stacks import ALL_KINDS, Stack, server_kind
 from loadtest.targets import TRANSPORTS
 
 # Only modules of the standard library, trio and the harness's own pure ones are imported above:
@@ -52,10 +55,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("scenario", choices=SCENARIOS)
     where = r.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="the server, e.g. http://127.0.0.1:8080")
-    where.add_argument("--start", choices=("sluice", "uvicorn", "nchan"), help="start this server for the run")
+    where.add_argument("--start", choices=ALL_KINDS, help="start this server for the run (sluice-redis: Sluice on "
+                       "a redis-server of the harness's own; sluice-redis-2hosts: two Sluice hosts on one, publishing "
+                       "to host A, subscribing on host B)")
     r.add_argument("--token", help="a JWT sent as Authorization: Bearer by every client and the publisher")
     r.add_argument("--kind", default="sluice", choices=("sluice", "uvicorn", "nchan"), help="what --url runs")
-    r.add_argument("--workers", type=int, default=2, help="with --start: server worker processes")
+    r.add_argument("--workers", type=int, default=2, help="with --start: server worker processes (per host)")
+    r.add_argument("--redis-appendfsync", choices=APPENDFSYNC, default="always",
+                   help="with --start sluice-redis*: the redis-server's appendfsync")
     r.add_argument("--server-pid", type=int, help="with --url: the server's PID, to sample RSS and CPU "
                    "(default for Sluice: the supervisor pid its /metrics gives)")
     r.add_argument("--base", default="fanout", choices=("fanout", "topics", "llm"), help="traffic under storm/deploy")
@@ -92,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--scale", type=float, default=1.0, help="multiply every connection count (e.g. 0.1 to try)")
     b.add_argument("--time-scale", type=float, default=1.0, help="multiply every duration (e.g. 0.2 to try)")
     b.add_argument("--render-only", action="store_true", help="rewrite the page from the saved results, run nothing")
+    b.add_argument("--redis-appendfsync", choices=APPENDFSYNC, default="always",
+                   help="the appendfsync of the redis-server behind the sluice-redis targets")
     return p
 
 
@@ -109,15 +118,17 @@ def actions(args: argparse.Namespace, span: float | None = None) -> list[Action]
 
 
 @contextlib.contextmanager
-def _target(args: argparse.Namespace) -> Iterator[tuple[Endpoint, int | None]]:
+def _target(args: argparse.Namespace) -> Iterator[Stack | None]:
+    """The servers started for the run (with ``--start``), or None for ``--url``."""
     if args.url:
-        yield dataclasses.replace(endpoint_of(args.url, args.kind), token=args.token), args.server_pid
+        yield None
         return
-    from loadtest.targets import open_target
+    from loadtest.stacks import open_stack
 
     with tempfile.TemporaryDirectory(prefix="sluice-loadtest-") as tmp, \
-            open_target(args.start, workdir=Path(tmp), workers=args.workers) as target:
-        yield Endpoint(target.host, target.port, target.kind, token=args.token), target.pid
+            open_stack(args.start, workdir=Path(tmp), workers=args.workers, token=args.token,
+                       appendfsync=args.redis_appendfsync) as stack:
+        yield stack
 
 
 def planned(args: argparse.Namespace) -> RunSpec:
@@ -133,7 +144,7 @@ def planned(args: argparse.Namespace) -> RunSpec:
         raise ValueError("--server-pid goes with --url (with --start the harness knows the server it started)")
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
-    endpoint = endpoint_of(args.url, args.kind) if args.url else Endpoint("127.0.0.1", 0, args.start)
+    endpoint = endpoint_of(args.url, args.kind) if args.url else Endpoint("127.0.0.1", 0, server_kind(args.start))
     kind = args.base if args.scenario in ("storm", "deploy") else args.scenario
     spec = RunSpec(
         scenario=args.scenario, endpoint=dataclasses.replace(endpoint, token=args.token), base=args.base,
@@ -172,11 +183,12 @@ def run_command(args: argparse.Namespace) -> int:
     from loadtest.run import Run
 
     plan = planned(args)
-    with _target(args) as (endpoint, started):
-        spec = dataclasses.replace(plan, endpoint=endpoint)
-        spec = dataclasses.replace(spec, server_pid=server_pid(spec, started if args.start else None,
-                                                              quiet=args.quiet))
+    with _target(args) as stack:
+        spec = stack.apply(plan) if stack else plan
+        spec = dataclasses.replace(spec, server_pid=server_pid(spec, stack.pid if stack else None, quiet=args.quiet))
         result = Run(spec, progress=not args.quiet).execute()
+        if stack and stack.notes:
+            result["stack"] = {"kind": stack.kind, **stack.notes}
     print(report.table(result))
     if args.json:
         report.write_json(result, args.json)

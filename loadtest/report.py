@@ -15,6 +15,29 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value:,}{unit}" if isinstance(value, int) else f"{value}{unit}"
 
 
+BUS_FIRST = ("repairs", "received", "hints_received", "resyncs_sent")  # what says how notices came
+
+
+def bus_text(grew: dict[str, int] | None, most: int = 6) -> str:
+    """The ``sluice_bus_*`` counters that grew over a run's window (at most ``most``): those of a
+    bus between hosts (a name with ``redis`` in it) first, then :data:`BUS_FIRST`, then the rest,
+    largest first. ``received`` and ``sent`` are notices between one host's workers, ``repairs``
+    streams that a reconcile pass found behind the store (events it carried to subscribers)."""
+    if grew is None:
+        return "/metrics not readable"
+
+    def rank(item: tuple[str, int]) -> tuple[int, int]:
+        name, value = item
+        first = 0 if "redis" in name else 1 + BUS_FIRST.index(name) if name in BUS_FIRST else 1 + len(BUS_FIRST)
+        return first, -value
+
+    moved = sorted(((k, v) for k, v in grew.items() if v), key=rank)
+    if not moved:
+        return "none grew"
+    more = f" (+{len(moved) - most} more)" if len(moved) > most else ""
+    return ", ".join(f"{k} {v:,}" for k, v in moved[:most]) + more
+
+
 def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     """The summary of one run as (name, value) rows."""
     spec = result["spec"]
@@ -23,7 +46,10 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     conn = result["connections"]
     out = [
         ("scenario", spec["scenario"] + (f" over {spec['base']}" if spec["scenario"] in ("storm", "deploy") else "")),
-        ("target", f"{spec['endpoint']['kind']} {spec['endpoint']['host']}:{spec['endpoint']['port']}"),
+        ("target", f"{spec['endpoint']['kind']} {spec['endpoint']['host']}:{spec['endpoint']['port']}"
+                   + (f" (publisher to {pub_ep['host']}:{pub_ep['port']})" if (pub_ep := spec.get("pub_endpoint"))
+                      else "")),
+        *((f"stack: {k}", str(v)) for k, v in (result.get("stack") or {}).items()),
         ("transport", f"{spec['transport']} ({spec['per_conn']} per connection)"),
         ("connections held / planned", f"{conn['held']:,} / {conn['planned']:,} (failed attempts {conn['failures']:,},"
                                        f" {conn['connect_seconds']} s to connect)"),
@@ -41,7 +67,19 @@ def rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     if "server_rss_kib_per_conn" in result:
         out.append(("server RSS KiB per connection", _fmt(result["server_rss_kib_per_conn"])))
     if "server_cpu_us_per_event" in result:
-        out.append(("server CPU µs per delivered event", _fmt(result["server_cpu_us_per_event"])))
+        hosts = 1 + len(spec.get("server_pids") or ())
+        out.append(("server CPU µs per delivered event", _fmt(result["server_cpu_us_per_event"])
+                    + (f" ({hosts} hosts together)" if hosts > 1 else "")))
+    for name, helper in (result.get("helpers") or {}).items():
+        per_published = _fmt(helper.get("cpu_us_per_published"))
+        out.append((f"{name} CPU µs per delivered event", f"{_fmt(helper['cpu_us_per_event'])} ({per_published} "
+                                                           "per published)"))
+    if "server_with_helpers_cpu_us_per_event" in result:
+        names = " + ".join(result.get("helpers") or {})
+        total = _fmt(result["server_with_helpers_cpu_us_per_event"])
+        out.append((f"server + {names} CPU µs per delivered event", total))
+    for host, grew in (result.get("bus") or {}).items():
+        out.append((f"bus counters grown, host {host}", bus_text(grew)))
     if "load_cpu" in result:
         lc = result["load_cpu"]
         out.append(("load generator", f"{lc['cores_used']} cores over {lc['processes']} processes"

@@ -31,6 +31,7 @@ from typing import Any
 
 from loadtest import hist, loadproc
 from loadtest.publisher import Schedule, llm_entries, rate_entries
+from loadtest.serverpid import bus_counters, growth
 from loadtest.spec import Action, RunSpec
 from loadtest.sysinfo import CpuMeter, machine, process_tree, raise_nofile, rss_kib, source_address
 from loadtest.track import Verdict
@@ -82,6 +83,7 @@ class Run:
         self.pub_latency = hist.new()
         self.server_cpu = CpuMeter()
         self.load_cpu = CpuMeter()
+        self.helper_cpu = {name: CpuMeter() for name in spec.helpers}
         self.t0 = time.monotonic()
         self.hard_end = self.t0 + spec.time_bound - STOP_RESERVE
         self.over_time = False
@@ -113,14 +115,26 @@ class Run:
 
     # --- sampling ---------------------------------------------------------------------------
     def _server_pids(self) -> list[int]:
-        return process_tree(self.spec.server_pid) if self.spec.server_pid else []
+        """The server's processes: ``server_pid``'s tree first (its children are what
+        ``{child}`` picks from), then those of ``server_pids``."""
+        roots = [self.spec.server_pid] if self.spec.server_pid else []
+        return [pid for root in [*roots, *self.spec.server_pids] for pid in process_tree(root)]
 
     def _sample(self) -> dict[str, Any]:
         pids = self._server_pids()
         load_pids = [p.process.pid for p in [*self.subs, *([self.pub] if self.pub else [])] if p.process.pid]
-        return {"t": round(time.monotonic() - self.t0, 3), "server_rss_kib": rss_kib(pids) if pids else None,
-                "server_cpu_s": self.server_cpu.read(pids) if pids else None,
-                "load_cpu_s": self.load_cpu.read(load_pids), "server_procs": len(pids)}
+        row: dict[str, Any] = {
+            "t": round(time.monotonic() - self.t0, 3), "server_rss_kib": rss_kib(pids) if pids else None,
+            "server_cpu_s": self.server_cpu.read(pids) if pids else None,
+            "load_cpu_s": self.load_cpu.read(load_pids), "server_procs": len(pids)}
+        if self.helper_cpu:
+            row["helper_cpu_s"] = {name: meter.read(process_tree(self.spec.helpers[name]))
+                                   for name, meter in self.helper_cpu.items()}
+        return row
+
+    def _bus(self) -> dict[str, dict[str, int] | None]:
+        """The ``sluice_bus_*`` counters of every host in ``bus_hosts`` (None: unreadable)."""
+        return {name: bus_counters(ep, timeout=2.0) for name, ep in self.spec.bus_hosts.items()}
 
     # --- message pump -----------------------------------------------------------------------
     def _pump(self, timeout: float) -> None:
@@ -192,6 +206,9 @@ class Run:
         if prev and row["server_cpu_s"] is not None and prev["server_cpu_s"] is not None and dt > 0:
             cpu = f" | server cpu {100 * (row['server_cpu_s'] - prev['server_cpu_s']) / dt:4.0f}%"
             cpu += f" rss {row['server_rss_kib'] / 1024:6.0f} MiB"
+        for name, used in (row.get("helper_cpu_s") or {}).items():
+            if prev and dt > 0 and name in (prev.get("helper_cpu_s") or {}):
+                cpu += f" | {name} cpu {100 * (used - prev['helper_cpu_s'][name]) / dt:4.0f}%"
         if prev and dt > 0:
             cpu += f" | load cpu {100 * (row['load_cpu_s'] - prev['load_cpu_s']) / dt:4.0f}%"
         lat = row["latency"]
@@ -279,7 +296,7 @@ class Run:
         self.subs = [Proc(f"subs-{i}", plan) for i, plan in enumerate(self._sub_plans())]
         if spec.kind != "idle":
             self.schedule = self._schedule()
-            self.pub = Proc("publisher", loadproc.PubPlan(spec.endpoint, self.schedule, timeout=30.0))
+            self.pub = Proc("publisher", loadproc.PubPlan(spec.publish_to, self.schedule, timeout=30.0))
         try:
             return self._execute(before)
         finally:
@@ -313,6 +330,7 @@ class Run:
         else:
             assert self.pub is not None
             pub = self.pub
+            bus_start = self._bus()  # read before the CPU mark: the scrapes cost the server a little
             start = self._sample()
             load_start = dict(self.load_cpu.last)
             self.t_pub = time.monotonic()
@@ -333,6 +351,11 @@ class Run:
             if start["server_cpu_s"] is not None:
                 window["server_cpu_s"] = end["server_cpu_s"] - start["server_cpu_s"]
             window["load_cpu_s"] = end["load_cpu_s"] - start["load_cpu_s"]
+            if "helper_cpu_s" in start:
+                window["helper_cpu_s"] = {name: end["helper_cpu_s"][name] - used
+                                          for name, used in start["helper_cpu_s"].items()}
+            bus_end = self._bus()
+            window["bus"] = {name: growth(bus_start[name], bus_end[name]) for name in bus_start}
         if window["seconds"] > 0:  # the busiest load process, as a share of one core
             window["load_busiest"] = max((cpu - load_start.get(pid, 0.0) for pid, cpu in self.load_cpu.last.items()),
                                          default=0.0) / window["seconds"]
@@ -388,6 +411,15 @@ class Run:
             out["server_rss_kib"] = {"before": before["server_rss_kib"], "held": end.get("server_rss_kib")}
         if window.get("server_cpu_s") is not None and events:
             out["server_cpu_us_per_event"] = round(window["server_cpu_s"] / events * 1e6, 2)
+        if window.get("helper_cpu_s") is not None and events:
+            out["helpers"] = {name: {"cpu_s": round(used, 3), "cpu_us_per_event": round(used / events * 1e6, 2),
+                                     "cpu_us_per_published": round(used / published * 1e6, 2) if published else None}
+                              for name, used in window["helper_cpu_s"].items()}
+            if window.get("server_cpu_s") is not None:
+                with_helpers = window["server_cpu_s"] + sum(window["helper_cpu_s"].values())
+                out["server_with_helpers_cpu_us_per_event"] = round(with_helpers / events * 1e6, 2)
+        if "bus" in window:  # by host: how much each sluice_bus_* counter grew over the window
+            out["bus"] = window.pop("bus")
         if window.get("load_cpu_s") is not None and window.get("seconds"):
             nprocs = len(self.subs) + (1 if self.pub else 0)
             busy = window["load_cpu_s"] / window["seconds"]

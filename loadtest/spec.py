@@ -59,6 +59,15 @@ class RunSpec:
     connect_timeout: float = 120.0
     settle_timeout: float = 60.0  # after the publisher is done, how long deliveries may take
     server_pid: int | None = None
+    # More server process trees sampled with server_pid's (a second host's supervisor): the
+    # server's CPU and RSS are theirs together.
+    server_pids: tuple[int, ...] = ()
+    # Processes the server relies on, sampled apart, by name (``{"redis": pid}``): their CPU is
+    # reported per delivered event beside the server's, and added to it.
+    helpers: dict[str, int] = field(default_factory=dict)
+    pub_endpoint: Endpoint | None = None  # where the publisher posts, when not to ``endpoint`` (another host)
+    # Sluice hosts whose ``sluice_bus_*`` counters are read at the publishing window's marks, by name.
+    bus_hosts: dict[str, Endpoint] = field(default_factory=dict)
     actions: list[Action] = field(default_factory=list)
     fault: tuple[str, int] | None = None  # ("drop"|"dup", seq) injected by the publisher on stream 0
     limits: dict[str, float] = field(default_factory=dict)
@@ -72,6 +81,8 @@ class RunSpec:
             raise ValueError(f"storm and deploy run over fanout, topics or llm, not {self.base!r}")
         if self.pub_transport not in ("http", "ws"):
             raise ValueError(f"the publisher's transport is http or ws, not {self.pub_transport!r}")
+        if self.pub_endpoint is not None and self.pub_endpoint.kind != self.endpoint.kind:
+            raise ValueError("the publisher's server and the subscribers' must be of one kind")
         if self.pub_transport == "ws" and (self.endpoint.kind != "sluice" or self.scenario == "deploy"):
             # a WebSocket publish has no idempotency key: one lost with its socket cannot be retried
             raise ValueError("--pub-transport ws needs a Sluice server and a run without restarts (not deploy)")
@@ -162,6 +173,11 @@ class RunSpec:
         need = math.ceil(self.conn_count / MAX_CONNS_PER_PROCESS)
         floor = 1 if self.subs < 1000 else min(2, os.cpu_count() or 1)
         return max(need, floor)
+
+    @property
+    def publish_to(self) -> Endpoint:
+        """Where the publisher posts: ``pub_endpoint``, else the subscribers' ``endpoint``."""
+        return self.pub_endpoint or self.endpoint
 
     def stream_name(self, i: int) -> str:
         """The name of stream ``i`` (fresh for every run)."""

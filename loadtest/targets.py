@@ -3,7 +3,9 @@
 ``open_target(kind, workdir=...)`` starts one of
 
 * ``"sluice"``: ``python -m server.cli serve`` (a supervisor and ``workers`` worker processes,
-  SQLite store in ``workdir``);
+  SQLite store in ``workdir``, or the store ``config`` names: with ``store.backend = "redis"``
+  it runs ``serve --store redis --redis-url URL``; its runtime directory is ``runtime_dir``
+  when given, else one the supervisor makes);
 * ``"uvicorn"``: :mod:`loadtest.baselines.uvicorn_app` (one process: its streams live in memory);
 * ``"nchan"``: nginx + nchan, :mod:`loadtest.baselines.nchan` (a master and ``workers`` workers),
 
@@ -54,6 +56,7 @@ TRANSPORTS: dict[str, frozenset[str]] = {
 }
 # Set by open_target itself; use its arguments instead.
 RESERVED_SLUICE_KEYS = {("server", "host"), ("server", "port"), ("server", "workers")}
+STORE_FLAGS = {("store", "backend"), ("store", "redis_url")}  # given as serve's --store and --redis-url
 BASELINE_SECTIONS = {"uvicorn", "nchan"}  # options of the baselines, not Sluice configuration
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,6 +99,7 @@ def open_target(
     workdir: Path,
     workers: int = 2,
     config: dict[str, dict[str, object]] | None = None,
+    runtime_dir: Path | None = None,
 ) -> Iterator[Target]:
     """Run the server ``kind`` until the block exits; see the module documentation."""
     if kind not in KINDS:
@@ -108,7 +112,7 @@ def open_target(
     cfg: Config = config or {}
     with log_path.open("ab") as log:
         if kind == "sluice":
-            proc, target = _start_sluice(workdir, log, log_path, workers, cfg)
+            proc, target = _start_sluice(workdir, log, log_path, workers, cfg, runtime_dir=runtime_dir)
         elif kind == "uvicorn":
             proc, target = _start_uvicorn(workdir, log, log_path, cfg)
         else:
@@ -127,7 +131,8 @@ def sluice_env(config: Config) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("SLUICE_", "LISTEN_", "WATCHDOG_")) and k not in ("NOTIFY_SOCKET", "SLUICE_CONFIG")
+        if not k.startswith(("SLUICE_", "LISTEN_", "WATCHDOG_"))
+        and k not in ("NOTIFY_SOCKET", "SLUICE_CONFIG", "RUNTIME_DIRECTORY")
     }
     # The load comes from a few loopback addresses (8,000 connections each): no per-address cap.
     env["SLUICE_LIMITS_MAX_CONNECTIONS_PER_ADDRESS"] = "0"
@@ -135,23 +140,39 @@ def sluice_env(config: Config) -> dict[str, str]:
         if section in BASELINE_SECTIONS:
             continue
         for key, value in keys.items():
+            if (section, key) in STORE_FLAGS:
+                continue  # a flag of the command line (store_args)
             if (section, key) in RESERVED_SLUICE_KEYS:
                 raise ValueError(f"{section}.{key} is set by open_target; use its arguments")
             env[f"SLUICE_{section.upper()}_{key.upper()}"] = _text(value)
     return env
 
 
+def store_args(config: Config, workdir: Path) -> list[str]:
+    """The store's flags of ``sluice serve``: ``--store`` and ``--redis-url`` as ``config`` gives
+    them, and ``--db`` in ``workdir`` for the SQLite store unless ``store.path`` is set."""
+    store = config.get("store", {})
+    backend = str(store.get("backend", "sqlite"))
+    out = ["--store", backend] if "backend" in store else []
+    if "redis_url" in store:
+        out += ["--redis-url", str(store["redis_url"])]
+    if backend == "sqlite" and "path" not in store:
+        out += ["--db", str(workdir / "sluice.db")]
+    return out
+
+
 def _start_sluice(
-    workdir: Path, log: IO[bytes], log_path: Path, workers: int, config: Config
+    workdir: Path, log: IO[bytes], log_path: Path, workers: int, config: Config, *, runtime_dir: Path | None
 ) -> tuple[subprocess.Popen[bytes], Target]:
     env = _with_pythonpath(sluice_env(config))
+    if runtime_dir is not None:  # the supervisor's runtime directory: its workers' bus and metrics
+        runtime_dir.mkdir(parents=True, exist_ok=True)
+        env["RUNTIME_DIRECTORY"] = str(runtime_dir)
     level = str(config.get("server", {}).get("log_level", "info")).lower()
     # The port is read from the supervisor's "listening on" line, logged at INFO.
     fixed_port = None if level in ("info", "debug") else free_port()
     argv = [sys.executable, "-m", "server.cli", "serve", "--host", HOST, "--port", str(fixed_port or 0)]
-    argv += ["--workers", str(workers)]
-    if "path" not in config.get("store", {}):
-        argv += ["--db", str(workdir / "sluice.db")]
+    argv += ["--workers", str(workers), *store_args(config, workdir)]
     offset = log_path.stat().st_size
     proc = _spawn(argv, log, workdir, env)
     try:
