@@ -1,10 +1,12 @@
 """A real ``redis-server`` for tests: AOF on with ``appendfsync always``, no RDB snapshots, its
-data in a directory of the test's, listening on a Unix socket there or on a loopback TCP port.
+data in a directory of the test's, listening on a Unix socket there or on a loopback TCP port;
+or a Sentinel (``redis-sentinel``).
 
 It is started with ``subprocess`` and is ready once ``redis-cli PING`` answers (under a
 deadline); it is stopped by its PID (SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT`).
-``redis-server`` and ``redis-cli`` come with Debian's ``redis-server`` package (``scripts/test``
-installs it when run as root).
+``redis-server`` and ``redis-cli`` come with Debian's ``redis-server`` package, ``redis-sentinel``
+with ``redis-sentinel`` (``scripts/test`` installs both when run as root); a missing one fails
+the test that needs it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,11 +29,13 @@ POLL_INTERVAL = 0.02  # seconds between readiness probes (waiting for an externa
 
 class RedisServer:
     """One ``redis-server`` process with its data in ``directory``; :meth:`start` it again after
-    :meth:`stop` and it reloads its AOF from there (``aof=False``: no persistence at all)."""
+    :meth:`stop` and it reloads its AOF from there (``aof=False``: no persistence at all).
+    ``args`` are added to its command line (``--replicaof 127.0.0.1 <port>``, for one)."""
 
-    def __init__(self, directory: Path, *, tcp: bool = False, aof: bool = True) -> None:
+    def __init__(self, directory: Path, *, tcp: bool = False, aof: bool = True, args: Sequence[str] = ()) -> None:
         self.directory = directory
         self.aof = aof
+        self.args = list(args)
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port() if tcp else 0
         self.socket = directory / "redis.sock"
@@ -49,15 +53,16 @@ class RedisServer:
 
     def start(self) -> None:
         """Start the server and wait (up to :data:`START_TIMEOUT`) until it answers PING."""
-        if shutil.which("redis-server") is None:
-            pytest.fail("redis-server is not installed (Debian package redis-server; scripts/test installs it as root)")
+        binary = "redis-server" if self.sentinel_config is None else "redis-sentinel"
+        if shutil.which(binary) is None:
+            pytest.fail(f"{binary} is not installed (Debian package {binary}; scripts/test installs it as root)")
         where = ["--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
         if self.sentinel_config is not None:
-            args = ["redis-server", str(self.sentinel_config), "--sentinel", *where]
+            args = [binary, str(self.sentinel_config), *where]
         else:
             aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
-            args = ["redis-server", "--save", "", *aof, *where]
-            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+            args = [binary, "--save", "", *aof, *where]
+            args += ["--port", str(self.port), "--bind", "127.0.0.1", *self.args]
         if not self.port:
             args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -75,8 +80,9 @@ class RedisServer:
             time.sleep(POLL_INTERVAL)
 
     def start_sentinel(self, config: Path) -> None:
-        """Start a Sentinel (``redis-server <config> --sentinel``; the file names its port and the
-        primary it monitors, and Sentinel rewrites it) and wait until it answers PING."""
+        """Start a Sentinel (``redis-sentinel <config>``, which is ``redis-server`` in Sentinel mode;
+        the file names its port and the primary it monitors, and Sentinel rewrites it) and wait
+        until it answers PING."""
         self.sentinel_config = config
         self.start()
 

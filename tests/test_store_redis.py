@@ -245,6 +245,7 @@ async def test_every_key_carries_the_prefix_and_a_streams_keys_share_its_hash_ta
                 f"{prefix}{{room:1}}:log".encode(),
                 f"{prefix}{{shut}}:meta".encode(),
                 f"{prefix}ages".encode(),
+                f"{prefix}lineage".encode(),
                 f"{prefix}idem:key-1".encode(),
             }
             assert 0 < await r.pttl(f"{prefix}idem:key-1") <= 100_000

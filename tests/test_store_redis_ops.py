@@ -21,6 +21,7 @@ from server.store.fingerprint import fingerprint
 from server.store.redis_keys import Keys, prefix_problem
 from server.store.redis_ops import (
     SCRIPT,
+    Unreplicated,
     head,
     ms,
     read_call,
@@ -37,7 +38,7 @@ RETENTION = Retention(max_events=5, max_bytes=100, max_age=1.5, idempotency_wind
 
 def test_a_streams_keys_share_one_hash_tag_under_the_prefix() -> None:
     assert KEYS.meta("a:b") == "p:{a:b}:meta" and KEYS.log("a:b") == "p:{a:b}:log"
-    assert KEYS.ages == "p:ages" and KEYS.idempotency("k 1") == "p:idem:k 1"
+    assert KEYS.ages == "p:ages" and KEYS.idempotency("k 1") == "p:idem:k 1" and KEYS.lineage == "p:lineage"
     assert KEYS.stream_keys("s") == ["p:{s}:meta", "p:{s}:log", "p:ages"]
 
 
@@ -58,8 +59,8 @@ def test_times_cross_as_whole_milliseconds() -> None:
 
 def test_an_append_call_carries_the_events_retention_and_key() -> None:
     op = append_op("s", [NewEvent("t", b"\x00\xff", True), NewEvent("m", b"hi")], "k")
-    names, args = write_call(KEYS, op, 10.25, RETENTION, "0123456789")
-    assert names == ["p:{s}:meta", "p:{s}:log", "p:ages", "p:idem:k"]
+    names, args = write_call(KEYS, op, 10.25, RETENTION, "0123456789", strict=True)
+    assert names == ["p:{s}:meta", "p:{s}:log", "p:ages", "p:lineage", "p:idem:k"]
     assert args[:10] == [
         "append",
         "10250",
@@ -72,9 +73,9 @@ def test_an_append_call_carries_the_events_retention_and_key() -> None:
         "p:",
         fingerprint(op.events),
     ]
-    assert args[10:] == ["2", "t", b"\x00\xff", b"1", "m", b"hi", b"0"]
-    names, args = write_call(KEYS, append_op("s", [NewEvent("m", b"")], None), 1, RETENTION, "e")
-    assert len(names) == 3 and args[9] == b""
+    assert args[10:] == ["2", "1", "t", b"\x00\xff", b"1", "m", b"hi", b"0"]
+    names, args = write_call(KEYS, append_op("s", [NewEvent("m", b"")], None), 1, RETENTION, "e", strict=False)
+    assert len(names) == 4 and args[9] == b"" and args[11] == "0"
 
 
 def test_an_empty_append_is_refused_before_any_call() -> None:
@@ -83,12 +84,26 @@ def test_an_empty_append_is_refused_before_any_call() -> None:
 
 
 def test_close_delete_trim_and_read_calls() -> None:
-    assert write_call(KEYS, CloseOp("s"), 2, RETENTION, "e") == (["p:{s}:meta", "p:{s}:log"], ["close", "2000", "e"])
-    assert write_call(KEYS, DeleteOp("s"), 2, RETENTION, "e") == (KEYS.stream_keys("s"), ["delete", "s"])
+    close = write_call(KEYS, CloseOp("s"), 2, RETENTION, "e", strict=True)
+    assert close == (["p:{s}:meta", "p:{s}:log", "p:lineage"], ["close", "2000", "e", "1"])
+    delete = write_call(KEYS, DeleteOp("s"), 2, RETENTION, "e", strict=True)
+    assert delete == (KEYS.stream_keys("s"), ["delete", "s"])
     assert trim_call(KEYS, "s", 3, RETENTION) == (KEYS.stream_keys("s"), ["trim", "3000", "1500", "s"])
-    assert read_call(KEYS, "s", 4, 10)[1] == ["read", "5-0", "10"]
-    assert read_call(KEYS, "s", -7, -1)[1] == ["read", "1-0", "0"]
-    assert read_call(KEYS, "s", MAX_SEQ, 1)[1] == ["read", f"{MAX_SEQ}-0", "1"]
+    assert read_call(KEYS, "s", 4, 10) == (["p:{s}:meta", "p:{s}:log", "p:lineage"], ["read", "5-0", "10", "0", ""])
+    assert read_call(KEYS, "s", -7, -1)[1] == ["read", "1-0", "0", "0", ""]
+    assert read_call(KEYS, "s", MAX_SEQ, 1, strict=True, epoch="e")[1] == ["read", f"{MAX_SEQ}-0", "1", "1", "e"]
+
+
+def test_unreplicated_streams_are_remembered_until_acknowledged_within_a_bound() -> None:
+    streams = Unreplicated(limit=2)
+    streams.mark("a")
+    streams.mark("b")
+    streams.mark("a")  # marked again: the newest
+    streams.mark("c")  # over the bound: the longest remembered ("b") goes
+    assert ("a" in streams, "b" in streams, "c" in streams, len(streams)) == (True, False, True, 2)
+    streams.clear("a")
+    streams.clear("never")
+    assert "a" not in streams and len(streams) == 1
 
 
 def test_append_replies() -> None:

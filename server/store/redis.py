@@ -13,6 +13,13 @@ them, it tells the listener of every change and wakes each caller. An append ret
 has answered it, so it is as durable as Redis's ``appendfsync`` makes it (``always``: fsynced
 before the reply), and with ``wait_replicas`` also copied to that many replicas.
 
+A failover never makes a stream issue a seq twice: a replica promoted without the last writes
+its primary acknowledged starts a new lineage generation, and a strict call (every call with
+``wait_replicas = 0``; with more, the calls on a stream whose last write here fell short of its
+WAIT) on a stream last written under an older generation first gives it a new epoch, keeping its
+retained events (``redis_store.lua``), so readers holding ids of the old epoch get a reset
+``epoch``. A restart of a primary from its own AOF changes nothing.
+
 Every call has a deadline of ``timeout`` seconds from the moment it was asked for: queued past
 it, a request is failed without being sent; a pipeline, read or sweep still unanswered at its
 deadline is abandoned, and its callers get :class:`RedisUnavailable` (a write then may or may
@@ -42,15 +49,16 @@ from server.store.redis_client import (
     RedisUnavailable,
     ReplicationFailed,
     deadline,
-    fewer_acks,
+    load_script,
     open_client,
-    settled,
+    run_pipeline,
 )
 from server.store.redis_keys import DEFAULT_PREFIX, Keys
 from server.store.redis_ops import (
     HEAD_FIELDS,
     SCRIPT,
     Call,
+    Unreplicated,
     WriteOp,
     head,
     ms,
@@ -107,7 +115,9 @@ class RedisStore(Store):
     """A :class:`Store` in Redis. Obtain it from :func:`open_redis_store`.
 
     If a caller is cancelled, or its deadline passes, after its request was sent, the request may
-    still be applied (and the listener then told).
+    still be applied (and the listener then told). After a failover (see the module docstring) a
+    stream is relabelled by its first strict call, a write or a read: nothing tells the listener,
+    and subscriptions learn it from the next event or head they meet, as after a delete.
     """
 
     def __init__(
@@ -129,6 +139,7 @@ class RedisStore(Store):
         self._clock = clock
         self._timeout = timeout
         self._wait_replicas = wait_replicas
+        self._unreplicated = Unreplicated()
         self._max_batch = max_batch
         self._sha = hashlib.sha1(SCRIPT.encode()).hexdigest()
         self._send, self._recv = trio.open_memory_channel[_Request](queue_size)
@@ -155,7 +166,9 @@ class RedisStore(Store):
     async def read(self, stream: str, after_seq: int, limit: int) -> Page:
         """Return up to ``limit`` (at most :data:`MAX_READ_LIMIT`) retained events after ``after_seq``,
         with the stream's state, from one atomic script call."""
-        call = read_call(self._keys, stream, after_seq, min(limit, MAX_READ_LIMIT))
+        strict = self._strict(stream)
+        limit = min(limit, MAX_READ_LIMIT)
+        call = read_call(self._keys, stream, after_seq, limit, strict=strict, epoch=new_epoch() if strict else "")
         return read_page(stream, await self._script(call, "read"))
 
     async def info(self, stream: str) -> StreamInfo | None:
@@ -236,6 +249,10 @@ class RedisStore(Store):
         self._closing = True
         self._send.close()
 
+    def _strict(self, stream: str) -> bool:
+        """Whether calls on ``stream`` relabel it after a failover (see the class docstring)."""
+        return not self._wait_replicas or stream in self._unreplicated
+
     def _check_open(self) -> None:
         if self._closing:
             raise RedisUnavailable("redis store: the store is closed")
@@ -258,31 +275,10 @@ class RedisStore(Store):
                 return await self._client.evalsha(self._sha, keys, args)
 
     async def _load_script(self) -> None:
-        sha = await self._client.script_load(SCRIPT)
-        if (sha.decode() if isinstance(sha, bytes) else sha) != self._sha:
-            raise RedisUnavailable("redis store: Redis hashed the store's script differently")
+        await load_script(self._client, self._sha)
 
     async def _pipeline(self, calls: Sequence[Call], wait: int = 0, wait_ms: int = 0) -> list[Any]:
-        """Send ``calls`` in one pipeline (``WAIT wait wait_ms`` after them when ``wait``); return
-        each call's reply or error in order, then the WAIT's reply when asked for. Calls Redis
-        answered with NOSCRIPT did not run: the script is loaded and they are sent again (after
-        the others ran)."""
-        if not calls:
-            return []
-        async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-            requests = [pipe.evalsha(self._sha, keys, args) for keys, args in calls]
-            waited = pipe.wait(wait, wait_ms) if wait else None
-        replies = [await settled(r) for r in requests]
-        acked = None if waited is None else await settled(waited)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
-            await self._load_script()
-            again = await self._pipeline([calls[i] for i in missing], wait, wait_ms)
-            for i, reply in zip(missing, again, strict=False):
-                replies[i] = reply
-            if wait:
-                acked = fewer_acks(acked, again[-1])
-        return [*replies, acked] if wait else replies
+        return await run_pipeline(self._client, self._sha, calls, wait, wait_ms)
 
     # -- writer -------------------------------------------------------------------------------
 
@@ -334,7 +330,10 @@ class RedisStore(Store):
             return
         deadline = min(request.deadline for request in batch)
         wall = self._clock()
-        calls = [write_call(self._keys, r.op, wall, self._retention, new_epoch()) for r in batch]
+        calls = [
+            write_call(self._keys, r.op, wall, self._retention, new_epoch(), strict=self._strict(r.op.stream))
+            for r in batch
+        ]
         wait_ms = max(1, ms((deadline - now) / 2))
         try:
             with self._deadline("write", deadline):
@@ -374,6 +373,11 @@ class RedisStore(Store):
                 self._tell(notice)
             if isinstance(outcome.value, AppendResult):
                 stats.events += len(outcome.value.events)
+            if self._wait_replicas and outcome.notices:
+                if short is None:
+                    self._unreplicated.clear(request.op.stream)
+                else:
+                    self._unreplicated.mark(request.op.stream)
             if short is not None and outcome.error is None:
                 outcome = Outcome(error=ReplicationFailed(f"redis store: applied on the primary, but only {short}"))
             outcomes.append(outcome)

@@ -1,5 +1,6 @@
 """The coredis side of the Redis store: the client (a URL, or the primary that Sentinels name),
-the deadline every call runs under, and the errors callers see. Used by :mod:`server.store.redis`."""
+the deadline every call runs under, the errors callers see, and how the store's script is loaded
+and its calls pipelined. Used by :mod:`server.store.redis`."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from typing import Any
 import coredis
 import trio
 from coredis.connection import TCPLocation
-from coredis.exceptions import RedisError
+from coredis.exceptions import NoScriptError, RedisError
 from coredis.retry import NoRetryPolicy
 
 from server.core.groups import lone_error_unwrapped
 from server.core.ports.store import StoreUnavailable
+from server.store.redis_ops import SCRIPT, Call
 
 Redis = coredis.Redis[bytes]
 """The client type: replies undecoded (bytes)."""
@@ -56,6 +58,37 @@ def fewer_acks(a: Any, b: Any) -> Any:
     if isinstance(a, Exception) or isinstance(b, Exception):
         return a if isinstance(a, Exception) else b
     return min(int(a), int(b))
+
+
+async def load_script(client: Redis, sha: str) -> None:
+    """Load the store's script into Redis's script cache; :class:`RedisUnavailable` unless Redis
+    hashes it to ``sha``."""
+    loaded = await client.script_load(SCRIPT)
+    if (loaded.decode() if isinstance(loaded, bytes) else loaded) != sha:
+        raise RedisUnavailable("redis store: Redis hashed the store's script differently")
+
+
+async def run_pipeline(client: Redis, sha: str, calls: Sequence[Call], wait: int = 0, wait_ms: int = 0) -> list[Any]:
+    """Send ``calls`` of the script ``sha`` in one pipeline (``WAIT wait wait_ms`` after them when
+    ``wait``); return each call's reply or error in order, then the WAIT's reply when asked for.
+    Calls Redis answered with NOSCRIPT did not run: the script is loaded and they are sent again
+    (after the others ran)."""
+    if not calls:
+        return []
+    async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+        requests = [pipe.evalsha(sha, keys, args) for keys, args in calls]
+        waited = pipe.wait(wait, wait_ms) if wait else None
+    replies = [await settled(r) for r in requests]
+    acked = None if waited is None else await settled(waited)
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        await load_script(client, sha)
+        again = await run_pipeline(client, sha, [calls[i] for i in missing], wait, wait_ms)
+        for i, reply in zip(missing, again, strict=False):
+            replies[i] = reply
+        if wait:
+            acked = fewer_acks(acked, again[-1])
+    return [*replies, acked] if wait else replies
 
 
 @asynccontextmanager

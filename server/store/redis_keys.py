@@ -4,14 +4,18 @@ Per stream ``s`` (its name inside a ``{...}`` hash tag, so all of a stream's key
 Redis Cluster slot; stream names never contain braces):
 
 * ``<prefix>{s}:meta``: a hash: ``epoch``, ``last`` (newest seq issued), ``closed`` (``0``/``1``),
-  ``ts`` (newest event's stamp, ms), ``cum`` (bytes of data appended in this epoch);
+  ``ts`` (newest event's stamp, ms), ``cum`` (bytes of data appended since the stream was
+  created), ``gen`` (the lineage generation of its last write) and, once a failover relabelled
+  it, ``prev`` and ``pivot`` (the epoch and last seq before);
 * ``<prefix>{s}:log``: a Redis stream of the retained events, entry id ``<seq>-0``.
 
 Shared by every stream:
 
 * ``<prefix>ages``: a sorted set, stream name -> stamp (ms) of its oldest retained event, which
   :meth:`~server.store.redis.RedisStore.trim_expired` walks instead of every stream;
-* ``<prefix>idem:<key>``: a hash per live idempotency key (one namespace for all streams).
+* ``<prefix>idem:<key>``: a hash per live idempotency key (one namespace for all streams);
+* ``<prefix>lineage``: a hash: ``rid`` (the ``master_replid`` of the Redis run that last checked
+  it) and ``gen``, the lineage generation, bumped when a promoted replica first checks it.
 
 Nothing here does I/O.
 """
@@ -61,6 +65,11 @@ class Keys:
     def ages(self) -> str:
         """The sorted set of streams by the stamp of their oldest retained event."""
         return f"{self.prefix}ages"
+
+    @property
+    def lineage(self) -> str:
+        """The hash naming the lineage generation of the data (see ``redis_store.lua``)."""
+        return f"{self.prefix}lineage"
 
     def idempotency(self, key: str) -> str:
         """The hash recording the append made with idempotency key ``key``."""

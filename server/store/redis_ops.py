@@ -45,15 +45,17 @@ WriteOp = AppendOp | CloseOp | DeleteOp
 """The writes the Redis store's writer sends (the sweep runs apart: :func:`trim_call`)."""
 
 
-def write_call(keys: Keys, op: WriteOp, now: float, retention: Retention, epoch: str) -> Call:
+def write_call(keys: Keys, op: WriteOp, now: float, retention: Retention, epoch: str, *, strict: bool) -> Call:
     """The script call carrying ``op`` at time ``now`` (seconds); ``epoch`` is the epoch a stream
-    created by it gets."""
+    created by it gets, or an open stream relabelled by it: with ``strict``, a stream last written
+    under another lineage generation (a failover since) is relabelled before ``op`` applies."""
     stream = op.stream
     if isinstance(op, DeleteOp):
         return keys.stream_keys(stream), ["delete", stream]
+    meta, log, ages = keys.stream_keys(stream)
     if isinstance(op, CloseOp):
-        return keys.stream_keys(stream)[:2], ["close", str(ms(now)), epoch]
-    names = keys.stream_keys(stream)
+        return [meta, log, keys.lineage], ["close", str(ms(now)), epoch, _flag(strict)]
+    names = [meta, log, ages, keys.lineage]
     digest = b""
     if op.key is not None:
         names.append(keys.idempotency(op.key))
@@ -70,6 +72,7 @@ def write_call(keys: Keys, op: WriteOp, now: float, retention: Retention, epoch:
         keys.prefix,
         digest,
         str(len(op.events)),
+        _flag(strict),
     ]
     for e in op.events:
         args += [e.type, e.data, b"1" if e.binary else b"0"]
@@ -105,10 +108,12 @@ def trim_call(keys: Keys, stream: str, now: float, retention: Retention) -> Call
     return keys.stream_keys(stream), ["trim", str(ms(now)), str(ms(retention.max_age)), stream]
 
 
-def read_call(keys: Keys, stream: str, after_seq: int, limit: int) -> Call:
-    """The script call reading ``stream``'s state and up to ``limit`` events after ``after_seq``."""
+def read_call(keys: Keys, stream: str, after_seq: int, limit: int, *, strict: bool = False, epoch: str = "") -> Call:
+    """The script call reading ``stream``'s state and up to ``limit`` events after ``after_seq``;
+    with ``strict`` it first relabels the stream with ``epoch`` as a strict write would."""
     start = min(max(after_seq + 1, 1), MAX_SEQ)
-    return keys.stream_keys(stream)[:2], ["read", f"{start}-0", str(max(limit, 0))]
+    meta, log, _ = keys.stream_keys(stream)
+    return [meta, log, keys.lineage], ["read", f"{start}-0", str(max(limit, 0)), _flag(strict), epoch]
 
 
 def read_page(stream: str, reply: Any) -> Page:
@@ -137,9 +142,49 @@ def head(reply: Sequence[Any]) -> Head | None:
     return Head(_text(epoch), int(last), closed == b"1")
 
 
+MAX_UNREPLICATED = 65_536
+"""Most streams :class:`Unreplicated` remembers."""
+
+
+class Unreplicated:
+    """The streams whose last write from this worker may be missing on every replica while
+    ``store.redis_wait_replicas`` is at least 1: its WAIT fell short (``ReplicationFailed``: the
+    primary applied it and subscribers may have seen it). Their calls are strict until a write to
+    them is applied and acknowledged by the replicas, so a failover before that relabels them
+    (see ``redis_store.lua``). Only this worker knows; at most ``limit`` streams, the longest
+    remembered forgotten first."""
+
+    __slots__ = ("_limit", "_streams")
+
+    def __init__(self, limit: int = MAX_UNREPLICATED) -> None:
+        self._limit = limit
+        self._streams: dict[str, None] = {}
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def mark(self, stream: str) -> None:
+        """``stream``'s last write may not have reached a replica."""
+        self._streams.pop(stream, None)
+        self._streams[stream] = None
+        if len(self._streams) > self._limit:
+            del self._streams[next(iter(self._streams))]
+
+    def clear(self, stream: str) -> None:
+        """A write to ``stream`` was applied and acknowledged by the replicas (so was every earlier one)."""
+        self._streams.pop(stream, None)
+
+
 def _info(stream: str, epoch: str, last: int, closed: bool, length: int) -> StreamInfo:
     """Retained events are the contiguous run ending at ``last``, so ``first`` follows from ``length``."""
     return StreamInfo(stream, epoch, last - length + 1 if length else 0, last, closed, length)
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
 
 
 def _text(value: Any) -> str:

@@ -1,13 +1,17 @@
 -- Sluice's Redis store: every operation on one stream, as ONE script (one SHA to load).
--- ARGV[1] names the operation; each operation runs atomically (Redis runs a script alone).
--- The data model is described in server/store/redis_keys.py and docs/ARCHITECTURE.md:
---   KEYS[1] <prefix>{<stream>}:meta  hash: epoch, last (newest seq issued), closed (0/1),
---                                     ts (newest stamp, ms), cum (bytes appended in this epoch)
---   KEYS[2] <prefix>{<stream>}:log   stream: entry id <seq>-0, fields in this order:
---                                     t (type), d (data), b (1: binary), s (stamp, ms),
---                                     c (bytes appended in this epoch before this event)
---   KEYS[3] <prefix>ages             sorted set: stream -> stamp of its oldest retained event
---   KEYS[4] <prefix>idem:<key>       hash (keyed appends only): stream, epoch, first, count, ts, fp
+-- ARGV[1] names the operation; each operation runs atomically (Redis runs a script alone), and
+-- its KEYS and ARGV are listed above it. The data model is described in
+-- server/store/redis_keys.py and docs/ARCHITECTURE.md:
+--   <prefix>{<stream>}:meta  hash: epoch, last (newest seq issued), closed (0/1), ts (newest
+--                            stamp, ms), cum (bytes appended since the stream was created),
+--                            gen (the lineage generation of its last write), and once
+--                            relabelled: prev (the epoch before), pivot (the last seq then)
+--   <prefix>{<stream>}:log   stream: entry id <seq>-0, fields in this order: t (type), d (data),
+--                            b (1: binary), s (stamp, ms), c (cum before this event)
+--   <prefix>ages             sorted set: stream -> stamp of its oldest retained event
+--   <prefix>lineage          hash: rid (master_replid of the server run that last checked it),
+--                            gen (the generation, bumped when a promoted server first checks it)
+--   <prefix>idem:<key>       hash (keyed appends only): stream, epoch, first, count, ts, fp
 -- Retained events are always one contiguous run of seqs ending at `last`, so the first retained
 -- seq is last - XLEN + 1. Numbers are integers below 2^53, written with '%d' (never %g).
 
@@ -76,25 +80,78 @@ local function index_age(log, ages, stream, first, last)
   end
 end
 
--- ARGV: op, now, new epoch, max_events, max_bytes, max_age, window, stream, prefix, fingerprint,
--- count, then type, data, binary for each event. Returns {'ok', epoch, first seq},
--- {'dup', epoch, first seq, count}, {'closed'} or {'reused'}.
+-- Failover. A replica promoted to primary may lack the last writes its primary acknowledged; a
+-- stream that goes on in the same epoch would then issue their seqs again to other events. So
+-- every server run that has been a replica (INFO replication: master_replid2 set, which a restart
+-- of a primary from its own AOF clears) starts a new lineage generation the first time a call
+-- checks it, and a strict call (the worker's store.redis_wait_replicas = 0, or a stream whose last
+-- write may not have reached a replica) relabels an open stream last written under another
+-- generation: a new epoch, its retained events kept under their seqs (they are a prefix of what
+-- the old primary held), the old epoch and last seq kept as prev and pivot for idempotency.
+
+local NO_REPLID = string.rep('0', 40)
+
+-- The 40-hex-digit field `name` of an INFO replication text.
+local function replid(info, name)
+  local at = string.find(info, name .. ':', 1, true)
+  return string.sub(info, at + #name + 1, at + #name + 40)
+end
+
+-- This server's lineage generation (text), checked against INFO replication at every call.
+local function generation(lineage)
+  local info = redis.call('INFO', 'replication')
+  local rid = replid(info, 'master_replid')
+  local l = redis.call('HMGET', lineage, 'rid', 'gen')
+  if l[1] == rid then return l[2] end
+  local gen = tonumber(l[2] or '0')
+  if replid(info, 'master_replid2') ~= NO_REPLID then gen = gen + 1 end
+  gen = n(gen)
+  redis.call('HSET', lineage, 'rid', rid, 'gen', gen)
+  return gen
+end
+
+-- Whether an open stream whose meta says epoch, closed, gen must be relabelled under `current`.
+local function stale(epoch, closed, gen, current, strict)
+  return strict == '1' and epoch and closed ~= '1' and (gen or '0') ~= current
+end
+
+-- Give the stream `epoch` in place of `old` (its last seq `last`), keeping its events.
+local function relabel(meta, old, last, epoch, gen)
+  redis.call('HSET', meta, 'epoch', epoch, 'prev', old, 'pivot', last, 'gen', gen)
+end
+
+-- Whether an idempotency record made in `epoch` for seqs first..first+count-1 still names events
+-- of a stream whose meta says epoch, prev, pivot (the record's epoch, or the one it was relabelled from).
+local function live_in(rec_epoch, first, count, epoch, prev, pivot)
+  if rec_epoch == epoch then return true end
+  return prev and rec_epoch == prev and tonumber(first) + tonumber(count) - 1 <= tonumber(pivot)
+end
+
+-- KEYS: meta, log, ages, lineage[, idem]. ARGV: op, now, new epoch, max_events, max_bytes, max_age,
+-- window, stream, prefix, fingerprint, count, strict (1/0), then type, data, binary for each
+-- event. Returns {'ok', epoch, first seq}, {'dup', epoch, first seq, count}, {'closed'} or {'reused'}.
 local function append()
-  local meta, log, ages, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+  local meta, log, ages, lineage, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
   local now, window = tonumber(ARGV[2]), tonumber(ARGV[7])
   local stream, fp = ARGV[8], ARGV[10]
-  local m = redis.call('HMGET', meta, 'epoch', 'last', 'closed', 'ts', 'cum')
+  local m = redis.call('HMGET', meta, 'epoch', 'last', 'closed', 'ts', 'cum', 'gen', 'prev', 'pivot')
+  local gen = generation(lineage)
+  if stale(m[1], m[3], m[6], gen, ARGV[12]) then
+    relabel(meta, m[1], m[2], ARGV[3], gen)
+    m[1], m[7], m[8] = ARGV[3], m[1], m[2]
+  end
   if idem then
     local k = redis.call('HMGET', idem, 'stream', 'epoch', 'first', 'count', 'ts', 'fp')
     if k[1] and (window <= 0 or now - tonumber(k[5]) < window) then
-      -- A record is live only while its stream still has the epoch it was made in.
-      local epoch = m[1]
+      -- A record is live only while its stream still holds the events it names.
+      local s = m
       if k[1] ~= stream then
-        epoch = redis.call('HGET', ARGV[9] .. '{' .. k[1] .. '}:meta', 'epoch')
+        s = redis.call('HMGET', ARGV[9] .. '{' .. k[1] .. '}:meta', 'epoch', 'last', 'closed', 'ts', 'cum', 'gen',
+          'prev', 'pivot')
       end
-      if epoch == k[2] then
+      if s[1] and live_in(k[2], k[3], k[4], s[1], s[7], s[8]) then
         if k[1] ~= stream or k[6] ~= fp then return {'reused'} end
-        return {'dup', k[2], k[3], k[4]}
+        return {'dup', m[1], k[3], k[4]}
       end
     end
   end
@@ -111,13 +168,13 @@ local function append()
   local count = tonumber(ARGV[11])
   local first_new = last + 1
   for i = 0, count - 1 do
-    local at = 12 + 3 * i
+    local at = 13 + 3 * i
     redis.call('XADD', log, eid(first_new + i), 't', ARGV[at], 'd', ARGV[at + 1], 'b', ARGV[at + 2],
       's', n(stamp), 'c', n(cum))
     cum = cum + string.len(ARGV[at + 1])
   end
   last = last + count
-  redis.call('HSET', meta, 'epoch', epoch, 'last', n(last), 'closed', '0', 'ts', n(stamp), 'cum', n(cum))
+  redis.call('HSET', meta, 'epoch', epoch, 'last', n(last), 'closed', '0', 'ts', n(stamp), 'cum', n(cum), 'gen', gen)
   first = enforce(log, first, last, cum, now, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
   index_age(log, ages, stream, first, last)
   if idem then
@@ -128,18 +185,24 @@ local function append()
   return {'ok', epoch, n(first_new)}
 end
 
--- ARGV: op, now, new epoch. Returns {changed (0/1), epoch, last, retained count}.
+-- KEYS: meta, log, lineage. ARGV: op, now, new epoch, strict (1/0). Returns {changed (0/1), epoch,
+-- last, retained count}.
 local function close()
   local meta, log = KEYS[1], KEYS[2]
-  local m = redis.call('HMGET', meta, 'epoch', 'last', 'closed')
+  local m = redis.call('HMGET', meta, 'epoch', 'last', 'closed', 'gen')
+  local gen = generation(KEYS[3])
   if not m[1] then
     redis.call('DEL', log)
-    redis.call('HSET', meta, 'epoch', ARGV[3], 'last', '0', 'closed', '1', 'ts', ARGV[2], 'cum', '0')
+    redis.call('HSET', meta, 'epoch', ARGV[3], 'last', '0', 'closed', '1', 'ts', ARGV[2], 'cum', '0', 'gen', gen)
     return {1, ARGV[3], '0', 0}
   end
   local len = redis.call('XLEN', log)
   if m[3] == '1' then return {0, m[1], m[2], len} end
-  redis.call('HSET', meta, 'closed', '1')
+  if stale(m[1], m[3], m[4], gen, ARGV[4]) then
+    relabel(meta, m[1], m[2], ARGV[3], gen)
+    m[1] = ARGV[3]
+  end
+  redis.call('HSET', meta, 'closed', '1', 'gen', gen)
   return {1, m[1], m[2], len}
 end
 
@@ -165,11 +228,19 @@ local function trim()
   return dropped
 end
 
--- ARGV: op, first entry id to return, most entries to return (0: none). Returns nil for a
--- missing stream, else {epoch, last, closed, retained count, entries}.
+-- KEYS: meta, log, lineage. ARGV: op, first entry id to return, most entries to return (0: none),
+-- strict (1/0), new epoch. Returns nil for a missing stream, else {epoch, last, closed, retained
+-- count, entries}. Only a strict read checks the lineage (and may relabel the stream).
 local function read()
-  local m = redis.call('HMGET', KEYS[1], 'epoch', 'last', 'closed')
+  local m = redis.call('HMGET', KEYS[1], 'epoch', 'last', 'closed', 'gen')
   if not m[1] then return false end
+  if ARGV[4] == '1' and m[3] ~= '1' then
+    local gen = generation(KEYS[3])
+    if stale(m[1], m[3], m[4], gen, ARGV[4]) then
+      relabel(KEYS[1], m[1], m[2], ARGV[5], gen)
+      m[1] = ARGV[5]
+    end
+  end
   local len = redis.call('XLEN', KEYS[2])
   local entries = {}
   local limit = tonumber(ARGV[3])
