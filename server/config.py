@@ -166,6 +166,7 @@ class DrainConfig:
 
     window: float = 10.0
     deadline: float = 30.0
+    unready_delay: float = 0.0
 
 
 UNDOCUMENTED = "(see server.http.base.HttpLimits)"

@@ -232,6 +232,12 @@ META: dict[str, Meta] = {
         "Seconds after a drain starts when connections still open are cut (more than window; below systemd's"
         " TimeoutStopSec)"
     ),
+    "drain.unready_delay": Meta(
+        "Seconds a stopping Sluice keeps accepting and serving with /readyz answering 503 before its workers"
+        " drain, so a load balancer's health checks take the host out first (more than the balancer's check"
+        " interval times its fall count; 0: drain at once). Reloads skip it: the new workers take the sockets over",
+        NON_NEGATIVE_SECONDS,
+    ),
 }
 
 # The edge: PROXY protocol, auth, limits, CORS, compression.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 import h11
@@ -17,6 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from server.core.sse import SSEParser
+from tests.client import request
 from tests.h2client import open_h2
 
 NET_ERRORS = (
@@ -215,3 +217,37 @@ async def longpoll_client(port: int, stream: str, goal: Goal, t: Transcript) -> 
             t.errors.append(type(exc).__name__)
             t.reconnects += 1
             await _backoff()
+
+
+class Probe:
+    """Opens a new connection for every /healthz, all along; can be held still around a kill."""
+
+    def __init__(self) -> None:
+        self.outcomes: Counter[str] = Counter()
+        self.failures: list[tuple[float, str]] = []  # (when, what) of each exchange that failed
+        self.open = trio.Event()
+        self.open.set()
+        self.in_flight = 0
+
+    async def run(self, port: int, stop: trio.Event) -> None:
+        while not stop.is_set():
+            await self.open.wait()
+            self.in_flight += 1
+            try:
+                r = await request(port, "GET", "/healthz")
+                self.outcomes["ok" if r.status == 200 else f"status {r.status}"] += 1
+            except Exception as exc:
+                self.outcomes[type(exc).__name__] += 1
+                self.failures.append((trio.current_time(), repr(exc)))
+            finally:
+                self.in_flight -= 1
+            await trio.sleep(0.005)
+
+    async def hold(self) -> None:
+        """Stop starting exchanges and wait until none is in flight."""
+        self.open = trio.Event()
+        while self.in_flight:
+            await trio.sleep(0.001)
+
+    def release(self) -> None:
+        self.open.set()

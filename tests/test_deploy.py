@@ -17,7 +17,16 @@ import pytest
 import trio
 
 from tests.client import request
-from tests.resilient import NET_ERRORS, Goal, Transcript, longpoll_client, sse_h1_client, sse_h2_client, ws_client
+from tests.resilient import (
+    NET_ERRORS,
+    Goal,
+    Probe,
+    Transcript,
+    longpoll_client,
+    sse_h1_client,
+    sse_h2_client,
+    ws_client,
+)
 from tests.supervised import STOP_WITHIN, supervisor
 
 pytestmark = pytest.mark.slow
@@ -25,38 +34,6 @@ pytestmark = pytest.mark.slow
 STREAMS = ["deploy:a", "deploy:b", "deploy:c"]
 EVENTS_PER_STREAM = 150
 RATE = 60.0  # publishes per second, over all streams
-
-
-class Probe:
-    """Opens a new connection for every /healthz, all along; can be held still around a kill."""
-
-    def __init__(self) -> None:
-        self.outcomes: Counter[str] = Counter()
-        self.open = trio.Event()
-        self.open.set()
-        self.in_flight = 0
-
-    async def run(self, port: int, stop: trio.Event) -> None:
-        while not stop.is_set():
-            await self.open.wait()
-            self.in_flight += 1
-            try:
-                r = await request(port, "GET", "/healthz")
-                self.outcomes["ok" if r.status == 200 else f"status {r.status}"] += 1
-            except Exception as exc:
-                self.outcomes[type(exc).__name__] += 1
-            finally:
-                self.in_flight -= 1
-            await trio.sleep(0.005)
-
-    async def hold(self) -> None:
-        """Stop starting exchanges and wait until none is in flight."""
-        self.open = trio.Event()
-        while self.in_flight:
-            await trio.sleep(0.001)
-
-    def release(self) -> None:
-        self.open.set()
 
 
 async def publisher(port: int, published: dict[str, list[str]]) -> None:

@@ -239,3 +239,31 @@ async def test_socket_activation_serves_on_systemds_socket(tmp_path: Path) -> No
         async with _activated(udp)(tmp_path, name="bad-fd") as sup:  # type: ignore[attr-defined]
             assert await sup.exit_code(15) == 1
             assert "file descriptor 3 is not a TCP socket" in sup.log()
+
+
+async def test_a_stop_with_unready_delay_keeps_serving_while_readyz_says_503(tmp_path: Path) -> None:
+    """``drain.unready_delay``: on SIGTERM every worker answers ``/readyz`` with 503 at once, and
+    goes on accepting and serving (new connections, publishes, live events) for that long; only
+    then do the workers drain, and the supervisor exits 0."""
+    delay = 5.0  # long enough for the checks below on a loaded machine; the test waits it out
+    with trio.fail_after(delay + STOP_WITHIN + 20):
+        async with supervisor(tmp_path, "--workers", "2", "--set", f"drain.unready_delay={delay}") as sup:
+            await sup.ready()
+            assert (await request(sup.port, "GET", "/readyz")).status == 200
+            async with open_sse(sup.port, "/v1/streams/unready?from=start") as sse:
+                assert sse.status == 200
+                os.kill(sup.proc.pid, signal.SIGTERM)
+                unready = await sup.notes.wait("STATUS=stopping: /readyz answers 503")
+                # both workers (fresh connections land on either) say 503, and still serve
+                answers = Counter([(await request(sup.port, "GET", "/readyz")).status for _ in range(20)])
+                assert answers == Counter({503: 20}), answers
+                assert (await request(sup.port, "GET", "/healthz")).status == 200
+                eid = await publish(sup.port, "unready", "still here")
+                [event] = await sse.take(1)
+                assert (event.id, event.data) == (eid, "still here")
+                draining = await sup.notes.wait("STATUS=stopping: draining workers", unready)
+                assert draining > unready
+                rest = await sse.until_end()  # then the drain ends the response (the client resumes elsewhere)
+                assert sse.finished and [e for e in rest if not e.event.startswith("sluice.")] == [], rest
+            assert await sup.exit_code(delay + STOP_WITHIN) == 0
+    assert sup.log().count("host stopping: /readyz answers 503 until the drain") == 2

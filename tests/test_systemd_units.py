@@ -234,6 +234,17 @@ def test_stop_timeout_outlasts_the_drain() -> None:
     assert stop > host.deadline + margin
 
 
+def test_the_redis_host_stop_timeout_outlasts_the_unready_delay_and_the_drain() -> None:
+    """The drop-in's stop waits ``drain.unready_delay`` before the drain: systemd's SIGKILL must
+    come after both and the supervisor's margin."""
+    supervisor = importlib.import_module("server.process.supervisor")
+    margin = supervisor.STOP_MARGIN + supervisor.KILL_WAIT
+    drain = load_config(config_path=str(HOST_CONFIG), environ=dropin_environment()).drain
+    stop = timespan(single(dropin("Service"), "TimeoutStopSec"))
+    assert drain.unready_delay > 0
+    assert stop > drain.unready_delay + drain.deadline + margin
+
+
 def test_file_descriptor_limit_and_kernel_ceiling() -> None:
     nofile = single(service(), "LimitNOFILE").split(":")
     assert all(int(value) >= MIN_NOFILE for value in nofile)

@@ -26,6 +26,7 @@ not yet (or no longer) subscribed is missed. A lost connection is retried with b
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -237,9 +238,14 @@ class RedisBus:
                 await self._listen()
             except* Exception as failed:  # a lost or refused connection, a command past its deadline
                 # (``except*``: coredis's own cleanup may fail beside a cancellation, which goes on)
-                log.warning("notice bus: the PUB/SUB connection failed: %r", failed.exceptions)
-            if self._pubsub is not None:  # it was up: lost
-                self.stats.reconnects += 1
+                # on the way out (leaving, or the worker cancelled) the connection is let go anyway
+                going = self._leaving.is_set() or trio.current_effective_deadline() == -math.inf
+                if going:
+                    log.debug("notice bus: the PUB/SUB connection failed on the way out: %r", failed.exceptions)
+                else:
+                    log.warning("notice bus: the PUB/SUB connection failed: %r", failed.exceptions)
+                    if self._pubsub is not None:  # it was up: lost
+                        self.stats.reconnects += 1
             self._pubsub, self._subscribed = None, set()
             self.stats.channels = 0
             if self._leaving.is_set():

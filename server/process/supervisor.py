@@ -15,7 +15,9 @@
   the old one is asked to drain); with ``server.sighup = "certificate"`` only the former;
 * on SIGUSR1 reloads the TLS certificate in place, nothing else;
 * on SIGTERM/SIGINT drains every worker in parallel, kills what is left after the drain
-  deadline plus :data:`STOP_MARGIN`, and returns 0;
+  deadline plus :data:`STOP_MARGIN`, and returns 0; with ``[drain] unready_delay`` the workers
+  first answer ``/readyz`` with 503 for that long while still accepting and serving, so a load
+  balancer's health checks take the host out before anything closes;
 * sends ``WATCHDOG=1`` every half watchdog interval when systemd asks for it.
 """
 
@@ -43,7 +45,14 @@ from server.process.instance import InstanceConflict, InstanceLocks, claim
 from server.process.signals import hold_signals
 from server.process.slots import Slot, WorkerProcess, describe_exit, resolve_workers
 from server.process.sockets import ACTIVATION_VARS, SocketActivationError, bind_slot_sockets, describe
-from server.process.worker import CONFIG_ENV, READY_MESSAGE, config_from_env, config_to_env, drain_timing
+from server.process.worker import (
+    CONFIG_ENV,
+    READY_MESSAGE,
+    UNREADY_MESSAGE,
+    config_from_env,
+    config_to_env,
+    drain_timing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +168,23 @@ class Supervisor:
 
     async def _shutdown(self) -> None:
         _, deadline = drain_timing(self.config)
-        self._notify("STOPPING=1\nSTATUS=stopping: draining workers")
+        delay = self.config.drain.unready_delay
         workers = list(self._workers)
         for w in workers:
             w.retiring = True
-            self._signal(w, signal.SIGTERM)
-        with self._hurry:
-            self._hurry.deadline = trio.current_time() + deadline + STOP_MARGIN
+        with self._hurry:  # a second SIGINT cancels it: the workers are killed at once
+            self._hurry.deadline = trio.current_time() + delay + deadline + STOP_MARGIN
+            if delay > 0:
+                self._notify(f"STOPPING=1\nSTATUS=stopping: /readyz answers 503, draining in {delay:g}s")
+                log.info("stopping: /readyz answers 503 for %gs before the workers drain", delay)
+                for w in workers:
+                    with contextlib.suppress(OSError):
+                        await w.status.send(UNREADY_MESSAGE)
+                with trio.move_on_after(delay):  # workers the signal reached too (Ctrl-C) are gone sooner
+                    await self._wait_until(lambda: all(w.exited.is_set() for w in workers))
+            self._notify("STOPPING=1\nSTATUS=stopping: draining workers")
+            for w in workers:
+                self._signal(w, signal.SIGTERM)
             for w in workers:
                 await w.exited.wait()
         await self._kill_leftovers(workers)

@@ -5,7 +5,9 @@ and hands it:
 
 * its slot's listening socket(s), inherited as ``--listen-fd FD`` (repeatable);
 * one end of a socketpair, ``--status-fd FD``: the worker writes ``READY\\n`` once it accepts,
-  and treats end-of-file (the supervisor is gone) like SIGTERM;
+  and treats end-of-file (the supervisor is gone) like SIGTERM; the supervisor writes
+  ``UNREADY\\n`` there when the host stops with ``[drain] unready_delay`` (``/readyz`` turns 503,
+  everything else goes on until the SIGTERM that follows);
 * the configuration as JSON in ``$SLUICE_WORKER_CONFIG`` (``{section: {key: value}}``), rebuilt
   with :func:`server.config.load_config` ignoring the environment;
 * ``--peers-dir DIR``, the supervisor's runtime directory, passed on to ``server.app.serve`` as
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 CONFIG_ENV = "SLUICE_WORKER_CONFIG"
 CRASH_SLOTS_ENV = "SLUICE_WORKER_CRASH_SLOTS"
 READY_MESSAGE = b"READY\n"
+UNREADY_MESSAGE = b"UNREADY\n"  # supervisor to worker: answer /readyz with 503, keep serving
 EXIT_INJECTED_CRASH = 70
 EXIT_CONFIG = 2
 ACCEPT_SETTLE = 0.1  # seconds between the last accept and the first close request of a drain
@@ -134,12 +137,18 @@ async def _reload_certificates(signals: Any, running: list[Worker], config: Conf
             log.error("certificate reload failed, keeping the current one: %s", problem)
 
 
-async def _stop_on_hangup(status: trio.socket.SocketType, stop: trio.Event) -> None:
+async def _follow_supervisor(status: trio.socket.SocketType, stop: trio.Event, unready: trio.Event) -> None:
+    """Read the status socket: ``UNREADY`` sets ``unready``; end-of-file (the supervisor is gone)
+    sets ``stop``."""
+    buffer = b""
     while True:
         try:
             data = await status.recv(4096)
         except OSError:
             data = b""
+        buffer = (buffer + data)[-len(UNREADY_MESSAGE) :]
+        if UNREADY_MESSAGE in buffer:
+            unready.set()
         if not data:
             if not stop.is_set():
                 log.warning("supervisor is gone: draining")
@@ -165,6 +174,7 @@ async def run_worker(
 
     tstatus = trio.socket.from_stdlib_socket(status)
     stop = trio.Event()
+    unready = trio.Event()  # the host is stopping: /readyz answers 503 until the drain
     with (
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
         trio.open_signal_receiver(signal.SIGUSR1) as usr1,
@@ -174,7 +184,7 @@ async def run_worker(
             stop.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, signals, stop)
-            nursery.start_soon(_stop_on_hangup, tstatus, stop)
+            nursery.start_soon(_follow_supervisor, tstatus, stop, unready)
             running: list[Worker] = []
             nursery.start_soon(_reload_certificates, usr1, running, config)
 
@@ -182,6 +192,7 @@ async def run_worker(
                 running.append(await serving.start(partial(serve, config, listeners=listeners, peers_dir=peers_dir)))
                 tune_gc()  # freeze what start-up made
                 serving.start_soon(run_freeze_policy)
+                serving.start_soon(_turn_unready, unready, running[0])
                 try:
                     await tstatus.send(READY_MESSAGE)
                 except OSError:
@@ -194,6 +205,12 @@ async def run_worker(
                     await _drain(running[0], config)
                 serving.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
+
+
+async def _turn_unready(unready: trio.Event, worker: Worker) -> None:
+    await unready.wait()
+    log.info("host stopping: /readyz answers 503 until the drain")
+    worker.ctx.draining = True
 
 
 def _parser() -> argparse.ArgumentParser:
