@@ -251,3 +251,68 @@ class Probe:
 
     def release(self) -> None:
         self.open.set()
+
+
+def start_clients(
+    nursery: trio.Nursery, port: int, goal: Goal, *, sse_h1: int, sse_h2: int, ws: int, poll: int
+) -> list[Transcript]:
+    """Start that many clients of each kind on ``port`` in ``nursery``, over ``goal.streams``:
+    an SSE/HTTP1 or long-poll client on one stream each (round robin), an SSE/HTTP2 connection or a
+    WebSocket (JSON and msgpack in turn) on all of them; their transcripts, filled as they run."""
+    streams = goal.streams
+    transcripts: list[Transcript] = []
+
+    def client(kind: str, fn, stream_arg, *fn_args) -> None:  # type: ignore[no-untyped-def]
+        t = Transcript(f"{kind}-{len(transcripts)}", stream_arg if isinstance(stream_arg, list) else [stream_arg])
+        transcripts.append(t)
+        nursery.start_soon(fn, port, stream_arg, *fn_args, goal, t)
+
+    for i in range(sse_h1):
+        client("sse-h1", sse_h1_client, streams[i % len(streams)])
+    for _ in range(sse_h2):
+        client("sse-h2", sse_h2_client, streams)
+    for i in range(ws):
+        client("ws", ws_client, streams, "json" if i % 2 else "msgpack")
+    for i in range(poll):
+        client("poll", longpoll_client, streams[i % len(streams)])
+    return transcripts
+
+
+async def publish_acknowledged(port: int, stream: str, i: int, attempts: int = 100) -> str:
+    """Publish ``event i`` to ``stream`` until it is acknowledged (``201``), retrying a cut or
+    refused attempt with the same Idempotency-Key; its id."""
+    for _attempt in range(attempts):
+        try:
+            r = await request(
+                port,
+                "POST",
+                f"/v1/streams/{stream}",
+                f"event {i}".encode(),
+                {"content-type": "text/plain", "idempotency-key": f"pub-{i}"},
+            )
+        except (*NET_ERRORS, trio.TooSlowError, AssertionError):  # a killed worker or host cut it
+            await trio.sleep(0.05)
+            continue
+        if r.status == 201:
+            return str(r.json()["id"])
+        await trio.sleep(0.05)
+    raise AssertionError(f"publish {i} never succeeded")
+
+
+async def finish(goal: Goal, transcripts: list[Transcript], published: dict[str, list[str]]) -> None:
+    """Publishing is over: tell the clients what to expect, and wait (up to 30 s) until they all
+    have it; they stop by themselves once complete."""
+    goal.want = {s: len(ids) for s, ids in published.items()}
+    goal.done_publishing.set()
+    with trio.move_on_after(30):
+        while not all(goal.reached(t) for t in transcripts):
+            await trio.sleep(0.1)
+
+
+def assert_exact(transcripts: list[Transcript], published: dict[str, list[str]], goal: Goal) -> None:
+    """Every transcript holds exactly its streams' published ids, in order, with no reset."""
+    for t in transcripts:
+        assert t.resets == [], (t.name, t.resets)
+        for stream, ids in t.got.items():
+            assert ids == published[stream], (t.name, stream, len(ids), len(published[stream]))
+        assert set(t.got) == set(t.streams) and t.complete(goal.want), t.name

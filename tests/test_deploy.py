@@ -16,17 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.client import request
-from tests.resilient import (
-    NET_ERRORS,
-    Goal,
-    Probe,
-    Transcript,
-    longpoll_client,
-    sse_h1_client,
-    sse_h2_client,
-    ws_client,
-)
+from tests.resilient import Goal, Probe, assert_exact, finish, publish_acknowledged, start_clients
 from tests.supervised import STOP_WITHIN, supervisor
 
 pytestmark = pytest.mark.slow
@@ -41,31 +31,12 @@ async def publisher(port: int, published: dict[str, list[str]]) -> None:
     interval = 1.0 / RATE
     for i in range(EVENTS_PER_STREAM * len(STREAMS)):
         stream = STREAMS[i % len(STREAMS)]
-        key = f"pub-{i}"
-        for _attempt in range(50):
-            try:
-                r = await request(
-                    port,
-                    "POST",
-                    f"/v1/streams/{stream}",
-                    f"event {i}".encode(),
-                    {"content-type": "text/plain", "idempotency-key": key},
-                )
-            except (*NET_ERRORS, trio.TooSlowError, AssertionError):  # the killed worker cut it
-                await trio.sleep(0.05)
-                continue
-            if r.status == 201:
-                published[stream].append(r.json()["id"])
-                break
-            await trio.sleep(0.05)
-        else:
-            raise AssertionError(f"publish {i} never succeeded")
+        published[stream].append(await publish_acknowledged(port, stream, i, attempts=50))
         await trio.sleep(interval)
 
 
 async def test_rolling_restarts_and_a_worker_kill_lose_nothing(tmp_path: Path) -> None:
     published: dict[str, list[str]] = {s: [] for s in STREAMS}
-    transcripts: list[Transcript] = []
     goal = Goal(STREAMS)
     probe = Probe()
     stop_probe = trio.Event()
@@ -86,21 +57,8 @@ async def test_rolling_restarts_and_a_worker_kill_lose_nothing(tmp_path: Path) -
             await sup.ready()
             port = sup.port
 
-            def client(kind: str, fn, stream_arg, *fn_args) -> None:  # type: ignore[no-untyped-def]
-                streams = stream_arg if isinstance(stream_arg, list) else [stream_arg]
-                t = Transcript(f"{kind}-{len(transcripts)}", streams)
-                transcripts.append(t)
-                nursery.start_soon(fn, port, stream_arg, *fn_args, goal, t)
-
             async with trio.open_nursery() as nursery:
-                for i in range(120):
-                    client("sse-h1", sse_h1_client, STREAMS[i % 3])
-                for _ in range(20):
-                    client("sse-h2", sse_h2_client, STREAMS)
-                for i in range(40):
-                    client("ws", ws_client, STREAMS, "json" if i % 2 else "msgpack")
-                for i in range(30):
-                    client("poll", longpoll_client, STREAMS[i % 3])
+                transcripts = start_clients(nursery, port, goal, sse_h1=120, sse_h2=20, ws=40, poll=30)
                 for _ in range(2):
                     nursery.start_soon(probe.run, port, stop_probe)
 
@@ -124,12 +82,8 @@ async def test_rolling_restarts_and_a_worker_kill_lose_nothing(tmp_path: Path) -
                     again = await sup.notes.wait("RELOADING=1", done)
                     await sup.ready(again)
                 print(f"published {sum(map(len, published.values()))} at {trio.current_time():.1f}")
-                goal.want = {s: len(ids) for s, ids in published.items()}
-                goal.done_publishing.set()
                 stop_probe.set()
-                with trio.move_on_after(30):  # clients finish by themselves once complete
-                    while not all(goal.reached(t) for t in transcripts):
-                        await trio.sleep(0.1)
+                await finish(goal, transcripts, published)
                 nursery.cancel_scope.cancel()
 
             os.kill(sup.proc.pid, signal.SIGTERM)
@@ -143,9 +97,5 @@ async def test_rolling_restarts_and_a_worker_kill_lose_nothing(tmp_path: Path) -
     )
     reconnects = sum(t.reconnects for t in transcripts)
     print(f"subscribers {dict(kinds)}; reconnects {reconnects}; probe {dict(probe.outcomes)}")
-    for t in transcripts:
-        assert t.resets == [], (t.name, t.resets)
-        for stream, ids in t.got.items():
-            assert ids == published[stream], (t.name, stream, len(ids), len(published[stream]))
-        assert set(t.got) == set(t.streams) and t.complete(goal.want), t.name
+    assert_exact(transcripts, published, goal)
     assert reconnects >= len(transcripts)  # every client was moved at least once

@@ -22,19 +22,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.client import request
 from tests.haproxy import Balancer, free_port, open_from, read_head, running_balancer
 from tests.redis_server import RedisServer
-from tests.resilient import (
-    NET_ERRORS,
-    Goal,
-    Probe,
-    Transcript,
-    longpoll_client,
-    sse_h1_client,
-    sse_h2_client,
-    ws_client,
-)
+from tests.resilient import Goal, Probe, assert_exact, finish, publish_acknowledged, start_clients
 from tests.supervised import STOP_WITHIN, Supervised, supervisor
 
 pytestmark = pytest.mark.slow
@@ -73,24 +63,7 @@ async def publisher(port: int, published: dict[str, list[str]], ops_done: trio.E
         if ops_done.is_set():
             tail -= 1
         stream = STREAMS[i % len(STREAMS)]
-        for _attempt in range(100):
-            try:
-                r = await request(
-                    port,
-                    "POST",
-                    f"/v1/streams/{stream}",
-                    f"event {i}".encode(),
-                    {"content-type": "text/plain", "idempotency-key": f"pub-{i}"},
-                )
-            except (*NET_ERRORS, trio.TooSlowError, AssertionError):  # a killed host cut it
-                await trio.sleep(0.05)
-                continue
-            if r.status == 201:
-                published[stream].append(r.json()["id"])
-                break
-            await trio.sleep(0.05)
-        else:
-            raise AssertionError(f"publish {i} never succeeded")
+        published[stream].append(await publish_acknowledged(port, stream, i))
         i += 1
         await trio.sleep(1.0 / RATE)
 
@@ -174,7 +147,6 @@ async def test_three_hosts_behind_haproxy_lose_nothing(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis")
     redis.start()
     published: dict[str, list[str]] = {s: [] for s in STREAMS}
-    transcripts: list[Transcript] = []
     goal = Goal(STREAMS)
     probe = Probe()
     stop_probe = trio.Event()
@@ -202,21 +174,7 @@ async def test_three_hosts_behind_haproxy_lose_nothing(tmp_path: Path) -> None:
                 port = balancer.port
 
                 async with trio.open_nursery() as nursery:
-
-                    def client(kind: str, fn, stream_arg, *fn_args) -> None:  # type: ignore[no-untyped-def]
-                        streams = stream_arg if isinstance(stream_arg, list) else [stream_arg]
-                        t = Transcript(f"{kind}-{len(transcripts)}", streams)
-                        transcripts.append(t)
-                        nursery.start_soon(fn, port, stream_arg, *fn_args, goal, t)
-
-                    for i in range(30):
-                        client("sse_h1", sse_h1_client, STREAMS[i % 3])
-                    for _ in range(6):
-                        client("sse_h2", sse_h2_client, STREAMS)
-                    for i in range(10):
-                        client("ws", ws_client, STREAMS, "json" if i % 2 else "msgpack")
-                    for i in range(6):
-                        client("poll", longpoll_client, STREAMS[i % 3])
+                    transcripts = start_clients(nursery, port, goal, sse_h1=30, sse_h2=6, ws=10, poll=6)
                     for _ in range(2):
                         nursery.start_soon(probe.run, port, stop_probe)
 
@@ -225,12 +183,8 @@ async def test_three_hosts_behind_haproxy_lose_nothing(tmp_path: Path) -> None:
                         await operations(balancer, hosts, ports, stack, tmp_path, redis, probe)
                         ops_done.set()
                     print(f"published {sum(map(len, published.values()))} at {trio.current_time():.1f}")
-                    goal.want = {s: len(ids) for s, ids in published.items()}
-                    goal.done_publishing.set()
                     stop_probe.set()
-                    with trio.move_on_after(30):  # clients finish by themselves once complete
-                        while not all(goal.reached(t) for t in transcripts):
-                            await trio.sleep(0.1)
+                    await finish(goal, transcripts, published)
                     nursery.cancel_scope.cancel()
                 states = await balancer.states()
                 for name in "bc":
@@ -245,11 +199,7 @@ async def test_three_hosts_behind_haproxy_lose_nothing(tmp_path: Path) -> None:
     kinds = Counter(t.name.split("-")[0] for t in transcripts)
     reconnects = sum(t.reconnects for t in transcripts)
     print(f"subscribers {dict(kinds)}; reconnects {reconnects}; probe {dict(probe.outcomes)}")
-    for t in transcripts:
-        assert t.resets == [], (t.name, t.resets)
-        for stream, ids in t.got.items():
-            assert ids == published[stream], (t.name, stream, len(ids), len(published[stream]))
-        assert set(t.got) == set(t.streams) and t.complete(goal.want), t.name
+    assert_exact(transcripts, published, goal)
     # every host was disrupted once and host a never came back: every streaming client was moved
     # at least once, and those that were on a resumed on b or c (a long-poll connects anew for
     # every poll, and counts only failed polls)
