@@ -175,11 +175,11 @@ class Supervisor:
         with self._hurry:  # a second SIGINT cancels it: the workers are killed at once
             self._hurry.deadline = trio.current_time() + delay + deadline + STOP_MARGIN
             if delay > 0:
-                self._notify(f"STOPPING=1\nSTATUS=stopping: /readyz answers 503, draining in {delay:g}s")
-                log.info("stopping: /readyz answers 503 for %gs before the workers drain", delay)
                 for w in workers:
                     with contextlib.suppress(OSError):
                         await w.status.send(UNREADY_MESSAGE)
+                self._notify(f"STOPPING=1\nSTATUS=stopping: /readyz answers 503, draining in {delay:g}s")
+                log.info("stopping: /readyz answers 503 for %gs before the workers drain", delay)
                 with trio.move_on_after(delay):  # workers the signal reached too (Ctrl-C) are gone sooner
                     await self._wait_until(lambda: all(w.exited.is_set() for w in workers))
             self._notify("STOPPING=1\nSTATUS=stopping: draining workers")

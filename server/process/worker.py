@@ -33,7 +33,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -137,9 +137,9 @@ async def _reload_certificates(signals: Any, running: list[Worker], config: Conf
             log.error("certificate reload failed, keeping the current one: %s", problem)
 
 
-async def _follow_supervisor(status: trio.socket.SocketType, stop: trio.Event, unready: trio.Event) -> None:
-    """Read the status socket: ``UNREADY`` sets ``unready``; end-of-file (the supervisor is gone)
-    sets ``stop``."""
+async def _follow_supervisor(status: trio.socket.SocketType, stop: trio.Event, unready: Callable[[], None]) -> None:
+    """Read the status socket: ``UNREADY`` calls ``unready`` (at once, in this task); end-of-file
+    (the supervisor is gone) sets ``stop``."""
     buffer = b""
     while True:
         try:
@@ -148,7 +148,7 @@ async def _follow_supervisor(status: trio.socket.SocketType, stop: trio.Event, u
             data = b""
         buffer = (buffer + data)[-len(UNREADY_MESSAGE) :]
         if UNREADY_MESSAGE in buffer:
-            unready.set()
+            unready()
         if not data:
             if not stop.is_set():
                 log.warning("supervisor is gone: draining")
@@ -184,8 +184,14 @@ async def run_worker(
             stop.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, signals, stop)
-            nursery.start_soon(_follow_supervisor, tstatus, stop, unready)
             running: list[Worker] = []
+
+            def turn_unready() -> None:  # no task hop: /readyz says 503 from the next request on
+                unready.set()
+                if running:
+                    running[0].ctx.draining = True
+
+            nursery.start_soon(_follow_supervisor, tstatus, stop, turn_unready)
             nursery.start_soon(_reload_certificates, usr1, running, config)
 
             async def start(serving: trio.Nursery) -> None:
